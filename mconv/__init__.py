@@ -1,0 +1,13 @@
+"""mconv: N-d convolution layers for NumPy, forward and backward.
+
+>>> import numpy as np, mconv
+>>> conv = mconv.nn.Conv2d(1, 1, 2, bias=False)
+>>> conv.weight.data[...] = 1.0
+>>> conv(np.ones((1, 1, 3, 3), dtype=np.float32)).shape
+(1, 1, 2, 2)
+"""
+from . import functional
+from .geometry import ConvGeometry
+
+__version__ = "0.1.0"
+__all__ = ["ConvGeometry", "functional", "__version__"]

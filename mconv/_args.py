@@ -1,0 +1,125 @@
+"""Small validators shared by every public entry point.
+
+Each one turns a user value into a canonical one or raises: ``TypeError``
+for a wrong type, ``ValueError`` for a wrong value. Messages name the
+argument and end with what was received.
+"""
+from __future__ import annotations
+
+import numbers
+from typing import Any
+
+import numpy as np
+
+PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+CONV_MODES = ("cross_correlation", "convolution")
+COMPUTE_MODES = ("default", "float32")
+FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+
+
+def is_int(value: Any) -> bool:
+    """True for Python and NumPy integers, never for bools."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+
+
+def check_int(value: Any, name: str, *, minimum: int | None = None) -> int:
+    if not is_int(value):
+        raise TypeError(f"{name} must be an int, but got {type(value).__name__}: {name}={value!r}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, but got {name}={value!r}")
+    return int(value)
+
+
+def int_tuple(value: Any, n: int, name: str, *, minimum: int | None = None) -> tuple[int, ...]:
+    """An int or a sequence of ``n`` ints -> a tuple of ``n`` ints."""
+    if is_int(value):
+        items = (value,) * n
+    elif isinstance(value, (tuple, list)) and all(is_int(v) for v in value):
+        items = tuple(value)
+        if len(items) != n:
+            raise ValueError(
+                f"{name} must be an int or a sequence of {n} ints (one per spatial "
+                f"dimension), but got {len(items)} values: {name}={value!r}"
+            )
+    else:
+        raise TypeError(f"{name} must be an int or a sequence of {n} ints, but got {name}={value!r}")
+    items = tuple(int(v) for v in items)
+    if minimum is not None and any(v < minimum for v in items):
+        what = "positive" if minimum == 1 else f">= {minimum}"
+        raise ValueError(f"{name} must be {what} in every dimension, but got {name}={value!r}")
+    return items
+
+
+def choice(value: Any, allowed: tuple[str, ...], name: str) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be one of {allowed}, but got {type(value).__name__}: {name}={value!r}")
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}, but got {name}={value!r}")
+    return value
+
+
+def padding_pairs(padding: Any, n: int, name: str = "padding") -> tuple[tuple[int, int], ...] | str:
+    """Normalise an explicit padding to ``n`` ``(before, after)`` pairs.
+
+    Accepts an int, ``n`` ints (symmetric), or ``n`` pairs. The strings
+    ``'same'`` and ``'valid'`` are returned as they are (lower-cased checks
+    only); resolving ``'same'`` needs the kernel, see ``geometry``.
+    """
+    if isinstance(padding, str):
+        return choice(padding, ("same", "valid"), name)
+    if is_int(padding):
+        pairs = ((int(padding), int(padding)),) * n
+    elif isinstance(padding, (tuple, list)):
+        if len(padding) != n:
+            raise ValueError(
+                f"{name} must have one entry per spatial dimension ({n}), but got "
+                f"{len(padding)}: {name}={padding!r}"
+            )
+        pairs = []
+        for item in padding:
+            if is_int(item):
+                pairs.append((int(item), int(item)))
+            elif isinstance(item, (tuple, list)) and len(item) == 2 and all(is_int(v) for v in item):
+                pairs.append((int(item[0]), int(item[1])))
+            else:
+                raise TypeError(
+                    f"{name} entries must be ints or (before, after) pairs of ints, but got "
+                    f"{item!r} in {name}={padding!r}"
+                )
+        pairs = tuple(pairs)
+    else:
+        raise TypeError(
+            f"{name} must be an int, a sequence of ints or (before, after) pairs, 'same' or "
+            f"'valid', but got {type(padding).__name__}: {name}={padding!r}"
+        )
+    if any(v < 0 for pair in pairs for v in pair):
+        raise ValueError(f"negative padding is not supported, but got {name}={padding!r}")
+    return pairs
+
+
+def is_ndarray(value: Any) -> bool:
+    """A NumPy or CuPy array (CuPy is never imported here)."""
+    return isinstance(value, np.ndarray) or type(value).__module__.split(".")[0] == "cupy"
+
+
+def check_array(value: Any, name: str, op: str) -> None:
+    """Type and dtype check for an array argument (NumPy or CuPy)."""
+    if not is_ndarray(value):
+        raise TypeError(f"{op}: {name} must be an ndarray (numpy or cupy), but got {type(value).__name__}")
+    if np.dtype(value.dtype) not in FLOAT_DTYPES:
+        raise TypeError(
+            f"{op}: {name} must be float16, float32 or float64, but got {name}.dtype={value.dtype}"
+        )
+
+
+def check_same_dtype(op: str, **arrays: Any) -> None:
+    present = {k: v for k, v in arrays.items() if v is not None}
+    dtypes = {np.dtype(v.dtype) for v in present.values()}
+    if len(dtypes) > 1:
+        got = ", ".join(f"{k}.dtype={v.dtype}" for k, v in present.items())
+        raise TypeError(f"{op}: {', '.join(present)} must have the same dtype, but got {got}")
+
+
+def shape_str(shape: tuple[int, ...]) -> str:
+    """PyTorch's way of printing a size in messages: ``[1, 3, 5, 5]``."""
+    return "[" + ", ".join(str(int(s)) for s in shape) + "]"

@@ -1,0 +1,288 @@
+"""Stateless convolution ops: forward, backward (dx, dw, db) and JVP.
+
+Input is batched ``(B, C, *S)`` or unbatched ``(C, *S)``; the spatial rank N
+comes from ``weight.ndim - 2``. Weights use PyTorch's layout: conv
+``(O, C/groups, *k)``, transposed conv ``(C, O/groups, *k)``, bias ``(O,)``.
+
+Output size per spatial dimension (``before``/``after`` the padding pair):
+
+    conv            floor((S + before + after - dilation*(k-1) - 1) / stride) + 1
+    conv_transpose  (S - 1)*stride - before - after + dilation*(k-1) + output_padding + 1
+
+>>> import numpy as np
+>>> from mconv import functional as F
+>>> x = np.arange(16.0).reshape(1, 1, 4, 4)
+>>> F.conv2d(x, np.ones((1, 1, 2, 2)), stride=2)[0, 0]
+array([[10., 18.],
+       [42., 50.]])
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from . import _args, conv_ops
+from ._args import shape_str
+from .geometry import conv_geometry, conv_transpose_geometry
+from .padding import pad, pad_backward
+
+__all__ = [
+    "conv", "conv1d", "conv2d", "conv3d",
+    "conv_transpose", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d",
+    "conv_backward", "conv_transpose_backward", "conv_jvp", "conv_transpose_jvp",
+    "pad", "pad_backward",
+]
+
+
+def _check_inputs(op: str, x, weight, bias, out_channels_of) -> None:
+    _args.check_array(x, "input", op)
+    _args.check_array(weight, "weight", op)
+    if bias is not None:
+        _args.check_array(bias, "bias", op)
+    _args.check_same_dtype(op, input=x, weight=weight, bias=bias)
+    if bias is not None and weight.ndim >= 3:
+        channels = out_channels_of(weight.shape)
+        if tuple(bias.shape) != (channels,):
+            raise ValueError(
+                f"Given weight of size {shape_str(weight.shape)}, expected bias to be 1-dimensional "
+                f"with {channels} elements, but got bias of size {shape_str(bias.shape)} instead"
+            )
+
+
+def _conv_out_channels(weight_shape) -> int:
+    return weight_shape[0]
+
+
+def _check_rank(op: str, weight, n: int | None) -> None:
+    if n is not None and getattr(weight, "ndim", None) != n + 2:
+        raise ValueError(
+            f"{op} expects a {n + 2}-D weight (out_channels, in_channels/groups, {n} kernel dims), "
+            f"but got weight of size {shape_str(getattr(weight, 'shape', ()))}"
+        )
+
+
+def _batched(a, batched: bool):
+    return a if batched or a is None else a[None]
+
+
+def _unbatched(a, batched: bool):
+    return a if batched or a is None else a[0]
+
+
+def _check_like(op: str, name: str, value, expected_shape, dtype) -> None:
+    """A gradient or tangent must have exactly the shape and dtype it stands for."""
+    _args.check_array(value, name, op)
+    if tuple(value.shape) != tuple(expected_shape):
+        raise ValueError(f"{op}: expected {name} of size {shape_str(expected_shape)}, but got "
+                         f"{name} of size {shape_str(value.shape)}")
+    if value.dtype != dtype:
+        raise TypeError(f"{op}: {name} must have dtype {dtype}, but got {name}.dtype={value.dtype}")
+
+
+# -- convolution ---------------------------------------------------------------------------
+
+def _conv_setup(op, x, weight, bias, n, stride, padding, dilation, groups, padding_mode,
+                conv_mode, compute_mode):
+    _check_inputs(op, x, weight, bias, _conv_out_channels)
+    _check_rank(op, weight, n)
+    return conv_geometry(x.shape, weight.shape, stride=stride, padding=padding, dilation=dilation,
+                         groups=groups, padding_mode=padding_mode, conv_mode=conv_mode,
+                         compute_mode=compute_mode, op=op)
+
+
+def _conv(op, n, x, weight, bias, stride, padding, dilation, groups, padding_mode, conv_mode,
+          compute_mode):
+    geom, batched = _conv_setup(op, x, weight, bias, n, stride, padding, dilation, groups,
+                                padding_mode, conv_mode, compute_mode)
+    y = conv_ops.conv_forward(_batched(x, batched), weight, bias, geom)
+    return _unbatched(y, batched)
+
+
+def conv(x, weight, bias=None, stride: Any = 1, padding: Any = 0, dilation: Any = 1, groups: int = 1,
+         padding_mode: str = "zeros", conv_mode: str = "cross_correlation",
+         compute_mode: str = "default"):
+    """N-d convolution; N = ``weight.ndim - 2``.
+
+    ``padding``: an int, N ints, N ``(before, after)`` pairs, ``'same'``
+    (stride 1; the odd element goes after) or ``'valid'``. ``padding_mode``:
+    ``'zeros'``, ``'reflect'`` (pad < size), ``'replicate'``, ``'circular'``
+    (pad <= size). ``conv_mode='convolution'`` flips the kernel spatially.
+    ``compute_mode='float32'`` accumulates fp16 in fp32 and rounds once.
+
+    Output: ``floor((S + before + after - dilation*(k-1) - 1) / stride) + 1``.
+
+    >>> import numpy as np
+    >>> conv(np.arange(5.0)[None], np.array([[[1.0, -1.0]]]), padding=[(1, 0)])
+    array([[ 0., -1., -1., -1., -1.]])
+    """
+    return _conv("conv", None, x, weight, bias, stride, padding, dilation, groups, padding_mode,
+                 conv_mode, compute_mode)
+
+
+def _ranked_conv(n: int):
+    def conv_nd(x, weight, bias=None, stride: Any = 1, padding: Any = 0, dilation: Any = 1,
+                groups: int = 1, padding_mode: str = "zeros", conv_mode: str = "cross_correlation",
+                compute_mode: str = "default"):
+        return _conv(f"conv{n}d", n, x, weight, bias, stride, padding, dilation, groups,
+                     padding_mode, conv_mode, compute_mode)
+
+    conv_nd.__name__ = conv_nd.__qualname__ = f"conv{n}d"
+    conv_nd.__doc__ = f"{n}-d :func:`conv`; checks that ``weight`` is {n + 2}-D."
+    return conv_nd
+
+
+conv1d, conv2d, conv3d = (_ranked_conv(n) for n in (1, 2, 3))
+
+
+def conv_backward(dy, x, weight, *, has_bias: bool, stride: Any = 1, padding: Any = 0,
+                  dilation: Any = 1, groups: int = 1, padding_mode: str = "zeros",
+                  conv_mode: str = "cross_correlation", compute_mode: str = "default"):
+    """Gradients ``(dx, dweight, dbias)`` of :func:`conv` for the output gradient ``dy``.
+
+    ``dbias`` is None unless ``has_bias``. Same keyword arguments as :func:`conv`.
+
+    >>> import numpy as np
+    >>> dx, dw, db = conv_backward(np.ones((1, 2)), np.arange(3.0)[None], np.ones((1, 1, 2)),
+    ...                            has_bias=True)
+    >>> dx, dw, db
+    (array([[1., 2., 1.]]), array([[[1., 3.]]]), array([2.]))
+    """
+    op = "conv_backward"
+    geom, batched = _conv_setup(op, x, weight, None, None, stride, padding, dilation, groups,
+                                padding_mode, conv_mode, compute_mode)
+    expected = geom.output_shape(x.shape[0] if batched else 1)[0 if batched else 1:]
+    _check_like(op, "grad_output", dy, expected, x.dtype)
+    dx, dw, db = conv_ops.conv_backward(_batched(dy, batched), _batched(x, batched), weight, geom,
+                                        has_bias=bool(has_bias))
+    return _unbatched(dx, batched), dw, db
+
+
+def conv_jvp(x, weight, bias, dx, dweight, dbias, *, stride: Any = 1, padding: Any = 0,
+             dilation: Any = 1, groups: int = 1, padding_mode: str = "zeros",
+             conv_mode: str = "cross_correlation", compute_mode: str = "default"):
+    """Forward-mode derivative of :func:`conv` by bilinearity:
+    ``conv(dx, w) + conv(x, dw) + dbias``. Any tangent may be None (zero).
+
+    >>> import numpy as np
+    >>> x, w = np.arange(3.0)[None], np.ones((1, 1, 2))
+    >>> conv_jvp(x, w, None, np.ones_like(x), None, None)
+    array([[2., 2.]])
+    """
+    op = "conv_jvp"
+    geom, batched = _conv_setup(op, x, weight, bias, None, stride, padding, dilation, groups,
+                                padding_mode, conv_mode, compute_mode)
+    for name, tangent, primal in (("dx", dx, x), ("dweight", dweight, weight)):
+        if tangent is not None:
+            _check_like(op, name, tangent, primal.shape, primal.dtype)
+    if dbias is not None:
+        _check_like(op, "dbias", dbias, (geom.out_channels,), x.dtype)
+    dy = conv_ops.conv_jvp(_batched(x, batched), weight, _batched(dx, batched), dweight, dbias, geom)
+    return _unbatched(dy, batched)
+
+
+# -- transposed convolution ----------------------------------------------------------------
+
+def _transposed_out_channels(groups):
+    def out_channels(weight_shape):
+        return weight_shape[1] * (groups if _args.is_int(groups) else 1)
+    return out_channels
+
+
+def _transpose_setup(op, x, weight, bias, n, stride, padding, output_padding, groups, dilation,
+                     output_size, conv_mode, compute_mode, padding_mode="zeros"):
+    _check_inputs(op, x, weight, bias, _transposed_out_channels(groups))
+    _check_rank(op, weight, n)
+    return conv_transpose_geometry(
+        x.shape, weight.shape, stride=stride, padding=padding, output_padding=output_padding,
+        dilation=dilation, groups=groups, output_size=output_size, padding_mode=padding_mode,
+        conv_mode=conv_mode, compute_mode=compute_mode, op=op)
+
+
+def _conv_transpose(op, n, x, weight, bias, stride, padding, output_padding, groups, dilation,
+                    output_size, padding_mode, conv_mode, compute_mode):
+    geom, batched = _transpose_setup(op, x, weight, bias, n, stride, padding, output_padding, groups,
+                                     dilation, output_size, conv_mode, compute_mode, padding_mode)
+    y = conv_ops.conv_transpose_forward(_batched(x, batched), weight, bias, geom)
+    return _unbatched(y, batched)
+
+
+def conv_transpose(x, weight, bias=None, stride: Any = 1, padding: Any = 0, output_padding: Any = 0,
+                   groups: int = 1, dilation: Any = 1, output_size=None, padding_mode: str = "zeros",
+                   conv_mode: str = "cross_correlation", compute_mode: str = "default"):
+    """N-d transposed convolution (the input gradient of :func:`conv`).
+
+    ``weight`` is ``(C_in, C_out/groups, *k)``. ``padding`` is an int, N ints
+    or N ``(before, after)`` pairs. ``output_size`` (N, N+1 or N+2 ints)
+    overrides ``output_padding``, as in PyTorch's modules. Only
+    ``padding_mode='zeros'`` exists for transposed convolutions.
+
+    Output: ``(S - 1)*stride - before - after + dilation*(k-1) + output_padding + 1``.
+
+    >>> import numpy as np
+    >>> conv_transpose(np.ones((1, 2)), np.array([[[1.0, 10.0]]]), stride=2)
+    array([[ 1., 10.,  1., 10.]])
+    """
+    return _conv_transpose("conv_transpose", None, x, weight, bias, stride, padding, output_padding,
+                           groups, dilation, output_size, padding_mode, conv_mode, compute_mode)
+
+
+def _ranked_conv_transpose(n: int):
+    def conv_transpose_nd(x, weight, bias=None, stride: Any = 1, padding: Any = 0,
+                          output_padding: Any = 0, groups: int = 1, dilation: Any = 1,
+                          output_size=None, padding_mode: str = "zeros",
+                          conv_mode: str = "cross_correlation", compute_mode: str = "default"):
+        return _conv_transpose(f"conv_transpose{n}d", n, x, weight, bias, stride, padding,
+                               output_padding, groups, dilation, output_size, padding_mode,
+                               conv_mode, compute_mode)
+
+    conv_transpose_nd.__name__ = conv_transpose_nd.__qualname__ = f"conv_transpose{n}d"
+    conv_transpose_nd.__doc__ = f"{n}-d :func:`conv_transpose`; checks that ``weight`` is {n + 2}-D."
+    return conv_transpose_nd
+
+
+conv_transpose1d, conv_transpose2d, conv_transpose3d = (_ranked_conv_transpose(n) for n in (1, 2, 3))
+
+
+def conv_transpose_backward(dy, x, weight, *, has_bias: bool, stride: Any = 1, padding: Any = 0,
+                            output_padding: Any = 0, groups: int = 1, dilation: Any = 1,
+                            output_size=None, padding_mode: str = "zeros",
+                            conv_mode: str = "cross_correlation", compute_mode: str = "default"):
+    """Gradients ``(dx, dweight, dbias)`` of :func:`conv_transpose`.
+
+    >>> import numpy as np
+    >>> dx, dw, db = conv_transpose_backward(np.ones((1, 3)), np.ones((1, 2)), np.ones((1, 1, 2)),
+    ...                                      has_bias=False)
+    >>> dx, dw, db
+    (array([[2., 2.]]), array([[[2., 2.]]]), None)
+    """
+    op = "conv_transpose_backward"
+    geom, batched = _transpose_setup(op, x, weight, None, None, stride, padding, output_padding,
+                                     groups, dilation, output_size, conv_mode, compute_mode,
+                                     padding_mode)
+    expected = geom.input_shape(x.shape[0] if batched else 1)[0 if batched else 1:]
+    _check_like(op, "grad_output", dy, expected, x.dtype)
+    dx, dw, db = conv_ops.conv_transpose_backward(_batched(dy, batched), _batched(x, batched),
+                                                  weight, geom, has_bias=bool(has_bias))
+    return _unbatched(dx, batched), dw, db
+
+
+def conv_transpose_jvp(x, weight, bias, dx, dweight, dbias, *, stride: Any = 1, padding: Any = 0,
+                       output_padding: Any = 0, groups: int = 1, dilation: Any = 1,
+                       output_size=None, conv_mode: str = "cross_correlation",
+                       compute_mode: str = "default"):
+    """Forward-mode derivative of :func:`conv_transpose` by bilinearity.
+
+    >>> import numpy as np
+    >>> conv_transpose_jvp(np.ones((1, 2)), np.ones((1, 1, 2)), None, None, np.ones((1, 1, 2)), None)
+    array([[1., 2., 1.]])
+    """
+    op = "conv_transpose_jvp"
+    geom, batched = _transpose_setup(op, x, weight, bias, None, stride, padding, output_padding,
+                                     groups, dilation, output_size, conv_mode, compute_mode)
+    for name, tangent, primal in (("dx", dx, x), ("dweight", dweight, weight)):
+        if tangent is not None:
+            _check_like(op, name, tangent, primal.shape, primal.dtype)
+    if dbias is not None:
+        _check_like(op, "dbias", dbias, (geom.in_channels,), x.dtype)
+    dy = conv_ops.conv_transpose_jvp(_batched(x, batched), weight, _batched(dx, batched), dweight,
+                                     dbias, geom)
+    return _unbatched(dy, batched)
