@@ -6,8 +6,9 @@
 >>> conv(np.ones((1, 1, 3, 3), dtype=np.float32)).shape
 (1, 1, 2, 2)
 """
-from . import functional
+from . import functional, losses, nn, optim
+from .nn.init import manual_seed
 from .geometry import ConvGeometry
 
 __version__ = "0.1.0"
-__all__ = ["ConvGeometry", "functional", "__version__"]
+__all__ = ["ConvGeometry", "functional", "nn", "losses", "optim", "manual_seed", "__version__"]

@@ -68,7 +68,7 @@ def _unbatched(a, batched: bool):
     return a if batched or a is None else a[0]
 
 
-def _check_like(op: str, name: str, value, expected_shape, dtype) -> None:
+def check_like(op: str, name: str, value, expected_shape, dtype) -> None:
     """A gradient or tangent must have exactly the shape and dtype it stands for."""
     _args.check_array(value, name, op)
     if tuple(value.shape) != tuple(expected_shape):
@@ -80,8 +80,9 @@ def _check_like(op: str, name: str, value, expected_shape, dtype) -> None:
 
 # -- convolution ---------------------------------------------------------------------------
 
-def _conv_setup(op, x, weight, bias, n, stride, padding, dilation, groups, padding_mode,
+def prepare_conv(op, x, weight, bias, n, stride, padding, dilation, groups, padding_mode,
                 conv_mode, compute_mode):
+    """Validate a conv call (types, dtypes, bias, rank ``n`` if given); return (geometry, batched)."""
     _check_inputs(op, x, weight, bias, _conv_out_channels)
     _check_rank(op, weight, n)
     return conv_geometry(x.shape, weight.shape, stride=stride, padding=padding, dilation=dilation,
@@ -91,7 +92,7 @@ def _conv_setup(op, x, weight, bias, n, stride, padding, dilation, groups, paddi
 
 def _conv(op, n, x, weight, bias, stride, padding, dilation, groups, padding_mode, conv_mode,
           compute_mode):
-    geom, batched = _conv_setup(op, x, weight, bias, n, stride, padding, dilation, groups,
+    geom, batched = prepare_conv(op, x, weight, bias, n, stride, padding, dilation, groups,
                                 padding_mode, conv_mode, compute_mode)
     y = conv_ops.conv_forward(_batched(x, batched), weight, bias, geom)
     return _unbatched(y, batched)
@@ -147,10 +148,10 @@ def conv_backward(dy, x, weight, *, has_bias: bool, stride: Any = 1, padding: An
     (array([[1., 2., 1.]]), array([[[1., 3.]]]), array([2.]))
     """
     op = "conv_backward"
-    geom, batched = _conv_setup(op, x, weight, None, None, stride, padding, dilation, groups,
+    geom, batched = prepare_conv(op, x, weight, None, None, stride, padding, dilation, groups,
                                 padding_mode, conv_mode, compute_mode)
     expected = geom.output_shape(x.shape[0] if batched else 1)[0 if batched else 1:]
-    _check_like(op, "grad_output", dy, expected, x.dtype)
+    check_like(op, "grad_output", dy, expected, x.dtype)
     dx, dw, db = conv_ops.conv_backward(_batched(dy, batched), _batched(x, batched), weight, geom,
                                         has_bias=bool(has_bias))
     return _unbatched(dx, batched), dw, db
@@ -168,13 +169,13 @@ def conv_jvp(x, weight, bias, dx, dweight, dbias, *, stride: Any = 1, padding: A
     array([[2., 2.]])
     """
     op = "conv_jvp"
-    geom, batched = _conv_setup(op, x, weight, bias, None, stride, padding, dilation, groups,
+    geom, batched = prepare_conv(op, x, weight, bias, None, stride, padding, dilation, groups,
                                 padding_mode, conv_mode, compute_mode)
     for name, tangent, primal in (("dx", dx, x), ("dweight", dweight, weight)):
         if tangent is not None:
-            _check_like(op, name, tangent, primal.shape, primal.dtype)
+            check_like(op, name, tangent, primal.shape, primal.dtype)
     if dbias is not None:
-        _check_like(op, "dbias", dbias, (geom.out_channels,), x.dtype)
+        check_like(op, "dbias", dbias, (geom.out_channels,), x.dtype)
     dy = conv_ops.conv_jvp(_batched(x, batched), weight, _batched(dx, batched), dweight, dbias, geom)
     return _unbatched(dy, batched)
 
@@ -187,8 +188,9 @@ def _transposed_out_channels(groups):
     return out_channels
 
 
-def _transpose_setup(op, x, weight, bias, n, stride, padding, output_padding, groups, dilation,
+def prepare_conv_transpose(op, x, weight, bias, n, stride, padding, output_padding, groups, dilation,
                      output_size, conv_mode, compute_mode, padding_mode="zeros"):
+    """Validate a transposed-conv call; return (geometry, batched)."""
     _check_inputs(op, x, weight, bias, _transposed_out_channels(groups))
     _check_rank(op, weight, n)
     return conv_transpose_geometry(
@@ -199,7 +201,7 @@ def _transpose_setup(op, x, weight, bias, n, stride, padding, output_padding, gr
 
 def _conv_transpose(op, n, x, weight, bias, stride, padding, output_padding, groups, dilation,
                     output_size, padding_mode, conv_mode, compute_mode):
-    geom, batched = _transpose_setup(op, x, weight, bias, n, stride, padding, output_padding, groups,
+    geom, batched = prepare_conv_transpose(op, x, weight, bias, n, stride, padding, output_padding, groups,
                                      dilation, output_size, conv_mode, compute_mode, padding_mode)
     y = conv_ops.conv_transpose_forward(_batched(x, batched), weight, bias, geom)
     return _unbatched(y, batched)
@@ -255,11 +257,11 @@ def conv_transpose_backward(dy, x, weight, *, has_bias: bool, stride: Any = 1, p
     (array([[2., 2.]]), array([[[2., 2.]]]), None)
     """
     op = "conv_transpose_backward"
-    geom, batched = _transpose_setup(op, x, weight, None, None, stride, padding, output_padding,
+    geom, batched = prepare_conv_transpose(op, x, weight, None, None, stride, padding, output_padding,
                                      groups, dilation, output_size, conv_mode, compute_mode,
                                      padding_mode)
     expected = geom.input_shape(x.shape[0] if batched else 1)[0 if batched else 1:]
-    _check_like(op, "grad_output", dy, expected, x.dtype)
+    check_like(op, "grad_output", dy, expected, x.dtype)
     dx, dw, db = conv_ops.conv_transpose_backward(_batched(dy, batched), _batched(x, batched),
                                                   weight, geom, has_bias=bool(has_bias))
     return _unbatched(dx, batched), dw, db
@@ -276,13 +278,13 @@ def conv_transpose_jvp(x, weight, bias, dx, dweight, dbias, *, stride: Any = 1, 
     array([[1., 2., 1.]])
     """
     op = "conv_transpose_jvp"
-    geom, batched = _transpose_setup(op, x, weight, bias, None, stride, padding, output_padding,
+    geom, batched = prepare_conv_transpose(op, x, weight, bias, None, stride, padding, output_padding,
                                      groups, dilation, output_size, conv_mode, compute_mode)
     for name, tangent, primal in (("dx", dx, x), ("dweight", dweight, weight)):
         if tangent is not None:
-            _check_like(op, name, tangent, primal.shape, primal.dtype)
+            check_like(op, name, tangent, primal.shape, primal.dtype)
     if dbias is not None:
-        _check_like(op, "dbias", dbias, (geom.in_channels,), x.dtype)
+        check_like(op, "dbias", dbias, (geom.in_channels,), x.dtype)
     dy = conv_ops.conv_transpose_jvp(_batched(x, batched), weight, _batched(dx, batched), dweight,
                                      dbias, geom)
     return _unbatched(dy, batched)

@@ -1,0 +1,15 @@
+"""Layers and the Module system (PyTorch's API on NumPy arrays)."""
+from .conv import (Conv, Conv1d, Conv2d, Conv3d, ConvTranspose, ConvTranspose1d, ConvTranspose2d,
+                   ConvTranspose3d)
+from .init import manual_seed
+from .layers import (AvgPool, AvgPool2d, Flatten, GlobalAvgPool, Linear, MaxPool, MaxPool2d, ReLU,
+                     Sequential)
+from .module import IncompatibleKeys, Module, Parameter
+
+__all__ = [
+    "Module", "Parameter", "IncompatibleKeys", "manual_seed",
+    "Conv", "Conv1d", "Conv2d", "Conv3d",
+    "ConvTranspose", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d",
+    "Sequential", "ReLU", "Flatten", "Linear", "GlobalAvgPool", "AvgPool", "AvgPool2d",
+    "MaxPool", "MaxPool2d",
+]

@@ -1,0 +1,266 @@
+"""``Parameter`` and ``Module``: PyTorch's module API on plain arrays.
+
+A module's ``forward`` caches what its ``backward`` needs; ``backward(dy)``
+returns the input gradient and accumulates ``param.grad``.
+
+>>> import numpy as np
+>>> from mconv import nn
+>>> net = nn.Sequential(nn.Linear(2, 2), nn.ReLU())
+>>> sorted(net.state_dict())
+['0.bias', '0.weight']
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any, Iterator, NamedTuple
+
+import numpy as np
+
+from .. import _args
+from .._args import shape_str
+
+
+class Parameter:
+    """A learnable array: ``.data`` holds the value, ``.grad`` the accumulated gradient (or None)."""
+
+    __slots__ = ("data", "grad")
+
+    def __init__(self, data: Any):
+        if not _args.is_ndarray(data):
+            raise TypeError(f"Parameter data must be an ndarray, but got {type(data).__name__}")
+        self.data = data
+        self.grad = None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.data.shape
+
+    @property
+    def dtype(self):
+        return self.data.dtype
+
+    @property
+    def ndim(self) -> int:
+        return self.data.ndim
+
+    def accumulate_grad(self, grad) -> None:
+        """grad += g (the first call stores a copy)."""
+        if self.grad is None:
+            self.grad = grad.copy()
+        else:
+            self.grad += grad
+
+    def __repr__(self) -> str:
+        return f"Parameter(shape={tuple(self.data.shape)}, dtype={self.data.dtype})"
+
+
+class IncompatibleKeys(NamedTuple):
+    missing_keys: list[str]
+    unexpected_keys: list[str]
+
+
+def check_device(device: Any) -> str:
+    """Only the CPU exists in this release; CUDA devices get a clear error."""
+    if not isinstance(device, str):
+        raise TypeError(f"device must be a string such as 'cpu', but got device={device!r}")
+    if device != "cpu":
+        raise ValueError(
+            f"device must be 'cpu': the CuPy backend is not part of this release, but got device={device!r}"
+        )
+    return device
+
+
+def float_dtype(dtype: Any, name: str = "dtype") -> np.dtype:
+    try:
+        resolved = np.dtype(dtype)
+    except TypeError:
+        raise TypeError(f"{name} must be float16, float32 or float64, but got {name}={dtype!r}") from None
+    if resolved not in _args.FLOAT_DTYPES:
+        raise ValueError(f"{name} must be float16, float32 or float64, but got {name}={dtype!r}")
+    return resolved
+
+
+def _addindent(text: str, spaces: int) -> str:
+    first, *rest = text.split("\n")
+    return "\n".join([first] + [" " * spaces + line for line in rest])
+
+
+class Module:
+    """Base class: registers Parameters and sub-Modules assigned as attributes."""
+
+    def __init__(self) -> None:
+        object.__setattr__(self, "_parameters", OrderedDict())
+        object.__setattr__(self, "_modules", OrderedDict())
+        object.__setattr__(self, "training", True)
+
+    # -- attribute registration --------------------------------------------------------------
+    def __setattr__(self, name: str, value: Any) -> None:
+        if "_parameters" not in self.__dict__:
+            raise AttributeError("Module.__init__() must be called before assigning attributes")
+        params, modules = self.__dict__["_parameters"], self.__dict__["_modules"]
+        if isinstance(value, Parameter) or (value is None and name in params):
+            modules.pop(name, None)
+            params[name] = value
+        elif isinstance(value, Module):
+            params.pop(name, None)
+            modules[name] = value
+        else:
+            if name in params or name in modules:
+                raise TypeError(f"cannot assign {type(value).__name__} to {name!r}: it holds a "
+                                f"{'Parameter' if name in params else 'Module'} (or None)")
+            object.__setattr__(self, name, value)
+
+    def __getattr__(self, name: str) -> Any:
+        for registry in ("_parameters", "_modules"):
+            store = self.__dict__.get(registry, {})
+            if name in store:
+                return store[name]
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def __delattr__(self, name: str) -> None:
+        for registry in (self._parameters, self._modules):
+            if name in registry:
+                del registry[name]
+                return
+        object.__delattr__(self, name)
+
+    # -- computation -------------------------------------------------------------------------
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError(f"{type(self).__name__} does not implement forward()")
+
+    def backward(self, grad_output: Any) -> Any:
+        raise NotImplementedError(f"{type(self).__name__} does not implement backward()")
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.forward(*args, **kwargs)
+
+    # -- traversal ---------------------------------------------------------------------------
+    def named_children(self) -> Iterator[tuple[str, "Module"]]:
+        yield from self._modules.items()
+
+    def children(self) -> Iterator["Module"]:
+        for _, module in self.named_children():
+            yield module
+
+    def named_modules(self, prefix: str = "") -> Iterator[tuple[str, "Module"]]:
+        seen: set[int] = set()
+
+        def walk(module: Module, path: str):
+            if id(module) in seen:
+                return
+            seen.add(id(module))
+            yield path, module
+            for name, child in module._modules.items():
+                yield from walk(child, f"{path}.{name}" if path else name)
+
+        yield from walk(self, prefix)
+
+    def modules(self) -> Iterator["Module"]:
+        for _, module in self.named_modules():
+            yield module
+
+    def _parameter_slots(self) -> Iterator[tuple[str, Parameter]]:
+        """Every (dotted name, Parameter), shared ones under each of their names."""
+        for path, module in self.named_modules():
+            for name, param in module._parameters.items():
+                if param is not None:
+                    yield (f"{path}.{name}" if path else name), param
+
+    def named_parameters(self, prefix: str = "", recurse: bool = True) -> Iterator[tuple[str, Parameter]]:
+        """Each parameter once (a shared one under its first name)."""
+        seen: set[int] = set()
+        slots = self._parameter_slots() if recurse else (
+            (n, p) for n, p in self._parameters.items() if p is not None)
+        for name, param in slots:
+            if id(param) not in seen:
+                seen.add(id(param))
+                yield (f"{prefix}.{name}" if prefix else name), param
+
+    def parameters(self, recurse: bool = True) -> Iterator[Parameter]:
+        for _, param in self.named_parameters(recurse=recurse):
+            yield param
+
+    # -- state -------------------------------------------------------------------------------
+    def state_dict(self) -> "OrderedDict[str, Any]":
+        """Dotted name -> the parameter's array (not a copy, as in PyTorch)."""
+        return OrderedDict((name, param.data) for name, param in self._parameter_slots())
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True) -> IncompatibleKeys:
+        """Copy arrays into the parameters; returns ``(missing_keys, unexpected_keys)``.
+
+        Shape mismatches always raise; missing or unexpected keys raise when
+        ``strict``. Nothing is modified unless every check passes.
+        """
+        if not hasattr(state_dict, "keys") or not hasattr(state_dict, "__getitem__"):
+            raise TypeError(f"state_dict must be a mapping of names to arrays, but got "
+                            f"{type(state_dict).__name__}")
+        expected = OrderedDict(self._parameter_slots())
+        missing = [k for k in expected if k not in state_dict]
+        unexpected = [k for k in state_dict.keys() if k not in expected]
+        errors = []
+        for name, param in expected.items():
+            if name not in state_dict:
+                continue
+            value = state_dict[name]
+            if not _args.is_ndarray(value):
+                raise TypeError(f"state_dict[{name!r}] must be an ndarray, but got {type(value).__name__}")
+            if tuple(value.shape) != tuple(param.shape):
+                errors.append(f"size mismatch for {name}: copying a param with shape "
+                              f"{shape_str(value.shape)} from checkpoint, the shape in current model "
+                              f"is {shape_str(param.shape)}.")
+        if strict and unexpected:
+            errors.insert(0, "Unexpected key(s) in state_dict: " + ", ".join(f'"{k}"' for k in unexpected) + ".")
+        if strict and missing:
+            errors.insert(0, "Missing key(s) in state_dict: " + ", ".join(f'"{k}"' for k in missing) + ".")
+        if errors:
+            raise ValueError(f"Error(s) in loading state_dict for {type(self).__name__}:\n\t"
+                             + "\n\t".join(errors))
+        for name, param in expected.items():
+            if name in state_dict:
+                param.data[...] = state_dict[name]
+        return IncompatibleKeys(missing, unexpected)
+
+    def zero_grad(self) -> None:
+        """Set every parameter's ``.grad`` to None."""
+        for param in self.parameters():
+            param.grad = None
+
+    def to(self, target: Any) -> "Module":
+        """``to('cpu')`` or ``to(dtype)``: casts every parameter (and grad) in place."""
+        if isinstance(target, str) and (target == "cpu" or target.startswith("cuda")):
+            check_device(target)
+            return self
+        dtype = float_dtype(target, "target")
+        for param in self.parameters():
+            param.data = param.data.astype(dtype)
+            if param.grad is not None:
+                param.grad = param.grad.astype(dtype)
+        for module in self.modules():
+            if "dtype" in module.__dict__:
+                object.__setattr__(module, "dtype", dtype)
+        return self
+
+    def train(self, mode: bool = True) -> "Module":
+        if not isinstance(mode, bool):
+            raise TypeError(f"training mode must be a bool, but got mode={mode!r}")
+        for module in self.modules():
+            object.__setattr__(module, "training", mode)
+        return self
+
+    def eval(self) -> "Module":
+        return self.train(False)
+
+    # -- printing ----------------------------------------------------------------------------
+    def extra_repr(self) -> str:
+        return ""
+
+    def __repr__(self) -> str:
+        extra = self.extra_repr().split("\n") if self.extra_repr() else []
+        children = [f"({name}): {_addindent(repr(child), 2)}" for name, child in self._modules.items()]
+        lines = extra + children
+        body = ""
+        if len(extra) == 1 and not children:
+            body = extra[0]
+        elif lines:
+            body = "\n  " + "\n  ".join(lines) + "\n"
+        return f"{type(self).__name__}({body})"
