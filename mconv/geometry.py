@@ -195,12 +195,13 @@ def _transpose_output_padding(output_padding, output_size, in_size, batched, min
     if not isinstance(output_size, (tuple, list)) or not all(_args.is_int(v) for v in output_size):
         raise TypeError(f"output_size must be a sequence of ints, but got output_size={output_size!r}")
     size = tuple(int(v) for v in output_size)
-    if len(size) in (n + 1, n + 2):
-        size = size[-n:]   # a full (B, C, *S) or (C, *S) size: keep the spatial part
+    non_spatial = 2 if batched else 1
+    if len(size) == n + non_spatial:
+        size = size[non_spatial:]   # a full (B, C, *S) or (C, *S) size: keep the spatial part
     if len(size) != n:
         raise ValueError(
-            f"ConvTranspose{n}D: for {n + 2}D input, output_size must have {n} or {n + 2} elements "
-            f"(got {len(output_size)})"
+            f"ConvTranspose{n}D: for {n + non_spatial}D input, output_size must have {n} or "
+            f"{n + non_spatial} elements (got {len(output_size)})"
         )
     max_sizes = tuple(m + s - 1 for m, s in zip(min_sizes, stride))
     if any(not (lo <= v <= hi) for v, lo, hi in zip(size, min_sizes, max_sizes)):

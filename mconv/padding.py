@@ -134,7 +134,7 @@ def pad_backward(dy, pads: Sequence[Any], mode: str = "zeros"):
     >>> pad_backward(np.ones(6), [(2, 1)], "reflect")
     array([1., 3., 2.])
     """
-    pairs, mode = _check_pad_args(dy, pads, "zeros", "pad_backward")  # sizes are checked below
+    pairs, _ = _check_pad_args(dy, pads, "zeros", "pad_backward")  # padded sizes checked below
     mode = _args.choice(mode, _args.PADDING_MODES, "mode")
     for (lo, hi), size in zip(pairs, dy.shape[dy.ndim - len(pairs):]):
         inner = size - lo - hi
