@@ -1,0 +1,101 @@
+"""Property tests: adjointness, JVP bilinearity, finite-difference gradients."""
+import numpy as np
+from hypothesis import given, strategies as st
+
+from mconv import functional as F
+
+
+@st.composite
+def conv_cases(draw, max_rank=3, modes=("zeros", "reflect", "replicate", "circular")):
+    n = draw(st.integers(1, max_rank))
+    groups = draw(st.sampled_from([1, 2, 3]))
+    cin, cout = groups * draw(st.integers(1, 2)), groups * draw(st.integers(1, 2))
+    mode = draw(st.sampled_from(modes))
+    kernel, stride, dilation, pairs, size = [], [], [], [], []
+    for _ in range(n):
+        k, d = draw(st.integers(1, 3)), draw(st.integers(1, 2))
+        lo, hi = draw(st.integers(0, 2)), draw(st.integers(0, 2))
+        effective = d * (k - 1) + 1
+        smallest = max(1, effective - lo - hi, lo + 1, hi + 1)   # also fits every padding mode
+        kernel.append(k), dilation.append(d), pairs.append((lo, hi))
+        stride.append(draw(st.integers(1, 3)))
+        size.append(draw(st.integers(smallest, smallest + 4)))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    batch = draw(st.integers(1, 2))
+    x = rng.standard_normal((batch, cin, *size))
+    w = rng.standard_normal((cout, cin // groups, *kernel))
+    kw = dict(stride=tuple(stride), padding=tuple(pairs), dilation=tuple(dilation), groups=groups,
+              padding_mode=mode, conv_mode=draw(st.sampled_from(["cross_correlation", "convolution"])))
+    return x, w, rng.standard_normal(cout), kw, rng
+
+
+def _dot(a, b):
+    return float(np.vdot(a, b))
+
+
+def _close(a, b, tol=1e-10):
+    assert abs(a - b) <= tol * max(1.0, abs(a), abs(b)), (a, b)
+
+
+@given(conv_cases(max_rank=4, modes=("zeros",)))
+def test_conv_transpose_is_the_adjoint_of_conv(case):
+    """<conv(x, w), y> == <x, conv_transpose(y, w)> with the same geometry."""
+    x, w, _, kw, rng = case
+    kw.pop("padding_mode")
+    y = rng.standard_normal(F.conv(x, w, **kw).shape)
+    xt = F.conv_transpose(y, w, output_size=x.shape[2:], **kw)
+    _close(_dot(F.conv(x, w, **kw), y), _dot(x, xt))
+
+
+@given(conv_cases())
+def test_backward_is_the_adjoint_in_x_and_w(case):
+    """<conv(x, w), dy> == <x, dx(dy)> == <w, dw(dy)> for every padding mode (conv is bilinear)."""
+    x, w, _, kw, rng = case
+    y = F.conv(x, w, **kw)
+    dy = rng.standard_normal(y.shape)
+    dx, dw, _ = F.conv_backward(dy, x, w, has_bias=False, **kw)
+    _close(_dot(y, dy), _dot(x, dx))
+    _close(_dot(y, dy), _dot(w, dw))
+
+
+@given(conv_cases(max_rank=4))
+def test_jvp_is_bilinear(case):
+    """conv(x+dx, w+dw, b+db) = conv(x, w, b) + jvp + conv(dx, dw): exact for a bilinear map."""
+    x, w, b, kw, rng = case
+    dx, dw, db = rng.standard_normal(x.shape), rng.standard_normal(w.shape), rng.standard_normal(b.shape)
+    jvp = F.conv_jvp(x, w, b, dx, dw, db, **kw)
+    expected = F.conv(x + dx, w + dw, b + db, **kw) - F.conv(x, w, b, **kw) - F.conv(dx, dw, **kw)
+    np.testing.assert_allclose(jvp, expected, rtol=1e-9, atol=1e-9 * np.abs(expected).max())
+    # linear in the tangent
+    np.testing.assert_allclose(F.conv_jvp(x, w, b, 2.5 * dx, None, None, **kw),
+                               2.5 * F.conv(dx, w, **kw), rtol=1e-12, atol=1e-12)
+
+
+@given(conv_cases(max_rank=3, modes=("zeros",)))
+def test_conv_transpose_jvp_is_bilinear(case):
+    x, w, b, kw, rng = case
+    kw.pop("padding_mode")
+    y = F.conv(x, w, **kw)   # a valid input for the transposed conv with this weight
+    bt = rng.standard_normal(w.shape[1] * kw["groups"])
+    dy, dw, db = rng.standard_normal(y.shape), rng.standard_normal(w.shape), rng.standard_normal(bt.shape)
+    t = dict(kw, output_size=x.shape[2:])
+    jvp = F.conv_transpose_jvp(y, w, bt, dy, dw, db, **t)
+    expected = (F.conv_transpose(y + dy, w + dw, bt + db, **t) - F.conv_transpose(y, w, bt, **t)
+                - F.conv_transpose(dy, dw, **t))
+    np.testing.assert_allclose(jvp, expected, rtol=1e-9, atol=1e-9 * np.abs(expected).max())
+
+
+@given(conv_cases())
+def test_gradients_match_finite_differences(case):
+    """Directional derivative of L = ||conv(x, w, b)||^2 / 2 by central differences (error O(h^2))."""
+    x, w, b, kw, rng = case
+
+    def loss(x_, w_, b_):
+        return 0.5 * float(np.sum(F.conv(x_, w_, b_, **kw) ** 2))
+
+    dx, dw, db = F.conv_backward(F.conv(x, w, b, **kw), x, w, has_bias=True, **kw)
+    vx, vw, vb = rng.standard_normal(x.shape), rng.standard_normal(w.shape), rng.standard_normal(b.shape)
+    h = 1e-3
+    numeric = (loss(x + h * vx, w + h * vw, b + h * vb) - loss(x - h * vx, w - h * vw, b - h * vb)) / (2 * h)
+    analytic = _dot(dx, vx) + _dot(dw, vw) + _dot(db, vb)
+    assert abs(numeric - analytic) <= 1e-4 * max(1.0, abs(analytic))
