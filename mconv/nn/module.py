@@ -159,12 +159,15 @@ class Module:
         for _, module in self.named_modules():
             yield module
 
-    def _parameter_slots(self) -> Iterator[tuple[str, Parameter]]:
-        """Every (dotted name, Parameter), shared ones under each of their names."""
-        for path, module in self.named_modules():
-            for name, param in module._parameters.items():
-                if param is not None:
-                    yield (f"{path}.{name}" if path else name), param
+    def _parameter_slots(self, prefix: str = "", ancestors: tuple = ()) -> Iterator[tuple[str, Parameter]]:
+        """Every (dotted name, Parameter), shared ones under each of their names (as PyTorch's
+        state_dict); a module that contains itself is not entered twice."""
+        for name, param in self._parameters.items():
+            if param is not None:
+                yield prefix + name, param
+        for name, child in self._modules.items():
+            if child is not self and child not in ancestors:
+                yield from child._parameter_slots(f"{prefix}{name}.", ancestors + (self,))
 
     def named_parameters(self, prefix: str = "", recurse: bool = True) -> Iterator[tuple[str, Parameter]]:
         """Each parameter once (a shared one under its first name)."""
