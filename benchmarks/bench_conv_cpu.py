@@ -6,6 +6,7 @@ mean. Needs the test extra (torch).
 
     python benchmarks/bench_conv_cpu.py [--repeat 7] [--threads 2] [--dtype float32] [--markdown]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,7 +33,7 @@ SHAPES = [
 
 
 def _median_time(fn, repeat: int) -> float:
-    fn()   # warm up
+    fn()  # warm up
     times = []
     for _ in range(repeat):
         start = time.perf_counter()
@@ -66,14 +67,18 @@ def bench_shape(x_shape, w_shape, kw, dtype, repeat):
     def torch_fwd_bwd():
         torch.autograd.grad(tconv(tx, tw, tb, **kw), (tx, tw, tb), tdy)
 
-    return [(_median_time(ours, repeat), _median_time(ref, repeat))
-            for ours, ref in ((ours_fwd, torch_fwd), (ours_fwd_bwd, torch_fwd_bwd))]
+    return [
+        (_median_time(ours, repeat), _median_time(ref, repeat))
+        for ours, ref in ((ours_fwd, torch_fwd), (ours_fwd_bwd, torch_fwd_bwd))
+    ]
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=7)
-    parser.add_argument("--threads", type=int, default=2, help="torch threads (BLAS uses its own default)")
+    parser.add_argument(
+        "--threads", type=int, default=2, help="torch threads (BLAS uses its own default)"
+    )
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     parser.add_argument("--markdown", action="store_true", help="print a markdown table")
     args = parser.parse_args(argv)
@@ -86,15 +91,21 @@ def main(argv=None) -> None:
         rows.append((name, of, tf, ob, tb))
     geo = {k: math.exp(sum(map(math.log, v)) / len(v)) for k, v in ratios.items()}
     if args.markdown:
-        print(f"| shape ({args.dtype}) | mconv fwd ms | torch fwd ms | ratio | mconv fwd+bwd ms | torch fwd+bwd ms | ratio |")
+        print(
+            f"| shape ({args.dtype}) | mconv fwd ms | torch fwd ms | ratio | mconv fwd+bwd ms | torch fwd+bwd ms | ratio |"
+        )
         print("|---|---:|---:|---:|---:|---:|---:|")
         for name, of, tf, ob, tb in rows:
-            print(f"| {name} | {of*1e3:.1f} | {tf*1e3:.1f} | {of/tf:.2f} | {ob*1e3:.1f} | {tb*1e3:.1f} | {ob/tb:.2f} |")
+            print(
+                f"| {name} | {of * 1e3:.1f} | {tf * 1e3:.1f} | {of / tf:.2f} | {ob * 1e3:.1f} | {tb * 1e3:.1f} | {ob / tb:.2f} |"
+            )
         print(f"| **geomean** | | | **{geo['fwd']:.2f}** | | | **{geo['fwd+bwd']:.2f}** |")
     else:
         for name, of, tf, ob, tb in rows:
-            print(f"{name:28s} fwd {of*1e3:8.1f} ms vs {tf*1e3:8.1f} ms ({of/tf:5.2f}x)   "
-                  f"fwd+bwd {ob*1e3:8.1f} ms vs {tb*1e3:8.1f} ms ({ob/tb:5.2f}x)")
+            print(
+                f"{name:28s} fwd {of * 1e3:8.1f} ms vs {tf * 1e3:8.1f} ms ({of / tf:5.2f}x)   "
+                f"fwd+bwd {ob * 1e3:8.1f} ms vs {tb * 1e3:8.1f} ms ({ob / tb:5.2f}x)"
+            )
         print(f"geomean ratio: fwd {geo['fwd']:.2f}x  fwd+bwd {geo['fwd+bwd']:.2f}x")
 
 

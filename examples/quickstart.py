@@ -2,6 +2,7 @@
 
 Run:  python examples/quickstart.py
 """
+
 import numpy as np
 
 import mconv
@@ -11,7 +12,7 @@ from mconv.demo import train_small_cnn
 # 1. Functional: Tripy's worked example. (N, C, H, W) input, PyTorch-layout weight (O, C/groups, kH, kW).
 x = np.arange(16, dtype=np.float32).reshape(1, 1, 4, 4)
 w = np.arange(4, dtype=np.float32).reshape(1, 1, 2, 2)
-print("conv2d:\n", F.conv2d(x, w)[0, 0])                      # [[24 30 36] [48 54 60] [72 78 84]]
+print("conv2d:\n", F.conv2d(x, w)[0, 0])  # [[24 30 36] [48 54 60] [72 78 84]]
 
 # Every padding form and mode: ints, (before, after) pairs, 'same'/'valid'; zeros/reflect/replicate/circular.
 y = F.conv2d(x, w, padding=((1, 0), (0, 1)), padding_mode="reflect", conv_mode="convolution")

@@ -5,4 +5,5 @@ distribution's layout is final. Its API is specified in DESIGN.md
 (``to_torch``, ``from_torch``, ``load_checkpoint``, ``load_into``,
 ``save_safetensors``) and arrives with the layouts issue.
 """
+
 __all__: list[str] = []

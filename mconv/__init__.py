@@ -6,6 +6,7 @@
 >>> conv(np.ones((1, 1, 3, 3), dtype=np.float32)).shape
 (1, 1, 2, 2)
 """
+
 from . import functional, losses, nn, optim
 from .nn.init import manual_seed
 from .geometry import ConvGeometry

@@ -4,6 +4,7 @@ Each one turns a user value into a canonical one or raises: ``TypeError``
 for a wrong type, ``ValueError`` for a wrong value. Messages name the
 argument and end with what was received.
 """
+
 from __future__ import annotations
 
 import numbers
@@ -42,7 +43,9 @@ def int_tuple(value: Any, n: int, name: str, *, minimum: int | None = None) -> t
                 f"dimension), but got {len(items)} values: {name}={value!r}"
             )
     else:
-        raise TypeError(f"{name} must be an int or a sequence of {n} ints, but got {name}={value!r}")
+        raise TypeError(
+            f"{name} must be an int or a sequence of {n} ints, but got {name}={value!r}"
+        )
     items = tuple(int(v) for v in items)
     if minimum is not None and any(v < minimum for v in items):
         what = "positive" if minimum == 1 else f">= {minimum}"
@@ -52,7 +55,9 @@ def int_tuple(value: Any, n: int, name: str, *, minimum: int | None = None) -> t
 
 def choice(value: Any, allowed: tuple[str, ...], name: str) -> str:
     if not isinstance(value, str):
-        raise TypeError(f"{name} must be one of {allowed}, but got {type(value).__name__}: {name}={value!r}")
+        raise TypeError(
+            f"{name} must be one of {allowed}, but got {type(value).__name__}: {name}={value!r}"
+        )
     if value not in allowed:
         raise ValueError(f"{name} must be one of {allowed}, but got {name}={value!r}")
     return value
@@ -79,7 +84,9 @@ def padding_pairs(padding: Any, n: int, name: str = "padding") -> tuple[tuple[in
         for item in padding:
             if is_int(item):
                 pairs.append((int(item), int(item)))
-            elif isinstance(item, (tuple, list)) and len(item) == 2 and all(is_int(v) for v in item):
+            elif (
+                isinstance(item, (tuple, list)) and len(item) == 2 and all(is_int(v) for v in item)
+            ):
                 pairs.append((int(item[0]), int(item[1])))
             else:
                 raise TypeError(
@@ -105,7 +112,9 @@ def is_ndarray(value: Any) -> bool:
 def check_array(value: Any, name: str, op: str) -> None:
     """Type and dtype check for an array argument (NumPy or CuPy)."""
     if not is_ndarray(value):
-        raise TypeError(f"{op}: {name} must be an ndarray (numpy or cupy), but got {type(value).__name__}")
+        raise TypeError(
+            f"{op}: {name} must be an ndarray (numpy or cupy), but got {type(value).__name__}"
+        )
     if np.dtype(value.dtype) not in FLOAT_DTYPES:
         raise TypeError(
             f"{op}: {name} must be float16, float32 or float64, but got {name}.dtype={value.dtype}"

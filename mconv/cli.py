@@ -2,6 +2,7 @@
 
 Exit codes: 0 success, 2 usage error.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,11 +18,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "version":
         from . import __version__
+
         print(__version__)
         return 0
     if args.steps < 1:
         parser.error(f"--steps must be >= 1, but got --steps={args.steps}")
     from .demo import main as demo_main
+
     return demo_main(args.steps)
 
 

@@ -33,6 +33,7 @@ Lowering, before the primitives:
 Dtypes: inputs are cast once to the backend's compute dtype (fp32 for fp16
 on the CPU), every step runs there, and each result is cast back once.
 """
+
 from __future__ import annotations
 
 from .backends import get_backend

@@ -7,6 +7,7 @@ vertical (class 1) or diagonal (class 2), plus noise.
 >>> len(losses)
 5
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -31,15 +32,21 @@ def make_bars(count: int, rng: np.random.Generator, size: int = 8):
 
 def small_cnn() -> nn.Module:
     return nn.Sequential(
-        nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(8, 8, 3, padding=1, groups=2, padding_mode="reflect"), nn.ReLU(),
+        nn.Conv2d(1, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1, groups=2, padding_mode="reflect"),
+        nn.ReLU(),
         nn.MaxPool2d(2),
-        nn.Conv2d(8, 16, 3, padding="same"), nn.ReLU(),
-        nn.GlobalAvgPool(), nn.Linear(16, 3),
+        nn.Conv2d(8, 16, 3, padding="same"),
+        nn.ReLU(),
+        nn.GlobalAvgPool(),
+        nn.Linear(16, 3),
     )
 
 
-def train_small_cnn(steps: int = 60, seed: int = 0, batch: int = 32, lr: float = 0.01) -> list[float]:
+def train_small_cnn(
+    steps: int = 60, seed: int = 0, batch: int = 32, lr: float = 0.01
+) -> list[float]:
     """Train with Adam; return the loss of every step."""
     nn.manual_seed(seed)
     rng = np.random.default_rng(seed)

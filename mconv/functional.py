@@ -16,8 +16,11 @@ Output size per spatial dimension (``before``/``after`` the padding pair):
 array([[10., 18.],
        [42., 50.]])
 """
+
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import Any
 
 from . import _args, conv_ops
@@ -30,37 +33,55 @@ __all__ = [
     "conv_transpose", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d",
     "conv_backward", "conv_transpose_backward", "conv_jvp", "conv_transpose_jvp",
     "pad", "pad_backward",
-]
+]  # fmt: skip
 
 
-def _check_inputs(op: str, x, weight, bias, out_channels_of) -> None:
+_CONV_OPTIONS = {"stride", "padding", "dilation", "groups", "padding_mode", "conv_mode",
+                 "compute_mode"}  # fmt: skip
+_CONV_TRANSPOSE_OPTIONS = _CONV_OPTIONS | {"output_padding", "output_size"}
+
+
+def _check_inputs(op: str, x, weight, bias, kwargs: dict, allowed: set, out_channels) -> None:
+    """Types and dtypes of the arrays, names of the options, and the bias size
+    (``out_channels(weight.shape)``, or None when it cannot be known yet)."""
+    unknown = sorted(set(kwargs) - allowed)
+    if unknown:
+        raise TypeError(f"{op}() got an unexpected keyword argument {unknown[0]!r}")
     _args.check_array(x, "input", op)
     _args.check_array(weight, "weight", op)
     if bias is not None:
         _args.check_array(bias, "bias", op)
     _args.check_same_dtype(op, input=x, weight=weight, bias=bias)
-    if bias is not None and weight.ndim >= 3:
-        channels = out_channels_of(weight.shape)
-        if tuple(bias.shape) != (channels,):
-            raise ValueError(
-                f"Given weight of size {shape_str(weight.shape)}, expected bias to be 1-dimensional "
-                f"with {channels} elements, but got bias of size {shape_str(bias.shape)} instead"
-            )
-
-
-def _conv_out_channels(weight_shape) -> int:
-    return weight_shape[0]
-
-
-def _check_rank(op: str, weight, n: int | None) -> None:
-    if n is not None and getattr(weight, "ndim", None) != n + 2:
+    out_channels = out_channels(weight.shape) if weight.ndim >= 3 else None
+    if bias is not None and out_channels is not None and tuple(bias.shape) != (out_channels,):
         raise ValueError(
-            f"{op} expects a {n + 2}-D weight (out_channels, in_channels/groups, {n} kernel dims), "
-            f"but got weight of size {shape_str(getattr(weight, 'shape', ()))}"
+            f"Given weight of size {shape_str(weight.shape)}, expected bias to be 1-dimensional "
+            f"with {out_channels} elements, but got bias of size {shape_str(bias.shape)} instead"
         )
 
 
+def _check_rank(op: str, weight, n: int | None) -> None:
+    if n is not None and weight.ndim != n + 2:
+        raise ValueError(
+            f"{op} expects a {n + 2}-D weight (out_channels, in_channels/groups, {n} kernel dims), "
+            f"but got weight of size {shape_str(weight.shape)}"
+        )
+
+
+def check_like(op: str, name: str, value, expected_shape, dtype) -> None:
+    """A gradient or tangent must have exactly the shape and dtype it stands for."""
+    _args.check_array(value, name, op)
+    if tuple(value.shape) != tuple(expected_shape):
+        raise ValueError(
+            f"{op}: expected {name} of size {shape_str(expected_shape)}, but got "
+            f"{name} of size {shape_str(value.shape)}"
+        )
+    if value.dtype != dtype:
+        raise TypeError(f"{op}: {name} must have dtype {dtype}, but got {name}.dtype={value.dtype}")
+
+
 def _batched(a, batched: bool):
+    """(C, *S) -> (1, C, *S) for unbatched input; None stays None."""
     return a if batched or a is None else a[None]
 
 
@@ -68,39 +89,56 @@ def _unbatched(a, batched: bool):
     return a if batched or a is None else a[0]
 
 
-def check_like(op: str, name: str, value, expected_shape, dtype) -> None:
-    """A gradient or tangent must have exactly the shape and dtype it stands for."""
-    _args.check_array(value, name, op)
-    if tuple(value.shape) != tuple(expected_shape):
-        raise ValueError(f"{op}: expected {name} of size {shape_str(expected_shape)}, but got "
-                         f"{name} of size {shape_str(value.shape)}")
-    if value.dtype != dtype:
-        raise TypeError(f"{op}: {name} must have dtype {dtype}, but got {name}.dtype={value.dtype}")
+def prepare_conv(op: str, x, weight, bias, kwargs: dict, n: int | None = None):
+    """Validate a conv call (types, dtypes, bias, rank ``n`` if given); return (geometry, batched).
+
+    ``kwargs`` holds conv's keyword arguments (stride, padding, ..., compute_mode)."""
+    _check_inputs(op, x, weight, bias, kwargs, _CONV_OPTIONS, lambda shape: shape[0])
+    _check_rank(op, weight, n)
+    return conv_geometry(x.shape, weight.shape, op=op, **kwargs)
+
+
+def prepare_conv_transpose(op: str, x, weight, bias, kwargs: dict, n: int | None = None):
+    """Validate a transposed-conv call; return (geometry, batched)."""
+    groups = kwargs.get("groups", 1)
+
+    def out_channels(shape):
+        return shape[1] * groups if _args.is_int(groups) else None
+
+    _check_inputs(op, x, weight, bias, kwargs, _CONV_TRANSPOSE_OPTIONS, out_channels)
+    _check_rank(op, weight, n)
+    return conv_transpose_geometry(x.shape, weight.shape, op=op, **kwargs)
+
+
+def _check_tangents(op, geom, x, weight, dx, dweight, dbias, bias_channels) -> None:
+    for name, tangent, primal in (("dx", dx, x), ("dweight", dweight, weight)):
+        if tangent is not None:
+            check_like(op, name, tangent, primal.shape, primal.dtype)
+    if dbias is not None:
+        check_like(op, "dbias", dbias, (bias_channels,), x.dtype)
 
 
 # -- convolution ---------------------------------------------------------------------------
 
-def prepare_conv(op, x, weight, bias, n, stride, padding, dilation, groups, padding_mode,
-                conv_mode, compute_mode):
-    """Validate a conv call (types, dtypes, bias, rank ``n`` if given); return (geometry, batched)."""
-    _check_inputs(op, x, weight, bias, _conv_out_channels)
-    _check_rank(op, weight, n)
-    return conv_geometry(x.shape, weight.shape, stride=stride, padding=padding, dilation=dilation,
-                         groups=groups, padding_mode=padding_mode, conv_mode=conv_mode,
-                         compute_mode=compute_mode, op=op)
 
-
-def _conv(op, n, x, weight, bias, stride, padding, dilation, groups, padding_mode, conv_mode,
-          compute_mode):
-    geom, batched = prepare_conv(op, x, weight, bias, n, stride, padding, dilation, groups,
-                                padding_mode, conv_mode, compute_mode)
+def _conv(op: str, n: int | None, x, weight, bias, kwargs: dict):
+    geom, batched = prepare_conv(op, x, weight, bias, kwargs, n)
     y = conv_ops.conv_forward(_batched(x, batched), weight, bias, geom)
     return _unbatched(y, batched)
 
 
-def conv(x, weight, bias=None, stride: Any = 1, padding: Any = 0, dilation: Any = 1, groups: int = 1,
-         padding_mode: str = "zeros", conv_mode: str = "cross_correlation",
-         compute_mode: str = "default"):
+def conv(
+    x,
+    weight,
+    bias=None,
+    stride: Any = 1,
+    padding: Any = 0,
+    dilation: Any = 1,
+    groups: int = 1,
+    padding_mode: str = "zeros",
+    conv_mode: str = "cross_correlation",
+    compute_mode: str = "default",
+):
     """N-d convolution; N = ``weight.ndim - 2``.
 
     ``padding``: an int, N ints, N ``(before, after)`` pairs, ``'same'``
@@ -115,31 +153,36 @@ def conv(x, weight, bias=None, stride: Any = 1, padding: Any = 0, dilation: Any 
     >>> conv(np.arange(5.0)[None], np.array([[[1.0, -1.0]]]), padding=[(1, 0)])
     array([[ 0., -1., -1., -1., -1.]])
     """
-    return _conv("conv", None, x, weight, bias, stride, padding, dilation, groups, padding_mode,
-                 conv_mode, compute_mode)
+    kwargs = dict(stride=stride, padding=padding, dilation=dilation, groups=groups,
+                  padding_mode=padding_mode, conv_mode=conv_mode, compute_mode=compute_mode)  # fmt: skip
+    return _conv("conv", None, x, weight, bias, kwargs)
 
 
-def _ranked_conv(n: int):
-    def conv_nd(x, weight, bias=None, stride: Any = 1, padding: Any = 0, dilation: Any = 1,
-                groups: int = 1, padding_mode: str = "zeros", conv_mode: str = "cross_correlation",
-                compute_mode: str = "default"):
-        return _conv(f"conv{n}d", n, x, weight, bias, stride, padding, dilation, groups,
-                     padding_mode, conv_mode, compute_mode)
+def _ranked(generic, implementation, n: int):
+    """conv{n}d / conv_transpose{n}d: the generic signature, plus a rank check."""
+    name = f"{generic.__name__}{n}d"
+    signature = inspect.signature(generic)
 
-    conv_nd.__name__ = conv_nd.__qualname__ = f"conv{n}d"
-    conv_nd.__doc__ = f"{n}-d :func:`conv`; checks that ``weight`` is {n + 2}-D."
-    return conv_nd
+    @functools.wraps(generic)
+    def ranked(*args, **kwargs):
+        call = signature.bind(*args, **kwargs)
+        call.apply_defaults()
+        options = dict(call.arguments)
+        x, weight, bias = options.pop("x"), options.pop("weight"), options.pop("bias")
+        return implementation(name, n, x, weight, bias, options)
+
+    ranked.__name__ = ranked.__qualname__ = name
+    ranked.__doc__ = f"{n}-d :func:`{generic.__name__}`; checks that ``weight`` is {n + 2}-D."
+    return ranked
 
 
-conv1d, conv2d, conv3d = (_ranked_conv(n) for n in (1, 2, 3))
+conv1d, conv2d, conv3d = (_ranked(conv, _conv, n) for n in (1, 2, 3))
 
 
-def conv_backward(dy, x, weight, *, has_bias: bool, stride: Any = 1, padding: Any = 0,
-                  dilation: Any = 1, groups: int = 1, padding_mode: str = "zeros",
-                  conv_mode: str = "cross_correlation", compute_mode: str = "default"):
+def conv_backward(dy, x, weight, *, has_bias: bool, **kwargs):
     """Gradients ``(dx, dweight, dbias)`` of :func:`conv` for the output gradient ``dy``.
 
-    ``dbias`` is None unless ``has_bias``. Same keyword arguments as :func:`conv`.
+    ``dbias`` is None unless ``has_bias``. ``kwargs``: the keyword arguments of :func:`conv`.
 
     >>> import numpy as np
     >>> dx, dw, db = conv_backward(np.ones((1, 2)), np.arange(3.0)[None], np.ones((1, 1, 2)),
@@ -148,18 +191,16 @@ def conv_backward(dy, x, weight, *, has_bias: bool, stride: Any = 1, padding: An
     (array([[1., 2., 1.]]), array([[[1., 3.]]]), array([2.]))
     """
     op = "conv_backward"
-    geom, batched = prepare_conv(op, x, weight, None, None, stride, padding, dilation, groups,
-                                padding_mode, conv_mode, compute_mode)
-    expected = geom.output_shape(x.shape[0] if batched else 1)[0 if batched else 1:]
-    check_like(op, "grad_output", dy, expected, x.dtype)
-    dx, dw, db = conv_ops.conv_backward(_batched(dy, batched), _batched(x, batched), weight, geom,
-                                        has_bias=bool(has_bias))
+    geom, batched = prepare_conv(op, x, weight, None, kwargs)
+    expected = geom.output_shape(x.shape[0] if batched else 1)
+    check_like(op, "grad_output", dy, expected if batched else expected[1:], x.dtype)
+    dx, dw, db = conv_ops.conv_backward(
+        _batched(dy, batched), _batched(x, batched), weight, geom, has_bias=bool(has_bias)
+    )
     return _unbatched(dx, batched), dw, db
 
 
-def conv_jvp(x, weight, bias, dx, dweight, dbias, *, stride: Any = 1, padding: Any = 0,
-             dilation: Any = 1, groups: int = 1, padding_mode: str = "zeros",
-             conv_mode: str = "cross_correlation", compute_mode: str = "default"):
+def conv_jvp(x, weight, bias, dx, dweight, dbias, **kwargs):
     """Forward-mode derivative of :func:`conv` by bilinearity:
     ``conv(dx, w) + conv(x, dw) + dbias``. Any tangent may be None (zero).
 
@@ -169,53 +210,44 @@ def conv_jvp(x, weight, bias, dx, dweight, dbias, *, stride: Any = 1, padding: A
     array([[2., 2.]])
     """
     op = "conv_jvp"
-    geom, batched = prepare_conv(op, x, weight, bias, None, stride, padding, dilation, groups,
-                                padding_mode, conv_mode, compute_mode)
-    for name, tangent, primal in (("dx", dx, x), ("dweight", dweight, weight)):
-        if tangent is not None:
-            check_like(op, name, tangent, primal.shape, primal.dtype)
-    if dbias is not None:
-        check_like(op, "dbias", dbias, (geom.out_channels,), x.dtype)
-    dy = conv_ops.conv_jvp(_batched(x, batched), weight, _batched(dx, batched), dweight, dbias, geom)
+    geom, batched = prepare_conv(op, x, weight, bias, kwargs)
+    _check_tangents(op, geom, x, weight, dx, dweight, dbias, geom.out_channels)
+    dy = conv_ops.conv_jvp(
+        _batched(x, batched), weight, _batched(dx, batched), dweight, dbias, geom
+    )
     return _unbatched(dy, batched)
 
 
 # -- transposed convolution ----------------------------------------------------------------
 
-def _transposed_out_channels(groups):
-    def out_channels(weight_shape):
-        return weight_shape[1] * (groups if _args.is_int(groups) else 1)
-    return out_channels
 
-
-def prepare_conv_transpose(op, x, weight, bias, n, stride, padding, output_padding, groups, dilation,
-                     output_size, conv_mode, compute_mode, padding_mode="zeros"):
-    """Validate a transposed-conv call; return (geometry, batched)."""
-    _check_inputs(op, x, weight, bias, _transposed_out_channels(groups))
-    _check_rank(op, weight, n)
-    return conv_transpose_geometry(
-        x.shape, weight.shape, stride=stride, padding=padding, output_padding=output_padding,
-        dilation=dilation, groups=groups, output_size=output_size, padding_mode=padding_mode,
-        conv_mode=conv_mode, compute_mode=compute_mode, op=op)
-
-
-def _conv_transpose(op, n, x, weight, bias, stride, padding, output_padding, groups, dilation,
-                    output_size, padding_mode, conv_mode, compute_mode):
-    geom, batched = prepare_conv_transpose(op, x, weight, bias, n, stride, padding, output_padding, groups,
-                                     dilation, output_size, conv_mode, compute_mode, padding_mode)
+def _conv_transpose(op: str, n: int | None, x, weight, bias, kwargs: dict):
+    geom, batched = prepare_conv_transpose(op, x, weight, bias, kwargs, n)
     y = conv_ops.conv_transpose_forward(_batched(x, batched), weight, bias, geom)
     return _unbatched(y, batched)
 
 
-def conv_transpose(x, weight, bias=None, stride: Any = 1, padding: Any = 0, output_padding: Any = 0,
-                   groups: int = 1, dilation: Any = 1, output_size=None, padding_mode: str = "zeros",
-                   conv_mode: str = "cross_correlation", compute_mode: str = "default"):
+def conv_transpose(
+    x,
+    weight,
+    bias=None,
+    stride: Any = 1,
+    padding: Any = 0,
+    output_padding: Any = 0,
+    groups: int = 1,
+    dilation: Any = 1,
+    output_size=None,
+    padding_mode: str = "zeros",
+    conv_mode: str = "cross_correlation",
+    compute_mode: str = "default",
+):
     """N-d transposed convolution (the input gradient of :func:`conv`).
 
     ``weight`` is ``(C_in, C_out/groups, *k)``. ``padding`` is an int, N ints
-    or N ``(before, after)`` pairs. ``output_size`` (N, N+1 or N+2 ints)
-    overrides ``output_padding``, as in PyTorch's modules. Only
-    ``padding_mode='zeros'`` exists for transposed convolutions.
+    or N ``(before, after)`` pairs. ``output_size`` (N, or N+2 ints for
+    batched input, N+1 for unbatched) overrides ``output_padding``, as in
+    PyTorch's modules. Only ``padding_mode='zeros'`` exists for transposed
+    convolutions.
 
     Output: ``(S - 1)*stride - before - after + dilation*(k-1) + output_padding + 1``.
 
@@ -223,32 +255,21 @@ def conv_transpose(x, weight, bias=None, stride: Any = 1, padding: Any = 0, outp
     >>> conv_transpose(np.ones((1, 2)), np.array([[[1.0, 10.0]]]), stride=2)
     array([[ 1., 10.,  1., 10.]])
     """
-    return _conv_transpose("conv_transpose", None, x, weight, bias, stride, padding, output_padding,
-                           groups, dilation, output_size, padding_mode, conv_mode, compute_mode)
+    kwargs = dict(stride=stride, padding=padding, output_padding=output_padding, groups=groups,
+                  dilation=dilation, output_size=output_size, padding_mode=padding_mode,
+                  conv_mode=conv_mode, compute_mode=compute_mode)  # fmt: skip
+    return _conv_transpose("conv_transpose", None, x, weight, bias, kwargs)
 
 
-def _ranked_conv_transpose(n: int):
-    def conv_transpose_nd(x, weight, bias=None, stride: Any = 1, padding: Any = 0,
-                          output_padding: Any = 0, groups: int = 1, dilation: Any = 1,
-                          output_size=None, padding_mode: str = "zeros",
-                          conv_mode: str = "cross_correlation", compute_mode: str = "default"):
-        return _conv_transpose(f"conv_transpose{n}d", n, x, weight, bias, stride, padding,
-                               output_padding, groups, dilation, output_size, padding_mode,
-                               conv_mode, compute_mode)
-
-    conv_transpose_nd.__name__ = conv_transpose_nd.__qualname__ = f"conv_transpose{n}d"
-    conv_transpose_nd.__doc__ = f"{n}-d :func:`conv_transpose`; checks that ``weight`` is {n + 2}-D."
-    return conv_transpose_nd
+conv_transpose1d, conv_transpose2d, conv_transpose3d = (
+    _ranked(conv_transpose, _conv_transpose, n) for n in (1, 2, 3)
+)
 
 
-conv_transpose1d, conv_transpose2d, conv_transpose3d = (_ranked_conv_transpose(n) for n in (1, 2, 3))
-
-
-def conv_transpose_backward(dy, x, weight, *, has_bias: bool, stride: Any = 1, padding: Any = 0,
-                            output_padding: Any = 0, groups: int = 1, dilation: Any = 1,
-                            output_size=None, padding_mode: str = "zeros",
-                            conv_mode: str = "cross_correlation", compute_mode: str = "default"):
+def conv_transpose_backward(dy, x, weight, *, has_bias: bool, **kwargs):
     """Gradients ``(dx, dweight, dbias)`` of :func:`conv_transpose`.
+
+    ``kwargs``: the keyword arguments of :func:`conv_transpose`.
 
     >>> import numpy as np
     >>> dx, dw, db = conv_transpose_backward(np.ones((1, 3)), np.ones((1, 2)), np.ones((1, 1, 2)),
@@ -257,20 +278,16 @@ def conv_transpose_backward(dy, x, weight, *, has_bias: bool, stride: Any = 1, p
     (array([[2., 2.]]), array([[[2., 2.]]]), None)
     """
     op = "conv_transpose_backward"
-    geom, batched = prepare_conv_transpose(op, x, weight, None, None, stride, padding, output_padding,
-                                     groups, dilation, output_size, conv_mode, compute_mode,
-                                     padding_mode)
-    expected = geom.input_shape(x.shape[0] if batched else 1)[0 if batched else 1:]
-    check_like(op, "grad_output", dy, expected, x.dtype)
-    dx, dw, db = conv_ops.conv_transpose_backward(_batched(dy, batched), _batched(x, batched),
-                                                  weight, geom, has_bias=bool(has_bias))
+    geom, batched = prepare_conv_transpose(op, x, weight, None, kwargs)
+    expected = geom.input_shape(x.shape[0] if batched else 1)
+    check_like(op, "grad_output", dy, expected if batched else expected[1:], x.dtype)
+    dx, dw, db = conv_ops.conv_transpose_backward(
+        _batched(dy, batched), _batched(x, batched), weight, geom, has_bias=bool(has_bias)
+    )
     return _unbatched(dx, batched), dw, db
 
 
-def conv_transpose_jvp(x, weight, bias, dx, dweight, dbias, *, stride: Any = 1, padding: Any = 0,
-                       output_padding: Any = 0, groups: int = 1, dilation: Any = 1,
-                       output_size=None, conv_mode: str = "cross_correlation",
-                       compute_mode: str = "default"):
+def conv_transpose_jvp(x, weight, bias, dx, dweight, dbias, **kwargs):
     """Forward-mode derivative of :func:`conv_transpose` by bilinearity.
 
     >>> import numpy as np
@@ -278,13 +295,9 @@ def conv_transpose_jvp(x, weight, bias, dx, dweight, dbias, *, stride: Any = 1, 
     array([[1., 2., 1.]])
     """
     op = "conv_transpose_jvp"
-    geom, batched = prepare_conv_transpose(op, x, weight, bias, None, stride, padding, output_padding,
-                                     groups, dilation, output_size, conv_mode, compute_mode)
-    for name, tangent, primal in (("dx", dx, x), ("dweight", dweight, weight)):
-        if tangent is not None:
-            check_like(op, name, tangent, primal.shape, primal.dtype)
-    if dbias is not None:
-        check_like(op, "dbias", dbias, (geom.in_channels,), x.dtype)
-    dy = conv_ops.conv_transpose_jvp(_batched(x, batched), weight, _batched(dx, batched), dweight,
-                                     dbias, geom)
+    geom, batched = prepare_conv_transpose(op, x, weight, bias, kwargs)
+    _check_tangents(op, geom, x, weight, dx, dweight, dbias, geom.in_channels)
+    dy = conv_ops.conv_transpose_jvp(
+        _batched(x, batched), weight, _batched(dx, batched), dweight, dbias, geom
+    )
     return _unbatched(dy, batched)

@@ -19,6 +19,7 @@ is the conv output, so ``in_size`` is the transposed output size. Its
 transposed input size (it can be one less than the formula above when
 ``output_padding >= stride``, which PyTorch allows when it is < dilation).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
@@ -80,8 +81,10 @@ def _check_weight(weight_shape: Sequence[int], op: str, layout: str) -> int:
             f"{shape_str(weight_shape)}"
         )
     if any(s <= 0 for s in weight_shape):
-        raise ValueError(f"{op}: weight must not have empty dimensions, but got weight of size "
-                         f"{shape_str(weight_shape)}")
+        raise ValueError(
+            f"{op}: weight must not have empty dimensions, but got weight of size "
+            f"{shape_str(weight_shape)}"
+        )
     return n
 
 
@@ -99,7 +102,9 @@ def _sizes(values: Sequence[int]) -> str:
     return "(" + " x ".join(str(v) for v in values) + ")"
 
 
-def same_padding(kernel_size: Sequence[int], dilation: Sequence[int]) -> tuple[tuple[int, int], ...]:
+def same_padding(
+    kernel_size: Sequence[int], dilation: Sequence[int]
+) -> tuple[tuple[int, int], ...]:
     """PyTorch's split for padding='same': the odd element goes at the end."""
     pairs = []
     for k, d in zip(kernel_size, dilation):
@@ -108,8 +113,9 @@ def same_padding(kernel_size: Sequence[int], dilation: Sequence[int]) -> tuple[t
     return tuple(pairs)
 
 
-def resolve_padding(padding: Any, kernel_size: Sequence[int], stride: Sequence[int],
-                    dilation: Sequence[int]) -> tuple[tuple[int, int], ...]:
+def resolve_padding(
+    padding: Any, kernel_size: Sequence[int], stride: Sequence[int], dilation: Sequence[int]
+) -> tuple[tuple[int, int], ...]:
     """Any accepted padding form -> per-dimension (before, after) pairs."""
     n = len(kernel_size)
     pairs = _args.padding_pairs(padding, n)
@@ -139,14 +145,25 @@ def _check_mode_limits(mode: str, pairs, in_size, input_shape) -> None:
                 f"of input {shape_str(input_shape)}"
             )
         if mode == "replicate" and size == 0 and lo + hi > 0:
-            raise ValueError(f"padding_mode='replicate' needs a non-empty input, but got input "
-                             f"{shape_str(input_shape)}")
+            raise ValueError(
+                f"padding_mode='replicate' needs a non-empty input, but got input "
+                f"{shape_str(input_shape)}"
+            )
 
 
-def conv_geometry(input_shape: Sequence[int], weight_shape: Sequence[int], *, stride: Any = 1,
-                  padding: Any = 0, dilation: Any = 1, groups: Any = 1, padding_mode: str = "zeros",
-                  conv_mode: str = "cross_correlation", compute_mode: str = "default",
-                  op: str = "conv") -> tuple[ConvGeometry, bool]:
+def conv_geometry(
+    input_shape: Sequence[int],
+    weight_shape: Sequence[int],
+    *,
+    stride: Any = 1,
+    padding: Any = 0,
+    dilation: Any = 1,
+    groups: Any = 1,
+    padding_mode: str = "zeros",
+    conv_mode: str = "cross_correlation",
+    compute_mode: str = "default",
+    op: str = "conv",
+) -> tuple[ConvGeometry, bool]:
     """Validate a convolution call; return its geometry and whether the input was batched."""
     n = _check_weight(weight_shape, op, "(out_channels, in_channels/groups, *kernel_size)")
     batched_shape, batched = _split_batch(input_shape, n, op)
@@ -176,13 +193,26 @@ def conv_geometry(input_shape: Sequence[int], weight_shape: Sequence[int], *, st
             f"{_sizes(effective)}. Kernel size can't be greater than actual input size"
         )
     out_size = tuple((p - e) // s + 1 for p, e, s in zip(padded, effective, stride))
-    geom = ConvGeometry(channels, out_channels, groups, in_size, tuple(kernel), out_size, stride,
-                        dilation, pairs, padding_mode, conv_mode, compute_mode)
+    geom = ConvGeometry(
+        channels,
+        out_channels,
+        groups,
+        in_size,
+        tuple(kernel),
+        out_size,
+        stride,
+        dilation,
+        pairs,
+        padding_mode,
+        conv_mode,
+        compute_mode,
+    )
     return geom, batched
 
 
-def _transpose_output_padding(output_padding, output_size, in_size, batched, min_sizes, stride,
-                              dilation, n) -> tuple[int, ...]:
+def _transpose_output_padding(
+    output_padding, output_size, in_size, batched, min_sizes, stride, dilation, n
+) -> tuple[int, ...]:
     """PyTorch's ``_output_padding``: output_size wins over output_padding."""
     if output_size is None:
         op = _args.int_tuple(output_padding, n, "output_padding", minimum=0)
@@ -193,11 +223,13 @@ def _transpose_output_padding(output_padding, output_size, in_size, batched, min
             )
         return op
     if not isinstance(output_size, (tuple, list)) or not all(_args.is_int(v) for v in output_size):
-        raise TypeError(f"output_size must be a sequence of ints, but got output_size={output_size!r}")
+        raise TypeError(
+            f"output_size must be a sequence of ints, but got output_size={output_size!r}"
+        )
     size = tuple(int(v) for v in output_size)
     non_spatial = 2 if batched else 1
     if len(size) == n + non_spatial:
-        size = size[non_spatial:]   # a full (B, C, *S) or (C, *S) size: keep the spatial part
+        size = size[non_spatial:]  # a full (B, C, *S) or (C, *S) size: keep the spatial part
     if len(size) != n:
         raise ValueError(
             f"ConvTranspose{n}D: for {n + non_spatial}D input, output_size must have {n} or "
@@ -212,12 +244,21 @@ def _transpose_output_padding(output_padding, output_size, in_size, batched, min
     return tuple(v - m for v, m in zip(size, min_sizes))
 
 
-def conv_transpose_geometry(input_shape: Sequence[int], weight_shape: Sequence[int], *,
-                            stride: Any = 1, padding: Any = 0, output_padding: Any = 0,
-                            dilation: Any = 1, groups: Any = 1, output_size: Any = None,
-                            padding_mode: str = "zeros", conv_mode: str = "cross_correlation",
-                            compute_mode: str = "default",
-                            op: str = "conv_transpose") -> tuple[ConvGeometry, bool]:
+def conv_transpose_geometry(
+    input_shape: Sequence[int],
+    weight_shape: Sequence[int],
+    *,
+    stride: Any = 1,
+    padding: Any = 0,
+    output_padding: Any = 0,
+    dilation: Any = 1,
+    groups: Any = 1,
+    output_size: Any = None,
+    padding_mode: str = "zeros",
+    conv_mode: str = "cross_correlation",
+    compute_mode: str = "default",
+    op: str = "conv_transpose",
+) -> tuple[ConvGeometry, bool]:
     """Validate a transposed-convolution call.
 
     Output size per dimension (PyTorch's formula, with (before, after) pairs):
@@ -240,17 +281,22 @@ def conv_transpose_geometry(input_shape: Sequence[int], weight_shape: Sequence[i
             f"padding_mode={padding_mode!r}"
         )
     if padding == "same":
-        raise ValueError("padding='same' is not supported for transposed convolutions, but got padding='same'")
+        raise ValueError(
+            "padding='same' is not supported for transposed convolutions, but got padding='same'"
+        )
     stride = _args.int_tuple(stride, n, "stride", minimum=1)
     dilation = _args.int_tuple(dilation, n, "dilation", minimum=1)
     pairs = resolve_padding(padding, kernel, stride, dilation)
     conv_mode = _args.choice(conv_mode, _args.CONV_MODES, "conv_mode")
     compute_mode = _args.choice(compute_mode, _args.COMPUTE_MODES, "compute_mode")
     in_size = tuple(int(s) for s in batched_shape[2:])
-    min_sizes = tuple((i - 1) * s - lo - hi + d * (k - 1) + 1
-                      for i, s, (lo, hi), d, k in zip(in_size, stride, pairs, dilation, kernel))
-    out_pad = _transpose_output_padding(output_padding, output_size, in_size, batched, min_sizes,
-                                        stride, dilation, n)
+    min_sizes = tuple(
+        (i - 1) * s - lo - hi + d * (k - 1) + 1
+        for i, s, (lo, hi), d, k in zip(in_size, stride, pairs, dilation, kernel)
+    )
+    out_pad = _transpose_output_padding(
+        output_padding, output_size, in_size, batched, min_sizes, stride, dilation, n
+    )
     out_size = tuple(m + p for m, p in zip(min_sizes, out_pad))
     if any(s <= 0 for s in out_size):
         raise ValueError(
@@ -258,7 +304,18 @@ def conv_transpose_geometry(input_shape: Sequence[int], weight_shape: Sequence[i
             f"{_sizes(out_size)}. Output size is too small"
         )
     # The conv whose input gradient this is: conv input = our output.
-    geom = ConvGeometry(out_per_group * groups, in_channels, groups, out_size, tuple(kernel), in_size,
-                        stride, dilation, pairs, "zeros", conv_mode, compute_mode)
+    geom = ConvGeometry(
+        out_per_group * groups,
+        in_channels,
+        groups,
+        out_size,
+        tuple(kernel),
+        in_size,
+        stride,
+        dilation,
+        pairs,
+        "zeros",
+        conv_mode,
+        compute_mode,
+    )
     return geom, batched
-

@@ -5,6 +5,7 @@
 >>> round(float(loss), 4), grad.shape
 (1.3863, (2, 4))
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -21,18 +22,26 @@ def cross_entropy(logits, target, reduction: str = "mean"):
     reduction = _args.choice(reduction, ("mean", "sum"), "reduction")
     target = np.asarray(target)
     if logits.ndim != 2:
-        raise ValueError(f"cross_entropy: logits must be (batch, classes), but got logits of size "
-                         f"{_args.shape_str(logits.shape)}")
+        raise ValueError(
+            f"cross_entropy: logits must be (batch, classes), but got logits of size "
+            f"{_args.shape_str(logits.shape)}"
+        )
     if not np.issubdtype(target.dtype, np.integer):
-        raise TypeError(f"cross_entropy: target must hold integer class indices, but got "
-                        f"target.dtype={target.dtype}")
+        raise TypeError(
+            f"cross_entropy: target must hold integer class indices, but got "
+            f"target.dtype={target.dtype}"
+        )
     if target.shape != logits.shape[:1]:
-        raise ValueError(f"cross_entropy: expected target of size {_args.shape_str(logits.shape[:1])}, "
-                         f"but got target of size {_args.shape_str(target.shape)}")
+        raise ValueError(
+            f"cross_entropy: expected target of size {_args.shape_str(logits.shape[:1])}, "
+            f"but got target of size {_args.shape_str(target.shape)}"
+        )
     classes = logits.shape[1]
     if target.size and (target.min() < 0 or target.max() >= classes):
-        raise ValueError(f"cross_entropy: target values must lie in [0, {classes}), but got values in "
-                         f"[{target.min()}, {target.max()}]")
+        raise ValueError(
+            f"cross_entropy: target values must lie in [0, {classes}), but got values in "
+            f"[{target.min()}, {target.max()}]"
+        )
     z = logits.astype(np.float64) if logits.dtype == np.float64 else logits.astype(np.float32)
     z = z - z.max(axis=1, keepdims=True)
     log_probs = z - np.log(np.exp(z).sum(axis=1, keepdims=True))

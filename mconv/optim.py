@@ -8,6 +8,7 @@
 >>> p.data
 array([0.5, 1.5])
 """
+
 from __future__ import annotations
 
 import math
@@ -36,8 +37,10 @@ class Optimizer:
             raise ValueError("optimizer got an empty parameter list")
         for index, param in enumerate(self.params):
             if not isinstance(param, Parameter):
-                raise TypeError(f"optimizer params must be nn.Parameter, but item {index} is "
-                                f"{type(param).__name__}")
+                raise TypeError(
+                    f"optimizer params must be nn.Parameter, but item {index} is "
+                    f"{type(param).__name__}"
+                )
         self.state: dict[int, dict[str, Any]] = {}
 
     def zero_grad(self) -> None:
@@ -56,16 +59,25 @@ class Optimizer:
 class SGD(Optimizer):
     """p -= lr * (momentum buffer of grad + weight_decay * p), as ``torch.optim.SGD``."""
 
-    def __init__(self, params, lr: float, momentum: float = 0.0, dampening: float = 0.0,
-                 weight_decay: float = 0.0, nesterov: bool = False):
+    def __init__(
+        self,
+        params,
+        lr: float,
+        momentum: float = 0.0,
+        dampening: float = 0.0,
+        weight_decay: float = 0.0,
+        nesterov: bool = False,
+    ):
         super().__init__(params)
         self.lr = _check_number(lr, "lr")
         self.momentum = _check_number(momentum, "momentum")
         self.dampening = _check_number(dampening, "dampening")
         self.weight_decay = _check_number(weight_decay, "weight_decay")
         if nesterov and (self.momentum <= 0 or self.dampening != 0):
-            raise ValueError(f"Nesterov momentum requires a momentum and zero dampening, but got "
-                             f"momentum={momentum}, dampening={dampening}")
+            raise ValueError(
+                f"Nesterov momentum requires a momentum and zero dampening, but got "
+                f"momentum={momentum}, dampening={dampening}"
+            )
         self.nesterov = bool(nesterov)
 
     def _update(self, param, state):
@@ -87,13 +99,22 @@ class SGD(Optimizer):
 class Adam(Optimizer):
     """Adam with bias correction and L2 weight decay, as ``torch.optim.Adam``."""
 
-    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 0.0):
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+    ):
         super().__init__(params)
         self.lr = _check_number(lr, "lr")
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
             raise TypeError(f"betas must be a pair of numbers, but got betas={betas!r}")
-        self.betas = (_check_number(betas[0], "beta1", below=1.0), _check_number(betas[1], "beta2", below=1.0))
+        self.betas = (
+            _check_number(betas[0], "beta1", below=1.0),
+            _check_number(betas[1], "beta2", below=1.0),
+        )
         self.eps = _check_number(eps, "eps")
         self.weight_decay = _check_number(weight_decay, "weight_decay")
 
@@ -103,13 +124,15 @@ class Adam(Optimizer):
         if self.weight_decay:
             grad = grad + self.weight_decay * param.data
         if not state:
-            state.update(step=0, exp_avg=np.zeros_like(param.data), exp_avg_sq=np.zeros_like(param.data))
+            state.update(
+                step=0, exp_avg=np.zeros_like(param.data), exp_avg_sq=np.zeros_like(param.data)
+            )
         state["step"] += 1
         m, v, t = state["exp_avg"], state["exp_avg_sq"], state["step"]
         m *= beta1
         m += (1.0 - beta1) * grad
         v *= beta2
         v += (1.0 - beta2) * grad * grad
-        step_size = self.lr / (1.0 - beta1 ** t)
-        denom = np.sqrt(v) / math.sqrt(1.0 - beta2 ** t) + self.eps
+        step_size = self.lr / (1.0 - beta1**t)
+        denom = np.sqrt(v) / math.sqrt(1.0 - beta2**t) + self.eps
         param.data -= (step_size * m / denom).astype(param.data.dtype, copy=False)

@@ -12,6 +12,7 @@ The interior (``0 <= j < size``) is the identity, so ``pad_backward``
 starts from the interior slice and adds the border rows one by one, in a
 fixed order (deterministic, no atomics needed on any backend).
 """
+
 from __future__ import annotations
 
 from typing import Any, Sequence
@@ -70,7 +71,9 @@ def pad_backward_unchecked(dy, pairs: Pairs, mode: str):
     """Adjoint of ``pad_unchecked``: crop (zeros) or scatter-add the border back."""
     first = dy.ndim - len(pairs)
     if mode == "zeros":
-        return dy[(Ellipsis, *(slice(lo, dy.shape[first + i] - hi) for i, (lo, hi) in enumerate(pairs)))]
+        return dy[
+            (Ellipsis, *(slice(lo, dy.shape[first + i] - hi) for i, (lo, hi) in enumerate(pairs)))
+        ]
     for axis, (lo, hi) in enumerate(pairs, start=first):
         if not (lo or hi):
             continue
@@ -92,20 +95,28 @@ def _check_pad_args(x, pads, mode: str, op: str) -> tuple[tuple[tuple[int, int],
             f"padded trailing axis, but got pads={pads!r}"
         )
     if len(pads) > x.ndim:
-        raise ValueError(f"{op}: pads has {len(pads)} entries but input has only {x.ndim} axes; "
-                         f"received pads={pads!r}")
+        raise ValueError(
+            f"{op}: pads has {len(pads)} entries but input has only {x.ndim} axes; "
+            f"received pads={pads!r}"
+        )
     pairs = _args.padding_pairs(list(pads), len(pads), "pads")
-    sizes = x.shape[x.ndim - len(pairs):]
+    sizes = x.shape[x.ndim - len(pairs) :]
     for (lo, hi), size in zip(pairs, sizes):
         if mode == "reflect" and max(lo, hi) >= size:
-            raise ValueError(f"{op}: mode='reflect' needs every pad < the size of its axis, but got "
-                             f"pads={pads!r} for input of size {shape_str(x.shape)}")
+            raise ValueError(
+                f"{op}: mode='reflect' needs every pad < the size of its axis, but got "
+                f"pads={pads!r} for input of size {shape_str(x.shape)}"
+            )
         if mode == "circular" and max(lo, hi) > size:
-            raise ValueError(f"{op}: mode='circular' needs every pad <= the size of its axis, but got "
-                             f"pads={pads!r} for input of size {shape_str(x.shape)}")
+            raise ValueError(
+                f"{op}: mode='circular' needs every pad <= the size of its axis, but got "
+                f"pads={pads!r} for input of size {shape_str(x.shape)}"
+            )
         if mode == "replicate" and size == 0 and lo + hi:
-            raise ValueError(f"{op}: mode='replicate' cannot pad an empty axis; input of size "
-                             f"{shape_str(x.shape)}")
+            raise ValueError(
+                f"{op}: mode='replicate' cannot pad an empty axis; input of size "
+                f"{shape_str(x.shape)}"
+            )
     return pairs, mode
 
 
@@ -136,10 +147,12 @@ def pad_backward(dy, pads: Sequence[Any], mode: str = "zeros"):
     """
     pairs, _ = _check_pad_args(dy, pads, "zeros", "pad_backward")  # padded sizes checked below
     mode = _args.choice(mode, _args.PADDING_MODES, "mode")
-    for (lo, hi), size in zip(pairs, dy.shape[dy.ndim - len(pairs):]):
+    for (lo, hi), size in zip(pairs, dy.shape[dy.ndim - len(pairs) :]):
         inner = size - lo - hi
         limit = inner - 1 if mode == "reflect" else inner
         if inner <= 0 or (mode != "zeros" and max(lo, hi) > limit):
-            raise ValueError(f"pad_backward: pads={pads!r} do not fit a padded gradient of size "
-                             f"{shape_str(dy.shape)} with mode={mode!r}")
+            raise ValueError(
+                f"pad_backward: pads={pads!r} do not fit a padded gradient of size "
+                f"{shape_str(dy.shape)} with mode={mode!r}"
+            )
     return pad_backward_unchecked(dy, pairs, mode)

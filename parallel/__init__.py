@@ -5,4 +5,5 @@ distribution's layout is final. Its API is specified in DESIGN.md
 (``init``, ``DataParallel``, ``GroupParallelConv2d``, ...) and arrives with
 the parallel issue.
 """
+
 __all__: list[str] = []

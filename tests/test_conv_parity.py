@@ -1,4 +1,6 @@
 """Forward and all three gradients against PyTorch float64, to 1e-10 relative."""
+
+import inspect
 import itertools
 
 import numpy as np
@@ -16,8 +18,9 @@ PADDINGS = [0, 2, "pairs", "same", "valid"]
 STRIDE_DILATION_PADDING = [
     (stride, dilation, padding)
     for (stride, dilation), padding in itertools.product(
-        [(1, 1), (2, 1), (1, 2), (2, 2), ((2, 1, 3), (1, 2, 1))], PADDINGS)
-    if not (padding == "same" and stride != 1)   # 'same' needs stride 1: see test_errors
+        [(1, 1), (2, 1), (1, 2), (2, 2), ((2, 1, 3), (1, 2, 1))], PADDINGS
+    )
+    if not (padding == "same" and stride != 1)  # 'same' needs stride 1: see test_errors
 ]
 
 
@@ -50,14 +53,18 @@ def test_conv_matches_torch(rng, n, stride, dilation, groups, cin, cout, padding
     arg, pairs = _pairs(padding, n)
     kw = dict(stride=stride, padding=arg, dilation=dilation, groups=groups)
     y = F.conv(x if batched else x[0], w, b, **kw)
-    dy = rng.standard_normal((2, *y.shape[-n - 1:]))
-    ref_y, ref_dx, ref_dw, ref_db = torch_conv(x, w, b, dy, stride=stride, padding=pairs,
-                                               dilation=dilation, groups=groups)
+    dy = rng.standard_normal((2, *y.shape[-n - 1 :]))
+    ref_y, ref_dx, ref_dw, ref_db = torch_conv(
+        x, w, b, dy, stride=stride, padding=pairs, dilation=dilation, groups=groups
+    )
     if not batched:
         ref_y, ref_dx, dy = ref_y[:1], ref_dx[:1], dy[:1]
-        ref_dw, ref_db = torch_conv(x[:1], w, b, dy, stride=stride, padding=pairs, dilation=dilation,
-                                    groups=groups)[2:]
-    dx, dw, db = F.conv_backward(dy if batched else dy[0], x if batched else x[0], w, has_bias=bias, **kw)
+        ref_dw, ref_db = torch_conv(
+            x[:1], w, b, dy, stride=stride, padding=pairs, dilation=dilation, groups=groups
+        )[2:]
+    dx, dw, db = F.conv_backward(
+        dy if batched else dy[0], x if batched else x[0], w, has_bias=bias, **kw
+    )
     assert_close(y if batched else y[None], ref_y)
     assert_close(dx if batched else dx[None], ref_dx)
     assert_close(dw, ref_dw)
@@ -71,14 +78,19 @@ def test_conv_matches_torch(rng, n, stride, dilation, groups, cin, cout, padding
 def test_ranked_aliases_match_generic(rng, n):
     x, w, b = _case(rng, n, 1, 3, 4, True)
     ranked = getattr(F, f"conv{n}d")(x, w, b, stride=2, padding=1)
-    assert_close(ranked, torch_conv(x, w, b, None, stride=2, padding=((1, 1),) * n, dilation=1, groups=1))
+    assert_close(
+        ranked, torch_conv(x, w, b, None, stride=2, padding=((1, 1),) * n, dilation=1, groups=1)
+    )
 
 
-@pytest.mark.parametrize("stride,dilation,groups,pairs", [
-    (1, 1, 1, ((0, 0),) * 4),
-    ((2, 1, 1, 2), (1, 2, 1, 1), 2, ((1, 0), (0, 2), (1, 1), (0, 0))),
-    (1, (1, 1, 2, 1), 3, ((1, 1),) * 4),
-])
+@pytest.mark.parametrize(
+    "stride,dilation,groups,pairs",
+    [
+        (1, 1, 1, ((0, 0),) * 4),
+        ((2, 1, 1, 2), (1, 2, 1, 1), 2, ((1, 0), (0, 2), (1, 1), (0, 0))),
+        (1, (1, 1, 2, 1), 3, ((1, 1),) * 4),
+    ],
+)
 @pytest.mark.parametrize("bias", [True, False])
 def test_rank4_against_loop_reference(rng, stride, dilation, groups, pairs, bias):
     n = 4
@@ -91,8 +103,9 @@ def test_rank4_against_loop_reference(rng, stride, dilation, groups, pairs, bias
     y = F.conv(x, w, b, stride=stride, padding=pairs, dilation=dilation, groups=groups)
     assert_close(y, loop_conv(x, w, b, stride_t, pairs, dil_t, groups))
     dy = rng.standard_normal(y.shape)
-    dx, dw, db = F.conv_backward(dy, x, w, has_bias=bias, stride=stride, padding=pairs,
-                                 dilation=dilation, groups=groups)
+    dx, dw, db = F.conv_backward(
+        dy, x, w, has_bias=bias, stride=stride, padding=pairs, dilation=dilation, groups=groups
+    )
     ref_dx, ref_dw = loop_conv_grads(x, w, dy, stride_t, pairs, dil_t, groups)
     assert_close(dx, ref_dx)
     assert_close(dw, ref_dw)
@@ -124,10 +137,25 @@ def test_low_precision_dtypes(rng, dtype, n):
     y = F.conv(xl, wl, bl, stride=2, padding=1, groups=2)
     assert y.dtype == dtype
     dy = rng.standard_normal(y.shape).astype(dtype)
-    ref = torch_conv(*(a.astype(np.float64) for a in (xl, wl, bl, dy)), stride=2,
-                     padding=((1, 1),) * n, dilation=1, groups=2)
+    ref = torch_conv(
+        *(a.astype(np.float64) for a in (xl, wl, bl, dy)),
+        stride=2,
+        padding=((1, 1),) * n,
+        dilation=1,
+        groups=2,
+    )
     tol = 1e-6 if dtype == np.float32 else 1e-3
-    for got, want in zip((y, *F.conv_backward(dy, xl, wl, has_bias=True, stride=2, padding=1, groups=2)), ref):
+    for got, want in zip(
+        (y, *F.conv_backward(dy, xl, wl, has_bias=True, stride=2, padding=1, groups=2)), ref
+    ):
         assert got.dtype == dtype
         assert_close(got, want, tol)
 
+
+def test_ranked_aliases_take_pytorch_positional_arguments(rng):
+    x, w, b = _case(rng, 2, 2, 4, 6, True)
+    # torch.nn.functional.conv2d(input, weight, bias, stride, padding, dilation, groups)
+    y = F.conv2d(x, w, b, 2, 1, 1, 2)
+    ref = torch_conv(x, w, b, None, stride=2, padding=((1, 1),) * 2, dilation=1, groups=2)
+    assert_close(y, ref)
+    assert F.conv2d.__name__ == "conv2d" and "padding_mode" in str(inspect.signature(F.conv2d))

@@ -1,4 +1,5 @@
 """The Module system and layers, against torch.nn modules in float64."""
+
 import math
 
 import numpy as np
@@ -31,23 +32,53 @@ def _run_both(ours, theirs, x, rng, **forward_kw):
 
 
 LAYERS = [
-    (lambda: nn.Conv1d(4, 6, 3, stride=2, padding=1, groups=2, dtype="float64"),
-     lambda: torch.nn.Conv1d(4, 6, 3, stride=2, padding=1, groups=2), (2, 4, 9)),
-    (lambda: nn.Conv2d(3, 4, (3, 2), padding="same", dilation=2, padding_mode="reflect", dtype="float64"),
-     lambda: torch.nn.Conv2d(3, 4, (3, 2), padding="same", dilation=2, padding_mode="reflect"), (2, 3, 7, 6)),
-    (lambda: nn.Conv2d(3, 4, 3, padding=2, padding_mode="circular", bias=False, dtype="float64"),
-     lambda: torch.nn.Conv2d(3, 4, 3, padding=2, padding_mode="circular", bias=False), (3, 5, 5)),
-    (lambda: nn.Conv3d(2, 4, 2, stride=(1, 2, 1), padding=1, padding_mode="replicate", dtype="float64"),
-     lambda: torch.nn.Conv3d(2, 4, 2, stride=(1, 2, 1), padding=1, padding_mode="replicate"), (1, 2, 4, 5, 3)),
-    (lambda: nn.ConvTranspose1d(4, 6, 3, stride=3, padding=1, output_padding=2, groups=2, dtype="float64"),
-     lambda: torch.nn.ConvTranspose1d(4, 6, 3, stride=3, padding=1, output_padding=2, groups=2), (2, 4, 5)),
-    (lambda: nn.ConvTranspose2d(3, 2, (2, 3), stride=2, dilation=(1, 2), dtype="float64"),
-     lambda: torch.nn.ConvTranspose2d(3, 2, (2, 3), stride=2, dilation=(1, 2)), (2, 3, 4, 3)),
-    (lambda: nn.ConvTranspose3d(2, 2, 2, stride=2, bias=False, dtype="float64"),
-     lambda: torch.nn.ConvTranspose3d(2, 2, 2, stride=2, bias=False), (2, 3, 2, 3)),
+    (
+        lambda: nn.Conv1d(4, 6, 3, stride=2, padding=1, groups=2, dtype="float64"),
+        lambda: torch.nn.Conv1d(4, 6, 3, stride=2, padding=1, groups=2),
+        (2, 4, 9),
+    ),
+    (
+        lambda: nn.Conv2d(
+            3, 4, (3, 2), padding="same", dilation=2, padding_mode="reflect", dtype="float64"
+        ),
+        lambda: torch.nn.Conv2d(3, 4, (3, 2), padding="same", dilation=2, padding_mode="reflect"),
+        (2, 3, 7, 6),
+    ),
+    (
+        lambda: nn.Conv2d(3, 4, 3, padding=2, padding_mode="circular", bias=False, dtype="float64"),
+        lambda: torch.nn.Conv2d(3, 4, 3, padding=2, padding_mode="circular", bias=False),
+        (3, 5, 5),
+    ),
+    (
+        lambda: nn.Conv3d(
+            2, 4, 2, stride=(1, 2, 1), padding=1, padding_mode="replicate", dtype="float64"
+        ),
+        lambda: torch.nn.Conv3d(2, 4, 2, stride=(1, 2, 1), padding=1, padding_mode="replicate"),
+        (1, 2, 4, 5, 3),
+    ),
+    (
+        lambda: nn.ConvTranspose1d(
+            4, 6, 3, stride=3, padding=1, output_padding=2, groups=2, dtype="float64"
+        ),
+        lambda: torch.nn.ConvTranspose1d(4, 6, 3, stride=3, padding=1, output_padding=2, groups=2),
+        (2, 4, 5),
+    ),
+    (
+        lambda: nn.ConvTranspose2d(3, 2, (2, 3), stride=2, dilation=(1, 2), dtype="float64"),
+        lambda: torch.nn.ConvTranspose2d(3, 2, (2, 3), stride=2, dilation=(1, 2)),
+        (2, 3, 4, 3),
+    ),
+    (
+        lambda: nn.ConvTranspose3d(2, 2, 2, stride=2, bias=False, dtype="float64"),
+        lambda: torch.nn.ConvTranspose3d(2, 2, 2, stride=2, bias=False),
+        (2, 3, 2, 3),
+    ),
     (lambda: nn.Linear(5, 3, dtype="float64"), lambda: torch.nn.Linear(5, 3), (4, 2, 5)),
-    (lambda: nn.MaxPool2d(3, stride=2, padding=1), lambda: torch.nn.MaxPool2d(3, stride=2, padding=1),
-     (2, 3, 7, 6)),
+    (
+        lambda: nn.MaxPool2d(3, stride=2, padding=1),
+        lambda: torch.nn.MaxPool2d(3, stride=2, padding=1),
+        (2, 3, 7, 6),
+    ),
     (lambda: nn.AvgPool2d(2, padding=1), lambda: torch.nn.AvgPool2d(2, padding=1), (2, 3, 5, 6)),
     (lambda: nn.ReLU(), lambda: torch.nn.ReLU(), (2, 3, 4)),
     (lambda: nn.Flatten(), lambda: torch.nn.Flatten(), (2, 3, 4, 2)),
@@ -94,40 +125,61 @@ def test_backward_accumulates_and_zero_grad_clears(rng):
 def test_default_init_is_pytorch_kaiming_uniform():
     nn.manual_seed(0)
     conv = nn.Conv2d(64, 32, 3, groups=4)
-    bound = 1 / math.sqrt(16 * 9)   # fan_in = in_channels / groups * prod(k)
+    bound = 1 / math.sqrt(16 * 9)  # fan_in = in_channels / groups * prod(k)
     for p in (conv.weight.data, conv.bias.data):
         assert p.dtype == np.float32 and np.abs(p).max() <= bound
     assert abs(conv.weight.data.std() - bound / math.sqrt(3)) < 0.02 * bound
     up = nn.ConvTranspose2d(8, 6, 3, groups=2)
     assert up.weight.shape == (8, 3, 3, 3)
-    assert np.abs(up.weight.data).max() <= 1 / math.sqrt(3 * 9)   # PyTorch: fan_in from dim 1
+    assert np.abs(up.weight.data).max() <= 1 / math.sqrt(3 * 9)  # PyTorch: fan_in from dim 1
     nn.manual_seed(0)
     assert np.array_equal(nn.Conv2d(64, 32, 3, groups=4).weight.data, conv.weight.data)
 
 
-@pytest.mark.parametrize("ours,theirs", [
-    (lambda: nn.Conv2d(16, 33, (3, 5), stride=(2, 1), padding=(4, 2), dilation=(3, 1)),
-     lambda: torch.nn.Conv2d(16, 33, (3, 5), stride=(2, 1), padding=(4, 2), dilation=(3, 1))),
-    (lambda: nn.Conv1d(4, 4, 3, padding="same", groups=4, bias=False, padding_mode="reflect"),
-     lambda: torch.nn.Conv1d(4, 4, 3, padding="same", groups=4, bias=False, padding_mode="reflect")),
-    (lambda: nn.ConvTranspose3d(2, 4, 3, stride=2, output_padding=1),
-     lambda: torch.nn.ConvTranspose3d(2, 4, 3, stride=2, output_padding=1)),
-    (lambda: nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8, 2)),
-     lambda: torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3), torch.nn.ReLU(), torch.nn.Flatten(),
-                                 torch.nn.Linear(8, 2))),
-])
+@pytest.mark.parametrize(
+    "ours,theirs",
+    [
+        (
+            lambda: nn.Conv2d(16, 33, (3, 5), stride=(2, 1), padding=(4, 2), dilation=(3, 1)),
+            lambda: torch.nn.Conv2d(16, 33, (3, 5), stride=(2, 1), padding=(4, 2), dilation=(3, 1)),
+        ),
+        (
+            lambda: nn.Conv1d(
+                4, 4, 3, padding="same", groups=4, bias=False, padding_mode="reflect"
+            ),
+            lambda: torch.nn.Conv1d(
+                4, 4, 3, padding="same", groups=4, bias=False, padding_mode="reflect"
+            ),
+        ),
+        (
+            lambda: nn.ConvTranspose3d(2, 4, 3, stride=2, output_padding=1),
+            lambda: torch.nn.ConvTranspose3d(2, 4, 3, stride=2, output_padding=1),
+        ),
+        (
+            lambda: nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8, 2)),
+            lambda: torch.nn.Sequential(
+                torch.nn.Conv2d(1, 8, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(8, 2)
+            ),
+        ),
+    ],
+)
 def test_repr_and_state_dict_names_match_torch(ours, theirs):
     ours, theirs = ours(), theirs()
     assert repr(ours) == repr(theirs)
     assert list(ours.state_dict()) == list(theirs.state_dict())
     assert {k: v.shape for k, v in ours.state_dict().items()} == {
-        k: tuple(v.shape) for k, v in theirs.state_dict().items()}
+        k: tuple(v.shape) for k, v in theirs.state_dict().items()
+    }
 
 
 def test_our_extra_options_show_in_repr():
-    conv = nn.Conv2d(2, 2, 3, padding=((1, 0), (0, 1)), conv_mode="convolution", compute_mode="float32")
-    assert repr(conv) == ("Conv2d(2, 2, kernel_size=(3, 3), stride=(1, 1), padding=((1, 0), (0, 1)), "
-                          "conv_mode=convolution, compute_mode=float32)")
+    conv = nn.Conv2d(
+        2, 2, 3, padding=((1, 0), (0, 1)), conv_mode="convolution", compute_mode="float32"
+    )
+    assert repr(conv) == (
+        "Conv2d(2, 2, kernel_size=(3, 3), stride=(1, 1), padding=((1, 0), (0, 1)), "
+        "conv_mode=convolution, compute_mode=float32)"
+    )
 
 
 class _Net(nn.Module):
@@ -141,9 +193,20 @@ class _Net(nn.Module):
 def test_module_traversal():
     net = _Net()
     assert [n for n, _ in net.named_children()] == ["features", "head"]
-    assert [n for n, _ in net.named_modules()] == ["", "features", "features.0", "features.1", "head"]
+    assert [n for n, _ in net.named_modules()] == [
+        "",
+        "features",
+        "features.0",
+        "features.1",
+        "head",
+    ]
     assert [n for n, _ in net.named_parameters()] == [
-        "scale", "features.0.weight", "features.0.bias", "head.weight", "head.bias"]
+        "scale",
+        "features.0.weight",
+        "features.0.bias",
+        "head.weight",
+        "head.bias",
+    ]
     assert len(list(net.parameters())) == 5 and len(list(net.modules())) == 5
     assert [n for n, _ in net.named_parameters(recurse=False)] == ["scale"]
 
@@ -178,8 +241,11 @@ def test_load_state_dict_shape_mismatch_changes_nothing():
     before = {k: v.copy() for k, v in net.state_dict().items()}
     bad = {k: np.full(v.shape, 7.0, v.dtype) for k, v in net.state_dict().items()}
     bad["head.weight"] = np.zeros((3, 2), np.float32)
-    with pytest.raises(ValueError, match=r"size mismatch for head.weight: copying a param with shape "
-                                         r"\[3, 2\] from checkpoint, the shape in current model is \[2, 2\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"size mismatch for head.weight: copying a param with shape "
+        r"\[3, 2\] from checkpoint, the shape in current model is \[2, 2\]",
+    ):
         net.load_state_dict(bad, strict=False)
     for name, value in net.state_dict().items():
         assert np.array_equal(value, before[name]), name

@@ -1,4 +1,5 @@
 """Padding modes and conv_mode against PyTorch float64 (explicit torch pad, then conv)."""
+
 import numpy as np
 import pytest
 import torch
@@ -37,29 +38,47 @@ def test_pad_docstring_numbers():
 @pytest.mark.parametrize("n", [1, 2, 3])
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("conv_mode", ["cross_correlation", "convolution"])
-@pytest.mark.parametrize("padding,stride,dilation", [
-    (1, 1, 1), ("pairs", 2, 1), ("pairs", 1, 2), ("same", 1, 1), ("same", 1, 2), ("edge", 1, 1)])
-@pytest.mark.parametrize("groups,cout", [(1, 3), (2, 6), (4, 8)])   # 4: depthwise, multiplier 2
+@pytest.mark.parametrize(
+    "padding,stride,dilation",
+    [(1, 1, 1), ("pairs", 2, 1), ("pairs", 1, 2), ("same", 1, 1), ("same", 1, 2), ("edge", 1, 1)],
+)
+@pytest.mark.parametrize("groups,cout", [(1, 3), (2, 6), (4, 8)])  # 4: depthwise, multiplier 2
 @pytest.mark.parametrize("batched", [True, False])
-def test_padding_modes_and_conv_mode(rng, n, mode, conv_mode, padding, stride, dilation, groups, cout,
-                                     batched):
+def test_padding_modes_and_conv_mode(
+    rng, n, mode, conv_mode, padding, stride, dilation, groups, cout, batched
+):
     if padding == "pairs":
         padding = ((2, 1), (0, 2), (1, 0))[:n]
-    elif padding == "edge":   # the limit: reflect pad = size - 1, circular pad = size
+    elif padding == "edge":  # the limit: reflect pad = size - 1, circular pad = size
         limit = min(SIZES[n]) - (1 if mode == "reflect" else 0)
         padding = ((limit, limit),) * n
     pairs = padding if not isinstance(padding, int) else ((padding, padding),) * n
     x = rng.standard_normal((2, 4, *SIZES[n]))
     w = rng.standard_normal((cout, 4 // groups, *KERNELS[n]))
     b = rng.standard_normal(cout)
-    kw = dict(stride=stride, padding=padding, dilation=dilation, groups=groups, padding_mode=mode,
-              conv_mode=conv_mode)
+    kw = dict(
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        groups=groups,
+        padding_mode=mode,
+        conv_mode=conv_mode,
+    )
     xin = x if batched else x[0]
     y = F.conv(xin, w, b, **kw)
     dy = rng.standard_normal(y.shape)
     dx, dw, db = F.conv_backward(dy, xin, w, has_bias=True, **kw)
-    ref = torch_conv(xin if batched else x[:1], w, b, dy if batched else dy[None], stride=stride,
-                     padding=pairs, dilation=dilation, groups=groups, padding_mode=mode,
-                     conv_mode=conv_mode)
+    ref = torch_conv(
+        xin if batched else x[:1],
+        w,
+        b,
+        dy if batched else dy[None],
+        stride=stride,
+        padding=pairs,
+        dilation=dilation,
+        groups=groups,
+        padding_mode=mode,
+        conv_mode=conv_mode,
+    )
     for got, want in zip((y, dx, dw, db), ref):
         assert_close(got[None] if got.ndim == want.ndim - 1 else got, want)

@@ -1,4 +1,5 @@
 """Property tests: adjointness, JVP bilinearity, finite-difference gradients."""
+
 import numpy as np
 from hypothesis import given, strategies as st
 
@@ -16,7 +17,7 @@ def conv_cases(draw, max_rank=3, modes=("zeros", "reflect", "replicate", "circul
         k, d = draw(st.integers(1, 3)), draw(st.integers(1, 2))
         lo, hi = draw(st.integers(0, 2)), draw(st.integers(0, 2))
         effective = d * (k - 1) + 1
-        smallest = max(1, effective - lo - hi, lo + 1, hi + 1)   # also fits every padding mode
+        smallest = max(1, effective - lo - hi, lo + 1, hi + 1)  # also fits every padding mode
         kernel.append(k), dilation.append(d), pairs.append((lo, hi))
         stride.append(draw(st.integers(1, 3)))
         size.append(draw(st.integers(smallest, smallest + 4)))
@@ -24,8 +25,14 @@ def conv_cases(draw, max_rank=3, modes=("zeros", "reflect", "replicate", "circul
     batch = draw(st.integers(1, 2))
     x = rng.standard_normal((batch, cin, *size))
     w = rng.standard_normal((cout, cin // groups, *kernel))
-    kw = dict(stride=tuple(stride), padding=tuple(pairs), dilation=tuple(dilation), groups=groups,
-              padding_mode=mode, conv_mode=draw(st.sampled_from(["cross_correlation", "convolution"])))
+    kw = dict(
+        stride=tuple(stride),
+        padding=tuple(pairs),
+        dilation=tuple(dilation),
+        groups=groups,
+        padding_mode=mode,
+        conv_mode=draw(st.sampled_from(["cross_correlation", "convolution"])),
+    )
     return x, w, rng.standard_normal(cout), kw, rng
 
 
@@ -62,26 +69,41 @@ def test_backward_is_the_adjoint_in_x_and_w(case):
 def test_jvp_is_bilinear(case):
     """conv(x+dx, w+dw, b+db) = conv(x, w, b) + jvp + conv(dx, dw): exact for a bilinear map."""
     x, w, b, kw, rng = case
-    dx, dw, db = rng.standard_normal(x.shape), rng.standard_normal(w.shape), rng.standard_normal(b.shape)
+    dx, dw, db = (
+        rng.standard_normal(x.shape),
+        rng.standard_normal(w.shape),
+        rng.standard_normal(b.shape),
+    )
     jvp = F.conv_jvp(x, w, b, dx, dw, db, **kw)
     expected = F.conv(x + dx, w + dw, b + db, **kw) - F.conv(x, w, b, **kw) - F.conv(dx, dw, **kw)
     np.testing.assert_allclose(jvp, expected, rtol=1e-9, atol=1e-9 * np.abs(expected).max())
     # linear in the tangent
-    np.testing.assert_allclose(F.conv_jvp(x, w, b, 2.5 * dx, None, None, **kw),
-                               2.5 * F.conv(dx, w, **kw), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(
+        F.conv_jvp(x, w, b, 2.5 * dx, None, None, **kw),
+        2.5 * F.conv(dx, w, **kw),
+        rtol=1e-12,
+        atol=1e-12,
+    )
 
 
 @given(conv_cases(max_rank=3, modes=("zeros",)))
 def test_conv_transpose_jvp_is_bilinear(case):
     x, w, b, kw, rng = case
     kw.pop("padding_mode")
-    y = F.conv(x, w, **kw)   # a valid input for the transposed conv with this weight
+    y = F.conv(x, w, **kw)  # a valid input for the transposed conv with this weight
     bt = rng.standard_normal(w.shape[1] * kw["groups"])
-    dy, dw, db = rng.standard_normal(y.shape), rng.standard_normal(w.shape), rng.standard_normal(bt.shape)
+    dy, dw, db = (
+        rng.standard_normal(y.shape),
+        rng.standard_normal(w.shape),
+        rng.standard_normal(bt.shape),
+    )
     t = dict(kw, output_size=x.shape[2:])
     jvp = F.conv_transpose_jvp(y, w, bt, dy, dw, db, **t)
-    expected = (F.conv_transpose(y + dy, w + dw, bt + db, **t) - F.conv_transpose(y, w, bt, **t)
-                - F.conv_transpose(dy, dw, **t))
+    expected = (
+        F.conv_transpose(y + dy, w + dw, bt + db, **t)
+        - F.conv_transpose(y, w, bt, **t)
+        - F.conv_transpose(dy, dw, **t)
+    )
     np.testing.assert_allclose(jvp, expected, rtol=1e-9, atol=1e-9 * np.abs(expected).max())
 
 
@@ -93,7 +115,11 @@ def test_gradients_match_finite_differences(case):
     (conv is bilinear), and the five-point stencil is exact for degree <= 4: only rounding is left.
     """
     x, w, b, kw, rng = case
-    vx, vw, vb = rng.standard_normal(x.shape), rng.standard_normal(w.shape), rng.standard_normal(b.shape)
+    vx, vw, vb = (
+        rng.standard_normal(x.shape),
+        rng.standard_normal(w.shape),
+        rng.standard_normal(b.shape),
+    )
 
     def loss(t):
         return 0.5 * float(np.sum(F.conv(x + t * vx, w + t * vw, b + t * vb, **kw) ** 2))

@@ -1,4 +1,5 @@
 """Losses and optimisers against torch, and a small CNN that learns."""
+
 import subprocess
 import sys
 from pathlib import Path
@@ -27,16 +28,25 @@ def test_cross_entropy_matches_torch(rng, reduction):
     assert_close(grad, t.grad.numpy())
 
 
-@pytest.mark.parametrize("make,make_ref", [
-    (lambda p: optim.SGD(p, lr=0.1), lambda p: torch.optim.SGD(p, lr=0.1)),
-    (lambda p: optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=1e-2, dampening=0.1),
-     lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=1e-2, dampening=0.1)),
-    (lambda p: optim.SGD(p, lr=0.05, momentum=0.8, nesterov=True),
-     lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.8, nesterov=True)),
-    (lambda p: optim.Adam(p, lr=0.01), lambda p: torch.optim.Adam(p, lr=0.01)),
-    (lambda p: optim.Adam(p, lr=0.02, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.1),
-     lambda p: torch.optim.Adam(p, lr=0.02, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.1)),
-])
+@pytest.mark.parametrize(
+    "make,make_ref",
+    [
+        (lambda p: optim.SGD(p, lr=0.1), lambda p: torch.optim.SGD(p, lr=0.1)),
+        (
+            lambda p: optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=1e-2, dampening=0.1),
+            lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=1e-2, dampening=0.1),
+        ),
+        (
+            lambda p: optim.SGD(p, lr=0.05, momentum=0.8, nesterov=True),
+            lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.8, nesterov=True),
+        ),
+        (lambda p: optim.Adam(p, lr=0.01), lambda p: torch.optim.Adam(p, lr=0.01)),
+        (
+            lambda p: optim.Adam(p, lr=0.02, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.1),
+            lambda p: torch.optim.Adam(p, lr=0.02, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.1),
+        ),
+    ],
+)
 def test_optimizers_match_torch(rng, make, make_ref):
     start = rng.standard_normal((3, 4))
     ours = nn.Parameter(start.copy())
@@ -64,7 +74,9 @@ def test_small_cnn_loss_drops():
 
 def test_cli_demo_and_version():
     run = [sys.executable, "-m", "mconv"]
-    demo = subprocess.run(run + ["demo", "--steps", "3"], capture_output=True, text=True, timeout=120)
+    demo = subprocess.run(
+        run + ["demo", "--steps", "3"], capture_output=True, text=True, timeout=120
+    )
     assert demo.returncode == 0, demo.stderr
     assert "loss" in demo.stdout
     version = subprocess.run(run + ["version"], capture_output=True, text=True, timeout=60)
@@ -75,6 +87,11 @@ def test_cli_demo_and_version():
 
 @pytest.mark.parametrize("script", sorted(p.name for p in (ROOT / "examples").glob("*.py")))
 def test_examples_run(script):
-    done = subprocess.run([sys.executable, str(ROOT / "examples" / script)], capture_output=True,
-                          text=True, timeout=300, cwd=ROOT)
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / script)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
     assert done.returncode == 0, done.stderr

@@ -5,6 +5,7 @@ and the primitives ``forward``, ``backward_data`` and ``backward_filter``
 (see ``numpy_backend`` for their contract). The backend is chosen from the
 array: arrays stay on the device they came from.
 """
+
 from __future__ import annotations
 
 import numpy as np

@@ -13,6 +13,7 @@ compute dtype. ``im2col`` reads windows through a strided view; ``col2im``
 is a loop over the K kernel offsets, each adding one strided slice, so the
 result is deterministic.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -52,15 +53,21 @@ def _im2col(x: np.ndarray, geom: ConvGeometry) -> np.ndarray:
     windows = as_strided(
         x,
         shape=(batch, g, channels // g, *geom.kernel_size, *geom.out_size),
-        strides=(s_batch, s_chan * (channels // g), s_chan,
-                 *(d * s for d, s in zip(geom.dilation, s_space)),
-                 *(st * s for st, s in zip(geom.stride, s_space))),
+        strides=(
+            s_batch,
+            s_chan * (channels // g),
+            s_chan,
+            *(d * s for d, s in zip(geom.dilation, s_space)),
+            *(st * s for st, s in zip(geom.stride, s_space)),
+        ),
         writeable=False,
     )
     # (B, G, Cg, *k, *Q) -> (G, Cg, *k, B, *Q)
     windows = windows.transpose(1, 2, *range(3, 3 + n), 0, *range(3 + n, 3 + 2 * n))
     # (G, Cg, *k, B, *Q) -> (G, Cg*K, B*P)
-    return windows.reshape(g, (channels // g) * math.prod(geom.kernel_size), batch * math.prod(geom.out_size))
+    return windows.reshape(
+        g, (channels // g) * math.prod(geom.kernel_size), batch * math.prod(geom.out_size)
+    )
 
 
 def _col2im(cols: np.ndarray, geom: ConvGeometry, batch: int) -> np.ndarray:
@@ -70,12 +77,16 @@ def _col2im(cols: np.ndarray, geom: ConvGeometry, batch: int) -> np.ndarray:
     # (G, Cg*K, B*P) -> (G, Cg, *k, B, *Q)
     cols = cols.reshape(g, cg, *geom.kernel_size, batch, *geom.out_size)
     # (G, Cg, *k, B, *Q) -> (*k, B, G, Cg, *Q), so each kernel offset is one contiguous block
-    cols = np.ascontiguousarray(cols.transpose(*range(2, 2 + n), 2 + n, 0, 1, *range(3 + n, 3 + 2 * n)))
+    cols = np.ascontiguousarray(
+        cols.transpose(*range(2, 2 + n), 2 + n, 0, 1, *range(3 + n, 3 + 2 * n))
+    )
     padded = tuple(s + lo + hi for s, (lo, hi) in zip(geom.in_size, geom.padding))
     dx = np.zeros((batch, g, cg, *padded), dtype=cols.dtype)
     for offset in itertools.product(*(range(k) for k in geom.kernel_size)):
-        window = tuple(slice(i * d, i * d + s * (q - 1) + 1, s)
-                       for i, d, s, q in zip(offset, geom.dilation, geom.stride, geom.out_size))
+        window = tuple(
+            slice(i * d, i * d + s * (q - 1) + 1, s)
+            for i, d, s, q in zip(offset, geom.dilation, geom.stride, geom.out_size)
+        )
         dx[(Ellipsis, *window)] += cols[offset]
     # (B, G, Cg, *Sp) -> (B, C, *Sp), then drop the padding
     dx = dx.reshape(batch, geom.in_channels, *padded)
@@ -93,8 +104,11 @@ def _grad_matrix(dy: np.ndarray, geom: ConvGeometry) -> np.ndarray:
 
 def _weight_matrix(w: np.ndarray, geom: ConvGeometry) -> np.ndarray:
     """w (O, Cg, *k) -> (G, Og, Cg*K)."""
-    return w.reshape(geom.groups, geom.out_channels // geom.groups,
-                     (geom.in_channels // geom.groups) * math.prod(geom.kernel_size))
+    return w.reshape(
+        geom.groups,
+        geom.out_channels // geom.groups,
+        (geom.in_channels // geom.groups) * math.prod(geom.kernel_size),
+    )
 
 
 def forward(x: np.ndarray, w: np.ndarray, geom: ConvGeometry) -> np.ndarray:

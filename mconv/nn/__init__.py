@@ -1,10 +1,11 @@
 """Layers and the Module system (PyTorch's API on NumPy arrays)."""
-from .conv import (Conv, Conv1d, Conv2d, Conv3d, ConvTranspose, ConvTranspose1d, ConvTranspose2d,
-                   ConvTranspose3d)
+
+from .conv import Conv1d, Conv2d, Conv3d, ConvTranspose1d, ConvTranspose2d, ConvTranspose3d
 from .init import manual_seed
-from .layers import (AvgPool, AvgPool2d, Flatten, GlobalAvgPool, Linear, MaxPool, MaxPool2d, ReLU,
-                     Sequential)
+from .layers import (AvgPool, AvgPool2d, Flatten, GlobalAvgPool, Linear, MaxPool, MaxPool2d,
+                     ReLU, Sequential)  # fmt: skip
 from .module import IncompatibleKeys, Module, Parameter
+from .tripy import Conv, ConvTranspose
 
 __all__ = [
     "Module", "Parameter", "IncompatibleKeys", "manual_seed",
@@ -12,4 +13,4 @@ __all__ = [
     "ConvTranspose", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d",
     "Sequential", "ReLU", "Flatten", "Linear", "GlobalAvgPool", "AvgPool", "AvgPool2d",
     "MaxPool", "MaxPool2d",
-]
+]  # fmt: skip

@@ -1,4 +1,4 @@
-"""Convolution layers: Conv1d/2d/3d, ConvTranspose1d/2d/3d and Tripy-style N-d ``Conv``.
+"""Convolution layers: Conv1d/2d/3d and ConvTranspose1d/2d/3d (PyTorch signatures).
 
 Arguments are normalised once here; every forward builds a ``ConvGeometry``
 from them and the input shape, and caches the input for ``backward``.
@@ -15,6 +15,7 @@ expands to.
 >>> up(np.zeros((1, 4, 5, 5), dtype=np.float32), output_size=(10, 10)).shape
 (1, 2, 10, 10)
 """
+
 from __future__ import annotations
 
 from typing import Any, Sequence
@@ -41,27 +42,45 @@ class _ConvNd(Module):
     _rank: int | None = None
     transposed = False
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: Any, stride: Any = 1,
-                 padding: Any = 0, dilation: Any = 1, groups: int = 1, bias: bool = True,
-                 padding_mode: str = "zeros", conv_mode: str = "cross_correlation",
-                 compute_mode: str = "default", dtype: Any = "float32", device: str = "cpu",
-                 output_padding: Any = 0):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: Any,
+        stride: Any = 1,
+        padding: Any = 0,
+        dilation: Any = 1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        conv_mode: str = "cross_correlation",
+        compute_mode: str = "default",
+        dtype: Any = "float32",
+        device: str = "cpu",
+        output_padding: Any = 0,
+    ):
         super().__init__()
         n = self._rank
         if n is None:
             if not isinstance(kernel_size, (tuple, list)) or not kernel_size:
-                raise TypeError(f"kernel_dims must be a non-empty sequence of ints, but got "
-                                f"kernel_dims={kernel_size!r}")
+                raise TypeError(
+                    f"kernel_dims must be a non-empty sequence of ints, but got "
+                    f"kernel_dims={kernel_size!r}"
+                )
             n = len(kernel_size)
         self.in_channels = _args.check_int(in_channels, "in_channels", minimum=1)
         self.out_channels = _args.check_int(out_channels, "out_channels", minimum=1)
         self.groups = _args.check_int(groups, "groups", minimum=1)
         if in_channels % groups:
-            raise ValueError(f"in_channels must be divisible by groups, but got in_channels={in_channels}, "
-                             f"groups={groups}")
+            raise ValueError(
+                f"in_channels must be divisible by groups, but got in_channels={in_channels}, "
+                f"groups={groups}"
+            )
         if out_channels % groups:
-            raise ValueError(f"out_channels must be divisible by groups, but got "
-                             f"out_channels={out_channels}, groups={groups}")
+            raise ValueError(
+                f"out_channels must be divisible by groups, but got "
+                f"out_channels={out_channels}, groups={groups}"
+            )
         self.kernel_size = _args.int_tuple(kernel_size, n, "kernel_size", minimum=1)
         self.stride = _args.int_tuple(stride, n, "stride", minimum=1)
         self.dilation = _args.int_tuple(dilation, n, "dilation", minimum=1)
@@ -69,11 +88,15 @@ class _ConvNd(Module):
         self.conv_mode = _args.choice(conv_mode, _args.CONV_MODES, "conv_mode")
         self.compute_mode = _args.choice(compute_mode, _args.COMPUTE_MODES, "compute_mode")
         if self.transposed and self.padding_mode != "zeros":
-            raise ValueError(f'Only "zeros" padding mode is supported for {type(self).__name__}, '
-                             f"but got padding_mode={padding_mode!r}")
+            raise ValueError(
+                f'Only "zeros" padding mode is supported for {type(self).__name__}, '
+                f"but got padding_mode={padding_mode!r}"
+            )
         if self.transposed and padding == "same":
-            raise ValueError("padding='same' is not supported for transposed convolutions, but got "
-                             "padding='same'")
+            raise ValueError(
+                "padding='same' is not supported for transposed convolutions, but got "
+                "padding='same'"
+            )
         self._padding_pairs = resolve_padding(padding, self.kernel_size, self.stride, self.dilation)
         self.padding = _padding_for_repr(padding, self._padding_pairs)
         self.output_padding = _args.int_tuple(output_padding, n, "output_padding", minimum=0)
@@ -86,14 +109,18 @@ class _ConvNd(Module):
         else:
             shape = (self.out_channels, self.in_channels // self.groups, *self.kernel_size)
         self.weight = Parameter(init.kaiming_uniform(shape, self.dtype))
-        self.bias = Parameter(init.default_bias(shape, self.out_channels, self.dtype)) if bias else None
+        self.bias = (
+            Parameter(init.default_bias(shape, self.out_channels, self.dtype)) if bias else None
+        )
         self._cache = None
 
     def reset_parameters(self) -> None:
         """Redraw weight and bias with PyTorch's default initialisation."""
         self.weight.data = init.kaiming_uniform(self.weight.shape, self.weight.dtype)
         if self.bias is not None:
-            self.bias.data = init.default_bias(self.weight.shape, self.out_channels, self.bias.dtype)
+            self.bias.data = init.default_bias(
+                self.weight.shape, self.out_channels, self.bias.dtype
+            )
 
     def _bias_data(self):
         return None if self.bias is None else self.bias.data
@@ -103,8 +130,13 @@ class _ConvNd(Module):
             raise RuntimeError(f"{type(self).__name__}.backward() called before forward()")
         x, geom, batched = self._cache
         expected = (geom.input_shape if self.transposed else geom.output_shape)(x.shape[0])
-        F.check_like(f"{type(self).__name__}.backward", "grad_output", grad_output,
-                      expected if batched else expected[1:], x.dtype)
+        F.check_like(
+            f"{type(self).__name__}.backward",
+            "grad_output",
+            grad_output,
+            expected if batched else expected[1:],
+            x.dtype,
+        )
         return x, geom, batched, grad_output if batched else grad_output[None]
 
     def _accumulate(self, dw, db) -> None:
@@ -114,8 +146,10 @@ class _ConvNd(Module):
 
     def extra_repr(self) -> str:
         n = len(self.kernel_size)
-        s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
-             f"stride={self.stride}")
+        s = (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+            f"stride={self.stride}"
+        )
         if self.padding != (0,) * n:
             s += f", padding={self.padding}"
         if self.dilation != (1,) * n:
@@ -136,18 +170,45 @@ class _ConvNd(Module):
 
 
 class _Conv(_ConvNd):
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: Any, stride: Any = 1,
-                 padding: Any = 0, dilation: Any = 1, groups: int = 1, bias: bool = True,
-                 padding_mode: str = "zeros", conv_mode: str = "cross_correlation",
-                 compute_mode: str = "default", dtype: Any = "float32", device: str = "cpu"):
-        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
-                         bias, padding_mode, conv_mode, compute_mode, dtype, device)
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: Any,
+        stride: Any = 1,
+        padding: Any = 0,
+        dilation: Any = 1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        conv_mode: str = "cross_correlation",
+        compute_mode: str = "default",
+        dtype: Any = "float32",
+        device: str = "cpu",
+    ):
+        super().__init__(
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride,
+            padding,
+            dilation,
+            groups,
+            bias,
+            padding_mode,
+            conv_mode,
+            compute_mode,
+            dtype,
+            device,
+        )
 
     def forward(self, x):
+        options = dict(stride=self.stride, padding=self._padding_pairs, dilation=self.dilation,
+                       groups=self.groups, padding_mode=self.padding_mode,
+                       conv_mode=self.conv_mode, compute_mode=self.compute_mode)  # fmt: skip
         geom, batched = F.prepare_conv(
-            type(self).__name__, x, self.weight.data, self._bias_data(), None, self.stride,
-            self._padding_pairs, self.dilation, self.groups, self.padding_mode, self.conv_mode,
-            self.compute_mode)
+            type(self).__name__, x, self.weight.data, self._bias_data(), options
+        )
         x = x if batched else x[None]
         self._cache = (x, geom, batched)
         y = conv_ops.conv_forward(x, self.weight.data, self._bias_data(), geom)
@@ -164,20 +225,49 @@ class _Conv(_ConvNd):
 class _ConvTranspose(_ConvNd):
     transposed = True
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: Any, stride: Any = 1,
-                 padding: Any = 0, output_padding: Any = 0, groups: int = 1, bias: bool = True,
-                 dilation: Any = 1, padding_mode: str = "zeros",
-                 conv_mode: str = "cross_correlation", compute_mode: str = "default",
-                 dtype: Any = "float32", device: str = "cpu"):
-        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
-                         bias, padding_mode, conv_mode, compute_mode, dtype, device, output_padding)
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: Any,
+        stride: Any = 1,
+        padding: Any = 0,
+        output_padding: Any = 0,
+        groups: int = 1,
+        bias: bool = True,
+        dilation: Any = 1,
+        padding_mode: str = "zeros",
+        conv_mode: str = "cross_correlation",
+        compute_mode: str = "default",
+        dtype: Any = "float32",
+        device: str = "cpu",
+    ):
+        super().__init__(
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride,
+            padding,
+            dilation,
+            groups,
+            bias,
+            padding_mode,
+            conv_mode,
+            compute_mode,
+            dtype,
+            device,
+            output_padding,
+        )
 
     def forward(self, x, output_size: Sequence[int] | None = None):
         """``output_size`` picks one of the ``stride`` possible output sizes, as in PyTorch."""
+        options = dict(stride=self.stride, padding=self._padding_pairs,
+                       output_padding=self.output_padding, groups=self.groups,
+                       dilation=self.dilation, output_size=output_size,
+                       conv_mode=self.conv_mode, compute_mode=self.compute_mode)  # fmt: skip
         geom, batched = F.prepare_conv_transpose(
-            type(self).__name__, x, self.weight.data, self._bias_data(), None, self.stride,
-            self._padding_pairs, self.output_padding, self.groups, self.dilation, output_size,
-            self.conv_mode, self.compute_mode)
+            type(self).__name__, x, self.weight.data, self._bias_data(), options
+        )
         x = x if batched else x[None]
         self._cache = (x, geom, batched)
         y = conv_ops.conv_transpose_forward(x, self.weight.data, self._bias_data(), geom)
@@ -186,14 +276,16 @@ class _ConvTranspose(_ConvNd):
     def backward(self, grad_output):
         """Input gradient; accumulates ``weight.grad`` and ``bias.grad``."""
         x, geom, batched, dy = self._take_cache(grad_output)
-        dx, dw, db = conv_ops.conv_transpose_backward(dy, x, self.weight.data, geom,
-                                                      self.bias is not None)
+        dx, dw, db = conv_ops.conv_transpose_backward(
+            dy, x, self.weight.data, geom, self.bias is not None
+        )
         self._accumulate(dw, db)
         return dx if batched else dx[0]
 
 
 class Conv1d(_Conv):
     """1-d convolution, PyTorch's signature plus ``conv_mode``, ``compute_mode``, ``dtype``, ``device``."""
+
     _rank = 1
 
 
@@ -205,74 +297,29 @@ class Conv2d(_Conv):
     ...     np.zeros((20, 16, 50, 100), dtype=np.float32)).shape
     (20, 33, 26, 100)
     """
+
     _rank = 2
 
 
 class Conv3d(_Conv):
     """3-d convolution, PyTorch's signature plus ``conv_mode``, ``compute_mode``, ``dtype``, ``device``."""
+
     _rank = 3
 
 
 class ConvTranspose1d(_ConvTranspose):
     """1-d transposed convolution; ``forward(x, output_size=None)``."""
+
     _rank = 1
 
 
 class ConvTranspose2d(_ConvTranspose):
     """2-d transposed convolution; ``forward(x, output_size=None)``."""
+
     _rank = 2
 
 
 class ConvTranspose3d(_ConvTranspose):
     """3-d transposed convolution; ``forward(x, output_size=None)``."""
+
     _rank = 3
-
-
-def _tripy_args(kernel_dims, padding, stride, groups, dilation):
-    if not isinstance(kernel_dims, (tuple, list)) or not kernel_dims:
-        raise TypeError(f"kernel_dims must be a non-empty sequence of ints, but got "
-                        f"kernel_dims={kernel_dims!r}")
-    n = len(kernel_dims)
-    return (tuple(kernel_dims), ((0, 0),) * n if padding is None else padding,
-            (1,) * n if stride is None else stride, 1 if groups is None else groups,
-            (1,) * n if dilation is None else dilation)
-
-
-class Conv(_Conv):
-    """N-d convolution with Tripy's signature; N = ``len(kernel_dims)``.
-
-    ``padding`` is a sequence of ``(before, after)`` pairs (default all 0).
-
-    >>> import numpy as np
-    >>> conv = Conv(1, 1, (2, 2), bias=False)
-    >>> conv.weight.data[...] = np.arange(4.0).reshape(1, 1, 2, 2)
-    >>> conv(np.arange(16, dtype=np.float32).reshape(1, 1, 4, 4))[0, 0, 0]
-    array([24., 30., 36.], dtype=float32)
-    """
-
-    def __init__(self, in_channels: int, out_channels: int, kernel_dims: Sequence[int],
-                 padding: Sequence[Sequence[int]] | None = None, stride: Sequence[int] | None = None,
-                 groups: int | None = None, dilation: Sequence[int] | None = None, bias: bool = True,
-                 dtype: Any = "float32", *, padding_mode: str = "zeros",
-                 conv_mode: str = "cross_correlation", compute_mode: str = "default"):
-        kernel, padding, stride, groups, dilation = _tripy_args(kernel_dims, padding, stride, groups,
-                                                                dilation)
-        super().__init__(in_channels, out_channels, kernel, stride, padding, dilation, groups, bias,
-                         padding_mode, conv_mode, compute_mode, dtype)
-
-
-class ConvTranspose(_ConvTranspose):
-    """N-d transposed convolution with Tripy's signature; N = ``len(kernel_dims)``.
-
-    Output: ``(S - 1)*stride - before - after + dilation*(k-1) + 1``.
-    """
-
-    def __init__(self, in_channels: int, out_channels: int, kernel_dims: Sequence[int],
-                 padding: Sequence[Sequence[int]] | None = None, stride: Sequence[int] | None = None,
-                 groups: int | None = None, dilation: Sequence[int] | None = None, bias: bool = True,
-                 dtype: Any = "float32", *, output_padding: Any = 0,
-                 conv_mode: str = "cross_correlation", compute_mode: str = "default"):
-        kernel, padding, stride, groups, dilation = _tripy_args(kernel_dims, padding, stride, groups,
-                                                                dilation)
-        super().__init__(in_channels, out_channels, kernel, stride, padding, output_padding, groups,
-                         bias, dilation, "zeros", conv_mode, compute_mode, dtype)

@@ -5,6 +5,7 @@ U(-1/sqrt(fan_in), 1/sqrt(fan_in)); biases: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
 ``fan_in = weight.shape[1] * prod(kernel_size)`` (for a transposed conv that
 is out_channels/groups * prod(k), as in PyTorch).
 """
+
 from __future__ import annotations
 
 import math

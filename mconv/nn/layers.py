@@ -8,6 +8,7 @@ Flatten, Linear, pools. Each caches in ``forward`` what ``backward`` needs.
 >>> net(x).shape, net.backward(np.ones((5, 2), dtype=np.float32)).shape
 ((5, 2), (5, 1, 8, 8))
 """
+
 from __future__ import annotations
 
 import math
@@ -37,8 +38,9 @@ class Sequential(Module):
         super().__init__()
         for index, module in enumerate(modules):
             if not isinstance(module, Module):
-                raise TypeError(f"Sequential takes Modules, but argument {index} is "
-                                f"{type(module).__name__}")
+                raise TypeError(
+                    f"Sequential takes Modules, but argument {index} is {type(module).__name__}"
+                )
             setattr(self, str(index), module)
 
     def __len__(self) -> int:
@@ -86,10 +88,12 @@ class Flatten(Module):
     def forward(self, x):
         start, end = (d % x.ndim for d in (self.start_dim, self.end_dim))
         if start > end:
-            raise ValueError(f"Flatten: start_dim must not come after end_dim, but got start_dim="
-                             f"{self.start_dim}, end_dim={self.end_dim} for a {x.ndim}-D input")
+            raise ValueError(
+                f"Flatten: start_dim must not come after end_dim, but got start_dim="
+                f"{self.start_dim}, end_dim={self.end_dim} for a {x.ndim}-D input"
+            )
         self._cache = x.shape
-        return x.reshape(*x.shape[:start], -1, *x.shape[end + 1:])
+        return x.reshape(*x.shape[:start], -1, *x.shape[end + 1 :])
 
     def backward(self, grad_output):
         return grad_output.reshape(_cached(self))
@@ -101,8 +105,14 @@ class Flatten(Module):
 class Linear(Module):
     """y = x W^T + b over the last axis; W is (out_features, in_features)."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True,
-                 dtype: Any = "float32", device: str = "cpu"):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        dtype: Any = "float32",
+        device: str = "cpu",
+    ):
         super().__init__()
         self.in_features = _args.check_int(in_features, "in_features", minimum=1)
         self.out_features = _args.check_int(out_features, "out_features", minimum=1)
@@ -112,15 +122,19 @@ class Linear(Module):
         check_device(device)
         shape = (self.out_features, self.in_features)
         self.weight = Parameter(init.kaiming_uniform(shape, self.dtype))
-        self.bias = Parameter(init.default_bias(shape, self.out_features, self.dtype)) if bias else None
+        self.bias = (
+            Parameter(init.default_bias(shape, self.out_features, self.dtype)) if bias else None
+        )
         self._cache = None
 
     def forward(self, x):
         _args.check_array(x, "input", "Linear")
         _args.check_same_dtype("Linear", input=x, weight=self.weight.data)
         if x.ndim < 1 or x.shape[-1] != self.in_features:
-            raise ValueError(f"Linear: expected input with last dimension {self.in_features}, but got "
-                             f"input of size {_args.shape_str(x.shape)}")
+            raise ValueError(
+                f"Linear: expected input with last dimension {self.in_features}, but got "
+                f"input of size {_args.shape_str(x.shape)}"
+            )
         self._cache = x
         cdt = compute_dtype(x.dtype, "default")
         y = x.astype(cdt) @ self.weight.data.astype(cdt).T
@@ -131,12 +145,12 @@ class Linear(Module):
     def backward(self, grad_output):
         x = _cached(self)
         cdt = compute_dtype(x.dtype, "default")
-        dy = grad_output.astype(cdt).reshape(-1, self.out_features)   # (rows, out)
-        xs = x.astype(cdt).reshape(-1, self.in_features)              # (rows, in)
+        dy = grad_output.astype(cdt).reshape(-1, self.out_features)  # (rows, out)
+        xs = x.astype(cdt).reshape(-1, self.in_features)  # (rows, in)
         self.weight.accumulate_grad((dy.T @ xs).astype(x.dtype))
         if self.bias is not None:
             self.bias.accumulate_grad(dy.sum(axis=0).astype(x.dtype))
-        dx = dy @ self.weight.data.astype(cdt)                        # (rows, in)
+        dx = dy @ self.weight.data.astype(cdt)  # (rows, in)
         return dx.reshape(x.shape).astype(x.dtype, copy=False)
 
     def extra_repr(self) -> str:
@@ -152,10 +166,14 @@ class GlobalAvgPool(Module):
 
     def forward(self, x):
         if x.ndim < 3:
-            raise ValueError(f"GlobalAvgPool: expected input (B, C, *spatial), but got input of size "
-                             f"{_args.shape_str(x.shape)}")
+            raise ValueError(
+                f"GlobalAvgPool: expected input (B, C, *spatial), but got input of size "
+                f"{_args.shape_str(x.shape)}"
+            )
         self._cache = x.shape
-        return x.mean(axis=tuple(range(2, x.ndim)), dtype=compute_dtype(x.dtype, "default")).astype(x.dtype)
+        return x.mean(axis=tuple(range(2, x.ndim)), dtype=compute_dtype(x.dtype, "default")).astype(
+            x.dtype
+        )
 
     def backward(self, grad_output):
         shape = _cached(self)
@@ -171,14 +189,20 @@ class _PoolNd(Module):
         super().__init__()
         n = self._rank or (len(kernel_size) if isinstance(kernel_size, (tuple, list)) else 0)
         if n == 0:
-            raise TypeError(f"kernel_size must be a sequence of ints for an N-d pool, but got "
-                            f"kernel_size={kernel_size!r}")
+            raise TypeError(
+                f"kernel_size must be a sequence of ints for an N-d pool, but got "
+                f"kernel_size={kernel_size!r}"
+            )
         self.kernel_size = _args.int_tuple(kernel_size, n, "kernel_size", minimum=1)
-        self.stride = self.kernel_size if stride is None else _args.int_tuple(stride, n, "stride", minimum=1)
+        self.stride = (
+            self.kernel_size if stride is None else _args.int_tuple(stride, n, "stride", minimum=1)
+        )
         self.padding = _args.int_tuple(padding, n, "padding", minimum=0)
         if any(2 * p > k for p, k in zip(self.padding, self.kernel_size)):
-            raise ValueError(f"pad should be at most half of effective kernel size, but got "
-                             f"padding={self.padding} for kernel_size={self.kernel_size}")
+            raise ValueError(
+                f"pad should be at most half of effective kernel size, but got "
+                f"padding={self.padding} for kernel_size={self.kernel_size}"
+            )
         self._cache = None
 
     def extra_repr(self) -> str:
@@ -190,8 +214,11 @@ class AvgPool(_PoolNd):
     with weights 1/prod(kernel_size): forward is that conv, backward its transpose."""
 
     def _weight(self, x):
-        return np.full((x.shape[-len(self.kernel_size) - 1], 1, *self.kernel_size),
-                       1.0 / math.prod(self.kernel_size), dtype=x.dtype)
+        return np.full(
+            (x.shape[-len(self.kernel_size) - 1], 1, *self.kernel_size),
+            1.0 / math.prod(self.kernel_size),
+            dtype=x.dtype,
+        )
 
     def forward(self, x):
         _args.check_array(x, "input", type(self).__name__)
@@ -201,8 +228,14 @@ class AvgPool(_PoolNd):
 
     def backward(self, grad_output):
         shape, weight = _cached(self)
-        return F.conv_transpose(grad_output, weight, stride=self.stride, padding=self.padding,
-                                groups=weight.shape[0], output_size=shape)
+        return F.conv_transpose(
+            grad_output,
+            weight,
+            stride=self.stride,
+            padding=self.padding,
+            groups=weight.shape[0],
+            output_size=shape,
+        )
 
 
 class MaxPool(_PoolNd):
@@ -214,19 +247,26 @@ class MaxPool(_PoolNd):
         batched = x if x.ndim == n + 2 else x[None]
         lead = batched.shape[:2]
         padded = batched
-        if any(self.padding):   # pad with -inf so that padding never wins
+        if any(self.padding):  # pad with -inf so that padding never wins
             sizes = tuple(s + 2 * p for s, p in zip(batched.shape[2:], self.padding))
             padded = np.full((*lead, *sizes), -np.inf, dtype=batched.dtype)
-            padded[(Ellipsis, *(slice(p, p + s) for p, s in zip(self.padding, batched.shape[2:])))] = batched
+            padded[
+                (Ellipsis, *(slice(p, p + s) for p, s in zip(self.padding, batched.shape[2:])))
+            ] = batched
         padded = np.ascontiguousarray(padded)
-        out = tuple((s - k) // st + 1 for s, k, st in zip(padded.shape[2:], self.kernel_size, self.stride))
+        out = tuple(
+            (s - k) // st + 1 for s, k, st in zip(padded.shape[2:], self.kernel_size, self.stride)
+        )
         strides = padded.strides
         # view (B, C, *Q, *k) of every pooling window
-        windows = as_strided(padded, (*lead, *out, *self.kernel_size),
-                             (*strides[:2], *(s * st for s, st in zip(strides[2:], self.stride)),
-                              *strides[2:]), writeable=False)
-        flat = windows.reshape(*lead, *out, -1)      # (B, C, *Q, K)
-        arg = flat.argmax(axis=-1)                   # (B, C, *Q)
+        windows = as_strided(
+            padded,
+            (*lead, *out, *self.kernel_size),
+            (*strides[:2], *(s * st for s, st in zip(strides[2:], self.stride)), *strides[2:]),
+            writeable=False,
+        )
+        flat = windows.reshape(*lead, *out, -1)  # (B, C, *Q, K)
+        arg = flat.argmax(axis=-1)  # (B, C, *Q)
         y = np.take_along_axis(flat, arg[..., None], axis=-1)[..., 0]
         self._cache = (x.shape, padded.shape, arg, out)
         return y if x.ndim == n + 2 else y[0]
@@ -240,7 +280,9 @@ class MaxPool(_PoolNd):
         grids = np.meshgrid(*(np.arange(q) for q in out), indexing="ij")
         coords = tuple(g * st + o for g, st, o in zip(grids, self.stride, offsets))
         lead = np.meshgrid(np.arange(dy.shape[0]), np.arange(dy.shape[1]), indexing="ij")
-        index = tuple(np.broadcast_to(a.reshape(a.shape + (1,) * n), arg.shape) for a in lead) + coords
+        index = (
+            tuple(np.broadcast_to(a.reshape(a.shape + (1,) * n), arg.shape) for a in lead) + coords
+        )
         dx = np.zeros(padded_shape, dtype=compute_dtype(dy.dtype, "default"))
         np.add.at(dx, index, dy)
         dx = dx[(Ellipsis, *(slice(p, p + s) for p, s in zip(self.padding, shape[-n:])))]
@@ -250,9 +292,11 @@ class MaxPool(_PoolNd):
 
 class AvgPool2d(AvgPool):
     """2-d :class:`AvgPool`."""
+
     _rank = 2
 
 
 class MaxPool2d(MaxPool):
     """2-d :class:`MaxPool`."""
+
     _rank = 2

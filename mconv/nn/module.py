@@ -9,6 +9,7 @@ returns the input gradient and accumulates ``param.grad``.
 >>> sorted(net.state_dict())
 ['0.bias', '0.weight']
 """
+
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -74,7 +75,9 @@ def float_dtype(dtype: Any, name: str = "dtype") -> np.dtype:
     try:
         resolved = np.dtype(dtype)
     except TypeError:
-        raise TypeError(f"{name} must be float16, float32 or float64, but got {name}={dtype!r}") from None
+        raise TypeError(
+            f"{name} must be float16, float32 or float64, but got {name}={dtype!r}"
+        ) from None
     if resolved not in _args.FLOAT_DTYPES:
         raise ValueError(f"{name} must be float16, float32 or float64, but got {name}={dtype!r}")
     return resolved
@@ -106,8 +109,10 @@ class Module:
             modules[name] = value
         else:
             if name in params or name in modules:
-                raise TypeError(f"cannot assign {type(value).__name__} to {name!r}: it holds a "
-                                f"{'Parameter' if name in params else 'Module'} (or None)")
+                raise TypeError(
+                    f"cannot assign {type(value).__name__} to {name!r}: it holds a "
+                    f"{'Parameter' if name in params else 'Module'} (or None)"
+                )
             object.__setattr__(self, name, value)
 
     def __getattr__(self, name: str) -> Any:
@@ -159,7 +164,9 @@ class Module:
         for _, module in self.named_modules():
             yield module
 
-    def _parameter_slots(self, prefix: str = "", ancestors: tuple = ()) -> Iterator[tuple[str, Parameter]]:
+    def _parameter_slots(
+        self, prefix: str = "", ancestors: tuple = ()
+    ) -> Iterator[tuple[str, Parameter]]:
         """Every (dotted name, Parameter), shared ones under each of their names (as PyTorch's
         state_dict); a module that contains itself is not entered twice."""
         for name, param in self._parameters.items():
@@ -169,11 +176,16 @@ class Module:
             if child is not self and child not in ancestors:
                 yield from child._parameter_slots(f"{prefix}{name}.", ancestors + (self,))
 
-    def named_parameters(self, prefix: str = "", recurse: bool = True) -> Iterator[tuple[str, Parameter]]:
+    def named_parameters(
+        self, prefix: str = "", recurse: bool = True
+    ) -> Iterator[tuple[str, Parameter]]:
         """Each parameter once (a shared one under its first name)."""
         seen: set[int] = set()
-        slots = self._parameter_slots() if recurse else (
-            (n, p) for n, p in self._parameters.items() if p is not None)
+        slots = (
+            self._parameter_slots()
+            if recurse
+            else ((n, p) for n, p in self._parameters.items() if p is not None)
+        )
         for name, param in slots:
             if id(param) not in seen:
                 seen.add(id(param))
@@ -195,8 +207,10 @@ class Module:
         ``strict``. Nothing is modified unless every check passes.
         """
         if not hasattr(state_dict, "keys") or not hasattr(state_dict, "__getitem__"):
-            raise TypeError(f"state_dict must be a mapping of names to arrays, but got "
-                            f"{type(state_dict).__name__}")
+            raise TypeError(
+                f"state_dict must be a mapping of names to arrays, but got "
+                f"{type(state_dict).__name__}"
+            )
         expected = OrderedDict(self._parameter_slots())
         missing = [k for k in expected if k not in state_dict]
         unexpected = [k for k in state_dict.keys() if k not in expected]
@@ -206,18 +220,29 @@ class Module:
                 continue
             value = state_dict[name]
             if not _args.is_ndarray(value):
-                raise TypeError(f"state_dict[{name!r}] must be an ndarray, but got {type(value).__name__}")
+                raise TypeError(
+                    f"state_dict[{name!r}] must be an ndarray, but got {type(value).__name__}"
+                )
             if tuple(value.shape) != tuple(param.shape):
-                errors.append(f"size mismatch for {name}: copying a param with shape "
-                              f"{shape_str(value.shape)} from checkpoint, the shape in current model "
-                              f"is {shape_str(param.shape)}.")
+                errors.append(
+                    f"size mismatch for {name}: copying a param with shape "
+                    f"{shape_str(value.shape)} from checkpoint, the shape in current model "
+                    f"is {shape_str(param.shape)}."
+                )
         if strict and unexpected:
-            errors.insert(0, "Unexpected key(s) in state_dict: " + ", ".join(f'"{k}"' for k in unexpected) + ".")
+            errors.insert(
+                0,
+                "Unexpected key(s) in state_dict: " + ", ".join(f'"{k}"' for k in unexpected) + ".",
+            )
         if strict and missing:
-            errors.insert(0, "Missing key(s) in state_dict: " + ", ".join(f'"{k}"' for k in missing) + ".")
+            errors.insert(
+                0, "Missing key(s) in state_dict: " + ", ".join(f'"{k}"' for k in missing) + "."
+            )
         if errors:
-            raise ValueError(f"Error(s) in loading state_dict for {type(self).__name__}:\n\t"
-                             + "\n\t".join(errors))
+            raise ValueError(
+                f"Error(s) in loading state_dict for {type(self).__name__}:\n\t"
+                + "\n\t".join(errors)
+            )
         for name, param in expected.items():
             if name in state_dict:
                 param.data[...] = state_dict[name]
@@ -259,7 +284,9 @@ class Module:
 
     def __repr__(self) -> str:
         extra = self.extra_repr().split("\n") if self.extra_repr() else []
-        children = [f"({name}): {_addindent(repr(child), 2)}" for name, child in self._modules.items()]
+        children = [
+            f"({name}): {_addindent(repr(child), 2)}" for name, child in self._modules.items()
+        ]
         lines = extra + children
         body = ""
         if len(extra) == 1 and not children:
