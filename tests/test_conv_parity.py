@@ -159,3 +159,35 @@ def test_ranked_aliases_take_pytorch_positional_arguments(rng):
     ref = torch_conv(x, w, b, None, stride=2, padding=((1, 1),) * 2, dilation=1, groups=2)
     assert_close(y, ref)
     assert F.conv2d.__name__ == "conv2d" and "padding_mode" in str(inspect.signature(F.conv2d))
+
+
+def test_inputs_are_never_written_and_views_work(rng):
+    x, w, b = _case(rng, 2, 2, 4, 6, True)
+    big = rng.standard_normal((2, 4, 14, 12))
+    view = big[:, :, ::2, ::2]  # non-contiguous, same values as a fresh copy
+    for a in (x, w, b, big):
+        a.flags.writeable = False
+    kw = dict(stride=2, padding=1, groups=2, padding_mode="reflect", conv_mode="convolution")
+    y = F.conv(view, w, b, **kw)
+    dy = rng.standard_normal(y.shape)
+    dy.flags.writeable = False
+    got = (y, *F.conv_backward(dy, view, w, has_bias=True, **kw))
+    ref = torch_conv(
+        np.ascontiguousarray(view),
+        w,
+        b,
+        dy,
+        stride=2,
+        padding=((1, 1),) * 2,
+        dilation=1,
+        groups=2,
+        padding_mode="reflect",
+        conv_mode="convolution",
+    )
+    for mine, theirs in zip(got, ref):
+        assert_close(mine, theirs)
+    F.conv_jvp(view, w, b, view, w, b, **kw)
+    F.conv_transpose(y, w, None, stride=2, groups=2)
+    F.conv_transpose_backward(
+        view, y, w, has_bias=True, stride=2, padding=1, groups=2, output_size=(7, 6)
+    )
