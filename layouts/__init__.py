@@ -1,9 +1,17 @@
-"""Weight-layout adapters and safe checkpoint readers/writers.
+"""Weight-layout adapters between frameworks and safe checkpoint readers/writers.
 
-Not implemented in this release: the package exists so that the
-distribution's layout is final. Its API is specified in DESIGN.md
-(``to_torch``, ``from_torch``, ``load_checkpoint``, ``load_into``,
-``save_safetensors``) and arrives with the layouts issue.
+>>> import numpy as np, layouts
+>>> layouts.to_torch(np.zeros((3, 3, 4, 8)), "tensorflow", kind="conv").shape   # HWIO -> OIHW
+(8, 4, 3, 3)
 """
 
-__all__: list[str] = []
+from .adapters import FRAMEWORKS, KINDS, bias_from_torch, bias_to_torch, from_torch, to_torch
+from .checkpoint import Checkpoint, load_checkpoint
+from .errors import CheckpointError, UnsafePickleError
+from .transfer import load_into, save_safetensors
+
+__all__ = [
+    "FRAMEWORKS", "KINDS", "to_torch", "from_torch", "bias_to_torch", "bias_from_torch",
+    "Checkpoint", "load_checkpoint", "load_into", "save_safetensors",
+    "CheckpointError", "UnsafePickleError",
+]  # fmt: skip

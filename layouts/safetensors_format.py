@@ -1,0 +1,153 @@
+"""safetensors, read and written by us (checked against the ``safetensors`` package
+in the tests): an 8-byte little-endian header length N, N bytes of JSON
+``{name: {dtype, shape, data_offsets: [begin, end]}, "__metadata__": {str: str}}``,
+then the data. Reading memory-maps the file; every offset is checked against
+the file, and the tensors must tile the data region without overlap or hole.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any, Mapping
+
+import numpy as np
+
+from .atomic import atomic_write
+from .dtypes import ml_dtype, widen_bfloat16
+from .errors import CheckpointError
+
+MAX_HEADER = 100 * 1024 * 1024
+_DTYPES = {
+    "BOOL": "bool", "U8": "uint8", "I8": "int8", "U16": "uint16", "I16": "int16",
+    "U32": "uint32", "I32": "int32", "U64": "uint64", "I64": "int64", "F16": "float16",
+    "F32": "float32", "F64": "float64", "C64": "complex64", "BF16": "bfloat16",
+    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
+}  # fmt: skip
+_NAMES = {v: k for k, v in _DTYPES.items()}
+
+
+def _numpy_dtype(code: str, source: str) -> np.dtype:
+    name = _DTYPES.get(code) if isinstance(code, str) else None
+    if name is None:
+        raise CheckpointError(f"{source}: unknown safetensors dtype {code!r}")
+    if name.startswith(("bfloat", "float8")):
+        return ml_dtype(name, source) or np.dtype(np.uint16)
+    return np.dtype(name).newbyteorder("<")
+
+
+def read_header(path: str, size: int) -> tuple[dict, int]:
+    """(header dict, byte offset of the data region); nothing else is read."""
+    source = str(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{source}: truncated safetensors file ({size} bytes)")
+        length = int.from_bytes(head, "little")
+        if length > MAX_HEADER or 8 + length > size:
+            raise CheckpointError(f"{source}: safetensors header of {length} bytes does not fit "
+                                  f"the {size}-byte file")  # fmt: skip
+        raw = f.read(length)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{source}: corrupted safetensors header ({error})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{source}: safetensors header must be a JSON object")
+    return header, 8 + length
+
+
+def _entry(name: str, info: Any, source: str) -> tuple[np.dtype, tuple[int, ...], int, int, str]:
+    if not isinstance(info, dict) or set(info) - {"dtype", "shape", "data_offsets"}:
+        raise CheckpointError(f"{source}: malformed entry for tensor {name!r}: {info!r}")
+    shape, offsets = info.get("shape"), info.get("data_offsets")
+    ok_ints = all(
+        isinstance(v, int) and not isinstance(v, bool) and v >= 0
+        for v in (shape or []) + (offsets or [])
+    )
+    if (
+        not isinstance(shape, list)
+        or not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not ok_ints
+    ):
+        raise CheckpointError(f"{source}: malformed shape or data_offsets for tensor {name!r}")
+    dtype = _numpy_dtype(info.get("dtype"), source)
+    begin, end = offsets
+    if end - begin != math.prod(shape) * dtype.itemsize:
+        raise CheckpointError(f"{source}: tensor {name!r} of shape {shape} and dtype {info['dtype']} "
+                              f"needs {math.prod(shape) * dtype.itemsize} bytes, but its offsets "
+                              f"span {end - begin}")  # fmt: skip
+    return dtype, tuple(shape), begin, end, info["dtype"]
+
+
+def read_safetensors(path: str, size: int) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """(name -> array view of a memory map, ``__metadata__``)."""
+    source = str(path)
+    header, data_start = read_header(path, size)
+    metadata = header.pop("__metadata__", {}) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CheckpointError(f"{source}: __metadata__ must map strings to strings")
+    entries = {name: _entry(name, info, source) for name, info in header.items()}
+    spans = sorted((begin, end, name) for name, (_, _, begin, end, _) in entries.items())
+    cursor = 0
+    for begin, end, name in spans:
+        if begin != cursor:
+            what = "overlaps the previous tensor" if begin < cursor else "leaves a hole before it"
+            raise CheckpointError(f"{source}: tensor {name!r} at bytes [{begin}, {end}) {what}")
+        cursor = end
+    if data_start + cursor != size:
+        raise CheckpointError(f"{source}: the tensors cover {cursor} bytes but the data region holds "
+                              f"{size - data_start}")  # fmt: skip
+    mm = (
+        np.memmap(path, dtype=np.uint8, mode="r").view(np.ndarray)
+        if size
+        else np.zeros(0, np.uint8)
+    )
+    tensors = {}
+    for name, (dtype, shape, begin, end, code) in entries.items():
+        array = mm[data_start + begin : data_start + end].view(dtype).reshape(shape)
+        if not dtype.isnative:
+            array = array.astype(dtype.newbyteorder("="))
+        if code == "BF16" and array.dtype == np.uint16:
+            array = widen_bfloat16(array, source)
+        tensors[name] = array
+    return tensors, metadata
+
+
+def _dtype_code(array: np.ndarray, name: str) -> str:
+    code = _NAMES.get(array.dtype.name) or _NAMES.get(str(array.dtype))
+    if code is None:
+        raise TypeError(f"save_safetensors: tensor {name!r} has dtype {array.dtype}, which safetensors "
+                        f"cannot store")  # fmt: skip
+    return code
+
+
+def write_safetensors(tensors: Mapping[str, np.ndarray], path: str | os.PathLike,
+                      metadata: Mapping[str, str] | None = None) -> None:  # fmt: skip
+    """Write ``tensors`` atomically; ``metadata`` must map strings to strings."""
+    header: dict[str, Any] = {}
+    if metadata:
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+            raise TypeError(
+                f"save_safetensors: metadata must map str to str, but got {dict(metadata)!r}"
+            )
+        header["__metadata__"] = dict(metadata)
+    arrays, offset = [], 0
+    for name in sorted(tensors):
+        array = np.asarray(tensors[name])
+        if array.dtype.byteorder == ">":
+            array = array.astype(array.dtype.newbyteorder("<"))
+        array = np.ascontiguousarray(array)
+        header[name] = {"dtype": _dtype_code(array, name), "shape": list(array.shape),
+                        "data_offsets": [offset, offset + array.nbytes]}  # fmt: skip
+        arrays.append(array)
+        offset += array.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # pad so the data region starts 8-byte aligned
+    with atomic_write(path) as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for array in arrays:
+            f.write(array.reshape(-1).view(np.uint8).data if array.size else b"")
