@@ -80,18 +80,43 @@ class RestrictedUnpickler(pickle.Unpickler):
         return self._persistent(pid)
 
 
+class BoundedReader:
+    """A file view that never reads past the end of the file: a forged length in the
+    pickle then ends as a truncation error instead of a giant read."""
+
+    def __init__(self, file):
+        self._file = file
+        start = file.tell()
+        file.seek(0, io.SEEK_END)
+        self._end = file.tell()
+        file.seek(start)
+
+    def _left(self) -> int:
+        return max(self._end - self._file.tell(), 0)
+
+    def read(self, n: int = -1) -> bytes:
+        return self._file.read(self._left() if n is None or n < 0 else min(n, self._left()))
+
+    def readline(self, limit: int = -1) -> bytes:
+        return self._file.readline(
+            self._left() if limit is None or limit < 0 else min(limit, self._left())
+        )
+
+
 def restricted_load(file, source: str, allowed: Mapping[tuple[str, str], Any],
                     persistent_load: Callable[[Any], Any] | None = None) -> Any:  # fmt: skip
     """Unpickle one object from ``file`` (a binary file or bytes); any failure is a
     :class:`CheckpointError` that names ``source``."""
     if isinstance(file, (bytes, bytearray, memoryview)):
         file = io.BytesIO(file)
+    file = BoundedReader(file)
     try:
         return RestrictedUnpickler(file, allowed, persistent_load).load()
     except CheckpointError as error:
         raise type(error)(f"{source}: {error}") from None
     except MemoryError:
-        raise
+        raise CheckpointError(f"{source}: the pickle declares a record larger than the memory "
+                              "available (a corrupted or forged length)") from None  # fmt: skip
     except Exception as error:  # a corrupted pickle can raise almost anything
         raise CheckpointError(
             f"{source}: corrupted pickle ({type(error).__name__}: {error})"

@@ -234,7 +234,11 @@ def _zip_record_offset(mm: np.ndarray, info: zipfile.ZipInfo, source: str) -> in
         raise CheckpointError(
             f"{source}: zip record {info.filename!r} has a corrupted local header"
         )
-    data = start + _ZIP_LOCAL_HEADER.size + header[9] + header[10]
+    name_start = start + _ZIP_LOCAL_HEADER.size
+    if mm[name_start : name_start + header[9]].tobytes() != info.filename.encode():
+        raise CheckpointError(f"{source}: zip record {info.filename!r} points at the local header of "
+                              "another record")  # fmt: skip
+    data = name_start + header[9] + header[10]
     if data + info.file_size > mm.size:
         raise CheckpointError(
             f"{source}: zip record {info.filename!r} claims {info.file_size} bytes at offset {data}, "
@@ -260,13 +264,22 @@ def _read_small_record(
 
 def read_torch_zip(path: str, size: int) -> tuple[Any, dict]:
     """The object saved by ``torch.save`` (zip format), tensors as ndarrays."""
-    source = str(path)
     try:
-        archive = zipfile.ZipFile(path)
+        return _read_torch_zip(path, size)
+    except CheckpointError:
+        raise
+    except (zipfile.BadZipFile, NotImplementedError, UnicodeError, OSError, ValueError, EOFError,
+            struct.error, KeyError) as error:  # fmt: skip
+        # zipfile reports a damaged archive in many ways
+        raise CheckpointError(
+            f"{path}: not a readable zip archive ({type(error).__name__}: {error})"
+        ) from None
+
+
+def _read_torch_zip(path: str, size: int) -> tuple[Any, dict]:
+    source = str(path)
+    with zipfile.ZipFile(path) as archive:
         infos = {info.filename: info for info in archive.infolist()}
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as error:
-        raise CheckpointError(f"{source}: not a readable zip archive ({error})") from None
-    with archive:
         pickles = [name for name in infos if name.endswith("/data.pkl") or name == "data.pkl"]
         if len(pickles) != 1:
             raise CheckpointError(
