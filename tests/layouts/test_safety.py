@@ -42,7 +42,7 @@ EXPLOITS = [
     ("builtins.eval", lambda marker: _Exploit(eval, f"open({str(marker)!r}, 'w')")),
     ("builtins.exec", lambda marker: _Exploit(exec, f"open({str(marker)!r}, 'w')")),
     ("subprocess.Popen", lambda marker: _Exploit(subprocess.Popen, ["touch", str(marker)])),
-    ("builtins.getattr", lambda marker: _Exploit(getattr, os, "system")),
+    ("builtins.getattr", lambda marker: _Exploit(getattr, print, "__call__")),
     ("io.open", lambda marker: _Exploit(io.open, str(marker), "w")),
 ]
 
@@ -51,7 +51,7 @@ EXPLOITS = [
 @pytest.mark.parametrize("name,make", EXPLOITS, ids=[e[0] for e in EXPLOITS])
 def test_malicious_pickles_are_refused_and_nothing_runs(tmp_path, container, name, make):
     marker = tmp_path / "pwned"
-    payload = pickle.dumps({"w": make(marker)}, protocol=2)
+    payload = pickle.dumps({"w": make(marker)}, protocol=4)
     path = tmp_path / ("evil.pt" if container == "torch-zip" else "evil.pkl")
     if container == "torch-zip":
         _torch_zip_with_pickle(path, payload)
