@@ -11,7 +11,9 @@ conv ``(O, I/G, *k)``, transposed conv ``(I, O/G, *k)``, bias ``(O,)``.
 | tensorflow (Keras) | conv ``(*k, I/G, O)``; depthwise ``(*k, C, M)`` | ``(*k, O, I)`` (G = 1) | ``(O,)`` |
 | jax (Flax) | ``(*k, I/G, O)`` | ``(*k, I, O)``, kernel flipped (G = 1) | ``(O,)`` |
 
-Keras depthwise: output channel ``c*M + m`` holds ``[..., c, m]``. Flax's
+Keras depthwise: output channel ``c*M + m`` holds ``[..., c, m]``. Results are
+views of ``w`` where NumPy allows (like ``np.transpose``), so converting a
+memory-mapped checkpoint copies nothing until it is written. Flax's
 ``ConvTranspose`` (``transpose_kernel=False``) correlates the dilated input
 with its kernel, which is PyTorch's kernel flipped in every spatial axis.
 
@@ -117,7 +119,7 @@ def to_torch(w: np.ndarray, framework: str, kind: str = "conv", groups: int | No
             raise ValueError(
                 "to_torch: oneflow channels_last applies to conv weights, but got kind='conv_transpose'"
             )
-        return np.ascontiguousarray(np.moveaxis(w, -1, 1))
+        return np.moveaxis(w, -1, 1)
     if framework == "megengine":
         n = _megengine_rank(w, groups, ndim)
         if w.ndim == n + 2:  # ungrouped: (O, I, *k) or (I, O, *k), already torch's
@@ -132,7 +134,7 @@ def to_torch(w: np.ndarray, framework: str, kind: str = "conv", groups: int | No
         return w.reshape(w.shape[0] * w.shape[1], *w.shape[2:])
     if framework == "tensorflow" and kind == "depthwise":  # (*k, C, M) -> (C*M, 1, *k)
         c, m = w.shape[-2:]
-        return np.ascontiguousarray(_spatial_last(w, 2).reshape(c * m, 1, *w.shape[:-2]))
+        return _spatial_last(w, 2).reshape(c * m, 1, *w.shape[:-2])
     if kind == "conv_transpose":
         if groups not in (None, 1):
             raise ValueError(
@@ -140,10 +142,10 @@ def to_torch(w: np.ndarray, framework: str, kind: str = "conv", groups: int | No
             )
         torch_w = _spatial_last(w, 2)  # (*k, O, I) -> (O, I, *k)  [tensorflow]; (I, O, *k) [jax]
         if framework == "tensorflow":  # (O, I, *k) -> (I, O, *k)
-            return np.ascontiguousarray(torch_w.swapaxes(0, 1))
-        return np.ascontiguousarray(_flip(torch_w, 2))
+            return torch_w.swapaxes(0, 1)
+        return _flip(torch_w, 2)
     # tensorflow / jax conv: (*k, I/G, O) -> (O, I/G, *k)
-    return np.ascontiguousarray(_spatial_last(w, 2).swapaxes(0, 1))
+    return _spatial_last(w, 2).swapaxes(0, 1)
 
 
 def from_torch(w: np.ndarray, framework: str, kind: str = "conv", groups: int | None = None, *,
@@ -165,7 +167,7 @@ def from_torch(w: np.ndarray, framework: str, kind: str = "conv", groups: int | 
             raise ValueError(
                 "from_torch: oneflow channels_last applies to conv weights, but got kind='conv_transpose'"
             )
-        return np.ascontiguousarray(np.moveaxis(w, 1, -1))
+        return np.moveaxis(w, 1, -1)
     if framework == "megengine":
         groups = _require_groups(groups, framework, kind)
         if w.shape[0] % groups:
@@ -181,17 +183,17 @@ def from_torch(w: np.ndarray, framework: str, kind: str = "conv", groups: int | 
         if w.shape[1] != 1 or w.shape[0] % channels:
             raise ValueError(f"from_torch: a depthwise weight is (C*M, 1, *k) with C=groups={channels}, "
                              f"but got w of size {_shape(w)}")  # fmt: skip
-        return np.ascontiguousarray(_spatial_first(w.reshape(channels, -1, *w.shape[2:]), 2))
+        return _spatial_first(w.reshape(channels, -1, *w.shape[2:]), 2)
     if kind == "conv_transpose":
         if groups not in (None, 1):
             raise ValueError(
                 f"from_torch: {framework} transposed convs have no groups, but got groups={groups}"
             )
         if framework == "tensorflow":  # (I, O, *k) -> (*k, O, I)
-            return np.ascontiguousarray(_spatial_first(w.swapaxes(0, 1), 2))
-        return np.ascontiguousarray(_spatial_first(_flip(w, 2), 2))  # jax: (*k, I, O), flipped
+            return _spatial_first(w.swapaxes(0, 1), 2)
+        return _spatial_first(_flip(w, 2), 2)  # jax: (*k, I, O), flipped
     # tensorflow / jax conv: (O, I/G, *k) -> (*k, I/G, O)
-    return np.ascontiguousarray(_spatial_first(w.swapaxes(0, 1), 2))
+    return _spatial_first(w.swapaxes(0, 1), 2)
 
 
 def _check_bias(b: Any, framework: Any, what: str) -> None:

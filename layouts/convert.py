@@ -11,6 +11,7 @@ from typing import Any, Mapping, TextIO
 import numpy as np
 
 from .checkpoint import load_checkpoint
+from .dtypes import is_floating
 from .megengine_format import write_numpy_pickle
 from .transfer import (
     PARAMS_KEY, ParamSpec, from_torch_param, infer_specs, safetensors_metadata,
@@ -46,18 +47,12 @@ class Progress:
             self.stream.write("\n")
 
 
-def _cast(array: np.ndarray, dtype: str | None) -> np.ndarray:
-    if (
-        dtype is None
-        or not np.issubdtype(array.dtype, np.floating)
-        and array.dtype.name != "bfloat16"
-    ):
-        return array
-    if dtype == "bfloat16":
+def _float_dtype(name: str | None) -> np.dtype | None:
+    if name == "bfloat16":
         import ml_dtypes  # noqa: PLC0415 - only for --dtype bfloat16
 
-        return array.astype(ml_dtypes.bfloat16)
-    return array.astype(dtype)
+        return np.dtype(ml_dtypes.bfloat16)
+    return None if name is None else np.dtype(name)
 
 
 def convert(src: str, dst: str, from_framework: str | None = None, to_framework: str = "torch",
@@ -75,17 +70,28 @@ def convert(src: str, dst: str, from_framework: str | None = None, to_framework:
         if name not in specs:
             raise ValueError(f"convert: no tensor named {name!r} in {src} (for --groups/--kind)")
         specs[name] = replace(specs[name], role="conv_weight", **fields)
-    bar = Progress(sum(a.nbytes for a in ckpt.tensors.values()), "converting", force=progress)
     out = {}
-    for name, array in ckpt.tensors.items():
-        torch_layout = to_torch_param(array, specs[name], ckpt.framework)
-        out[name] = _cast(from_torch_param(torch_layout, specs[name], to_framework), dtype)
-        bar.advance(array.nbytes)
-    bar.close()
+    for name, array in ckpt.tensors.items():  # views: nothing is copied yet
+        out[name] = from_torch_param(
+            to_torch_param(array, specs[name], ckpt.framework), specs[name], to_framework
+        )
+    target = _float_dtype(dtype)
+
+    def written(a: np.ndarray) -> int:
+        return a.size * (
+            target.itemsize if target is not None and is_floating(a.dtype) else a.itemsize
+        )
+
+    bar = Progress(sum(map(written, out.values())), "converting", force=progress)
     if dst.endswith(".pkl"):
+        if target is not None:
+            out = {k: v.astype(target) if is_floating(v.dtype) else v for k, v in out.items()}
         write_numpy_pickle(out, dst)
+        bar.advance(bar.total)
     else:
-        write_safetensors(out, dst, safetensors_metadata(specs, to_framework))
+        meta = safetensors_metadata(specs, to_framework)
+        write_safetensors(out, dst, meta, target, progress=bar.advance)
+    bar.close()
     return out
 
 

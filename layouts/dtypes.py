@@ -28,3 +28,8 @@ def widen_bfloat16(bits: np.ndarray, source: str) -> np.ndarray:
         stacklevel=3,
     )
     return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+def is_floating(dtype: np.dtype) -> bool:
+    """NumPy floats and the ml_dtypes ones (bfloat16, float8_*)."""
+    return np.issubdtype(dtype, np.floating) or dtype.name.startswith(("bfloat16", "float8"))

@@ -24,6 +24,5 @@ def read_numpy_pickle(path: str) -> Any:
 
 def write_numpy_pickle(tensors: Mapping[str, np.ndarray], path: str | os.PathLike) -> None:
     """A MegEngine-style state dict: ``{name: ndarray}`` pickled with protocol 4."""
-    state = {name: np.ascontiguousarray(array) for name, array in tensors.items()}
     with atomic_write(path) as f:
-        pickle.dump(state, f, protocol=4)
+        pickle.dump(dict(tensors), f, protocol=4)  # numpy pickles each array in C order

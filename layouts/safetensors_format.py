@@ -10,12 +10,12 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
 from .atomic import atomic_write
-from .dtypes import ml_dtype, widen_bfloat16
+from .dtypes import is_floating, ml_dtype, widen_bfloat16
 from .errors import CheckpointError
 
 MAX_HEADER = 100 * 1024 * 1024
@@ -116,17 +116,25 @@ def read_safetensors(path: str, size: int) -> tuple[dict[str, np.ndarray], dict[
     return tensors, metadata
 
 
-def _dtype_code(array: np.ndarray, name: str) -> str:
-    code = _NAMES.get(array.dtype.name) or _NAMES.get(str(array.dtype))
+def _dtype_code(dtype: np.dtype, name: str) -> str:
+    code = _NAMES.get(dtype.name)
     if code is None:
-        raise TypeError(f"save_safetensors: tensor {name!r} has dtype {array.dtype}, which safetensors "
+        raise TypeError(f"save_safetensors: tensor {name!r} has dtype {dtype}, which safetensors "
                         f"cannot store")  # fmt: skip
     return code
 
 
 def write_safetensors(tensors: Mapping[str, np.ndarray], path: str | os.PathLike,
-                      metadata: Mapping[str, str] | None = None) -> None:  # fmt: skip
-    """Write ``tensors`` atomically; ``metadata`` must map strings to strings."""
+                      metadata: Mapping[str, str] | None = None,
+                      float_dtype: np.dtype | None = None,
+                      progress: Callable[[int], None] | None = None) -> None:  # fmt: skip
+    """Write ``tensors`` atomically; ``metadata`` must map strings to strings;
+    ``float_dtype`` casts the floating tensors; ``progress(nbytes)`` is called
+    after each tensor is written.
+
+    Tensors are made contiguous (and cast) one at a time while writing, so
+    views of a memory-mapped checkpoint stream to disk without a second copy
+    of the checkpoint in memory."""
     header: dict[str, Any] = {}
     if metadata:
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
@@ -134,20 +142,29 @@ def write_safetensors(tensors: Mapping[str, np.ndarray], path: str | os.PathLike
                 f"save_safetensors: metadata must map str to str, but got {dict(metadata)!r}"
             )
         header["__metadata__"] = dict(metadata)
-    arrays, offset = [], 0
-    for name in sorted(tensors):
-        array = np.asarray(tensors[name])
-        if array.dtype.byteorder == ">":
-            array = array.astype(array.dtype.newbyteorder("<"))
-        array = np.ascontiguousarray(array)
-        header[name] = {"dtype": _dtype_code(array, name), "shape": list(array.shape),
-                        "data_offsets": [offset, offset + array.nbytes]}  # fmt: skip
-        arrays.append(array)
-        offset += array.nbytes
+
+    def target(array: np.ndarray) -> np.dtype:
+        return (
+            np.dtype(float_dtype)
+            if float_dtype is not None and is_floating(array.dtype)
+            else array.dtype
+        )
+
+    names, offset = sorted(tensors), 0
+    for name in names:
+        array = tensors[name]
+        nbytes = array.size * target(array).itemsize
+        header[name] = {"dtype": _dtype_code(target(array), name), "shape": list(array.shape),
+                        "data_offsets": [offset, offset + nbytes]}  # fmt: skip
+        offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # pad so the data region starts 8-byte aligned
     with atomic_write(path) as f:
         f.write(len(raw).to_bytes(8, "little"))
         f.write(raw)
-        for array in arrays:
+        for name in names:
+            array = tensors[name]
+            array = np.ascontiguousarray(array.astype(target(array).newbyteorder("<"), copy=False))
             f.write(array.reshape(-1).view(np.uint8).data if array.size else b"")
+            if progress is not None:
+                progress(array.nbytes)

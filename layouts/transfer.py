@@ -106,7 +106,7 @@ def to_torch_param(array: np.ndarray, spec: ParamSpec, framework: str) -> np.nda
     if spec.role == "conv_bias":
         return adapters.bias_to_torch(array, framework)
     if spec.role == "linear_weight" and framework in ("tensorflow", "jax"):
-        return np.ascontiguousarray(array.T)  # Dense kernel (in, out) -> (out, in)
+        return array.T  # Dense kernel (in, out) -> (out, in)
     return array
 
 
@@ -117,7 +117,7 @@ def from_torch_param(array: np.ndarray, spec: ParamSpec, framework: str) -> np.n
     if spec.role == "conv_bias":
         return adapters.bias_from_torch(array, framework, ndim=spec.ndim)
     if spec.role == "linear_weight" and framework in ("tensorflow", "jax"):
-        return np.ascontiguousarray(array.T)
+        return array.T
     return array
 
 
