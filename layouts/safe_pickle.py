@@ -41,6 +41,12 @@ def _numpy_dtype(*args):
     return dtype
 
 
+def _numpy_frombuffer(buffer, dtype, shape, order):
+    """numpy's protocol-5 ndarray entry point (a buffer, not an object array)."""
+    dtype = _numpy_dtype(dtype)
+    return np.frombuffer(buffer, dtype=dtype).reshape(shape, order=order)
+
+
 # numpy moved its pickle entry points from numpy.core to numpy._core in 2.0
 NUMPY_GLOBALS: dict[tuple[str, str], Any] = {
     (module, name): fn
@@ -48,7 +54,20 @@ NUMPY_GLOBALS: dict[tuple[str, str], Any] = {
     for name, fn in (("_reconstruct", _numpy_reconstruct), ("scalar", _numpy_scalar))
 }
 NUMPY_GLOBALS.update({("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): _numpy_dtype})
+NUMPY_GLOBALS.update(
+    {(m, "_frombuffer"): _numpy_frombuffer for m in ("numpy.core.numeric", "numpy._core.numeric")}
+)
+
+
+def _latin1_bytes(text, encoding="latin1"):
+    """How protocol 2 pickles ``bytes``: ``_codecs.encode(str, 'latin1')``, nothing else."""
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise UnsafePickleError(f"refusing _codecs.encode({type(text).__name__}, {encoding!r})")
+    return text.encode("latin1")
+
+
 CONTAINER_GLOBALS = {
+    ("_codecs", "encode"): _latin1_bytes,
     ("collections", "OrderedDict"): collections.OrderedDict,
     ("builtins", "set"): set,
     ("builtins", "frozenset"): frozenset,

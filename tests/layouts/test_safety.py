@@ -225,3 +225,15 @@ def test_mutated_files_never_crash(tmp_path, sample_files, fmt, data):
         return
     for array in ckpt.tensors.values():  # whatever loaded must be readable
         np.asarray(array).sum()
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_numpy_pickles_of_every_protocol_load(tmp_path, protocol):
+    state = sample_state()
+    path = tmp_path / f"p{protocol}.pkl"
+    with open(path, "wb") as f:
+        pickle.dump(state, f, protocol=protocol)
+    ckpt = layouts.load_checkpoint(path)
+    assert ckpt.framework == "megengine"
+    for name, value in state.items():
+        np.testing.assert_array_equal(ckpt.tensors[name], value)
