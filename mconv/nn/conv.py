@@ -57,7 +57,6 @@ class _ConvNd(Module):
         compute_mode: str = "default",
         dtype: Any = "float32",
         device: str = "cpu",
-        output_padding: Any = 0,
     ):
         super().__init__()
         n = self._rank
@@ -99,7 +98,7 @@ class _ConvNd(Module):
             )
         self._padding_pairs = resolve_padding(padding, self.kernel_size, self.stride, self.dilation)
         self.padding = _padding_for_repr(padding, self._padding_pairs)
-        self.output_padding = _args.int_tuple(output_padding, n, "output_padding", minimum=0)
+        self.output_padding = (0,) * n  # transposed convs set their own
         if not isinstance(bias, bool):
             raise TypeError(f"bias must be a bool, but got bias={bias!r}")
         self.dtype = float_dtype(dtype)
@@ -170,38 +169,6 @@ class _ConvNd(Module):
 
 
 class _Conv(_ConvNd):
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: Any,
-        stride: Any = 1,
-        padding: Any = 0,
-        dilation: Any = 1,
-        groups: int = 1,
-        bias: bool = True,
-        padding_mode: str = "zeros",
-        conv_mode: str = "cross_correlation",
-        compute_mode: str = "default",
-        dtype: Any = "float32",
-        device: str = "cpu",
-    ):
-        super().__init__(
-            in_channels,
-            out_channels,
-            kernel_size,
-            stride,
-            padding,
-            dilation,
-            groups,
-            bias,
-            padding_mode,
-            conv_mode,
-            compute_mode,
-            dtype,
-            device,
-        )
-
     def forward(self, x):
         options = dict(stride=self.stride, padding=self._padding_pairs, dilation=self.dilation,
                        groups=self.groups, padding_mode=self.padding_mode,
@@ -242,21 +209,12 @@ class _ConvTranspose(_ConvNd):
         dtype: Any = "float32",
         device: str = "cpu",
     ):
-        super().__init__(
-            in_channels,
-            out_channels,
-            kernel_size,
-            stride,
-            padding,
-            dilation,
-            groups,
-            bias,
-            padding_mode,
-            conv_mode,
-            compute_mode,
-            dtype,
-            device,
-            output_padding,
+        super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=padding,
+                         dilation=dilation, groups=groups, bias=bias, padding_mode=padding_mode,
+                         conv_mode=conv_mode, compute_mode=compute_mode, dtype=dtype,
+                         device=device)  # fmt: skip
+        self.output_padding = _args.int_tuple(
+            output_padding, len(self.kernel_size), "output_padding", minimum=0
         )
 
     def forward(self, x, output_size: Sequence[int] | None = None):
