@@ -292,3 +292,13 @@ def test_tripy_conv_transpose_with_padding_pairs(rng):
     layer = nn.ConvTranspose(2, 3, (3, 2), padding=((1, 0), (0, 1)), stride=(2, 1), dtype="float64")
     y = layer(rng.standard_normal((1, 2, 4, 3)))
     assert y.shape == (1, 3, (4 - 1) * 2 - 1 + 3, (3 - 1) - 1 + 2)
+
+
+@pytest.mark.parametrize(
+    "layer", [nn.MaxPool2d(2), nn.AvgPool2d(2), nn.GlobalAvgPool(), nn.ReLU(), nn.Flatten()]
+)
+def test_layers_take_an_empty_batch(layer):
+    x = np.zeros((0, 3, 4, 4), dtype=np.float32)
+    y = layer(x)
+    assert y.shape[0] == 0
+    assert layer.backward(np.zeros_like(y)).shape == x.shape

@@ -93,7 +93,8 @@ class Flatten(Module):
                 f"{self.start_dim}, end_dim={self.end_dim} for a {x.ndim}-D input"
             )
         self._cache = x.shape
-        return x.reshape(*x.shape[:start], -1, *x.shape[end + 1 :])
+        merged = math.prod(x.shape[start : end + 1])  # explicit: -1 is ambiguous for empty input
+        return x.reshape(*x.shape[:start], merged, *x.shape[end + 1 :])
 
     def backward(self, grad_output):
         return grad_output.reshape(_cached(self))
@@ -265,7 +266,7 @@ class MaxPool(_PoolNd):
             (*strides[:2], *(s * st for s, st in zip(strides[2:], self.stride)), *strides[2:]),
             writeable=False,
         )
-        flat = windows.reshape(*lead, *out, -1)  # (B, C, *Q, K)
+        flat = windows.reshape(*lead, *out, math.prod(self.kernel_size))  # (B, C, *Q, K)
         arg = flat.argmax(axis=-1)  # (B, C, *Q)
         y = np.take_along_axis(flat, arg[..., None], axis=-1)[..., 0]
         self._cache = (x.shape, padded.shape, arg, out)

@@ -1,0 +1,246 @@
+"""The CuPy side of ``parallel``: device binding and the GPU transports.
+
+Nothing here imports CuPy at module import time, and nothing here runs for
+NumPy arrays: the CPU path never touches this file beyond importing it.
+
+For CuPy arrays a communicator picks one transport, the same on every rank,
+in this order (``choose_transport``):
+
+1. ``nccl`` — ``cupy.cuda.nccl``, bootstrapped by broadcasting rank 0's
+   unique id over MPI;
+2. ``cuda-aware-mpi`` — mpi4py on device pointers, when the MPI library is
+   CUDA-aware (``MCONV_CUDA_AWARE_MPI=1``, Open MPI's
+   ``MPIX_Query_cuda_support``, or MVAPICH's ``MV2_USE_CUDA=1``);
+3. ``host`` — copy to host memory, use MPI, copy back.
+
+``MCONV_PARALLEL_GPU_TRANSPORT=nccl|cuda-aware-mpi|host`` forces a choice.
+Not yet exercised on GPU hardware: only the choice is tested (with fakes).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+import os
+
+import numpy as np
+
+from .transport import MpiTransport, displacements
+
+TRANSPORTS = ("nccl", "cuda-aware-mpi", "host")
+
+
+def is_cupy(array) -> bool:
+    return type(array).__module__.split(".")[0] == "cupy"
+
+
+def choose_transport(flags_per_rank, forced: str | None = None) -> str:
+    """The first transport every rank can use.
+
+    ``flags_per_rank``: one ``{'nccl': bool, 'cuda-aware-mpi': bool}`` per rank.
+
+    >>> choose_transport([{"nccl": True, "cuda-aware-mpi": False}] * 2)
+    'nccl'
+    >>> choose_transport([{"nccl": True, "cuda-aware-mpi": True},
+    ...                   {"nccl": False, "cuda-aware-mpi": True}])
+    'cuda-aware-mpi'
+    """
+    if forced is not None:
+        if forced not in TRANSPORTS:
+            raise ValueError(
+                f"MCONV_PARALLEL_GPU_TRANSPORT must be one of {TRANSPORTS}, but got {forced!r}"
+            )
+        return forced
+    for name in TRANSPORTS[:-1]:
+        if all(flags.get(name, False) for flags in flags_per_rank):
+            return name
+    return "host"
+
+
+def cuda_aware_mpi() -> bool:
+    """Whether this rank's MPI library can read device pointers (False when unsure)."""
+    forced = os.environ.get("MCONV_CUDA_AWARE_MPI")
+    if forced is not None:
+        return forced.strip().lower() in ("1", "true", "yes")
+    if os.environ.get("MV2_USE_CUDA") == "1":
+        return True
+    try:
+        from mpi4py import MPI
+
+        query = getattr(ctypes.CDLL(MPI.__file__), "MPIX_Query_cuda_support", None)
+        return bool(query and query())
+    except OSError:
+        return False
+
+
+def local_flags() -> dict[str, bool]:
+    """What this rank can use; CuPy is imported only if it is installed."""
+    nccl = False
+    if importlib.util.find_spec("cupy") is not None:
+        try:
+            from cupy.cuda import nccl as nccl_module
+
+            nccl = bool(nccl_module.available)
+        except Exception:  # a broken CUDA install means: no NCCL
+            nccl = False
+    return {"nccl": nccl, "cuda-aware-mpi": cuda_aware_mpi()}
+
+
+def bind_device(local_rank: int) -> int | None:
+    """Make GPU ``local_rank % count`` current when CuPy sees a GPU; its id, or None."""
+    if importlib.util.find_spec("cupy") is None:
+        return None
+    try:
+        import cupy
+
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception:  # CuPy installed without a usable driver: stay on the CPU
+        return None
+    if count == 0:
+        return None
+    device = local_rank % count
+    cupy.cuda.Device(device).use()
+    return device
+
+
+def make_transport(mpi_comm):
+    """Collective: agree on a transport for CuPy arrays and build it."""
+    flags = mpi_comm.allgather(local_flags())
+    name = choose_transport(flags, os.environ.get("MCONV_PARALLEL_GPU_TRANSPORT"))
+    if name == "nccl":
+        return NcclTransport(mpi_comm)
+    if name == "cuda-aware-mpi":
+        return MpiTransport(mpi_comm, synchronize=True)
+    return HostStagingTransport(mpi_comm)
+
+
+class HostStagingTransport:
+    """Device -> host -> MPI -> host -> device."""
+
+    name = "host"
+
+    def __init__(self, mpi_comm):
+        self._host = MpiTransport(mpi_comm)
+
+    @staticmethod
+    def _call(method, send, recv, *args) -> None:
+        import cupy
+
+        host_recv = np.empty(recv.shape, dtype=recv.dtype)
+        method(cupy.asnumpy(send), host_recv, *args)
+        recv.set(host_recv)
+
+    def allreduce(self, send, recv, op):
+        self._call(self._host.allreduce, send, recv, op)
+
+    def allgatherv(self, send, recv, counts):
+        self._call(self._host.allgatherv, send, recv, counts)
+
+    def reduce_scatterv(self, send, recv, counts, op):
+        self._call(self._host.reduce_scatterv, send, recv, counts, op)
+
+    def bcast(self, buf, root):
+        import cupy
+
+        host = cupy.asnumpy(buf)
+        self._host.bcast(host, root)
+        buf.set(host)
+
+    def alltoallv(self, send, send_counts, recv, recv_counts):
+        import cupy
+
+        host_recv = np.empty(recv.shape, dtype=recv.dtype)
+        self._host.alltoallv(cupy.asnumpy(send), send_counts, host_recv, recv_counts)
+        recv.set(host_recv)
+
+
+class NcclTransport:
+    """NCCL on the current stream; uneven blocks are padded to the largest one."""
+
+    name = "nccl"
+
+    def __init__(self, mpi_comm):
+        from cupy.cuda import nccl
+
+        self._nccl = nccl
+        self.rank, self.size = mpi_comm.Get_rank(), mpi_comm.Get_size()
+        uid = nccl.get_unique_id() if self.rank == 0 else None
+        uid = mpi_comm.bcast(uid, root=0)
+        self._comm = nccl.NcclCommunicator(self.size, uid, self.rank)
+        self._ops = {"sum": nccl.NCCL_SUM, "max": nccl.NCCL_MAX, "min": nccl.NCCL_MIN}
+        self._types = {
+            "b": nccl.NCCL_INT8,
+            "B": nccl.NCCL_UINT8,
+            "i": nccl.NCCL_INT32,
+            "I": nccl.NCCL_UINT32,
+            "l": nccl.NCCL_INT64,
+            "L": nccl.NCCL_UINT64,
+            "q": nccl.NCCL_INT64,
+            "Q": nccl.NCCL_UINT64,
+            "f": nccl.NCCL_FLOAT32,
+            "d": nccl.NCCL_FLOAT64,
+        }
+
+    @staticmethod
+    def _stream() -> int:
+        import cupy
+
+        return cupy.cuda.get_current_stream().ptr
+
+    def _type(self, array):
+        if array.dtype.char not in self._types:
+            raise TypeError(f"NCCL reduces ints and fp32/fp64 only, but got dtype={array.dtype}")
+        return self._types[array.dtype.char]
+
+    def allreduce(self, send, recv, op):
+        self._comm.allReduce(
+            send.data.ptr, recv.data.ptr, send.size, self._type(send), self._ops[op], self._stream()
+        )
+
+    def allgatherv(self, send, recv, counts):
+        import cupy
+
+        block = max(counts)
+        if all(c == block for c in counts):
+            self._comm.allGather(
+                send.data.ptr, recv.data.ptr, block, self._nccl.NCCL_UINT8, self._stream()
+            )
+            return
+        padded = cupy.zeros(block, dtype=cupy.uint8)
+        padded[: send.size] = send
+        gathered = cupy.empty(block * self.size, dtype=cupy.uint8)
+        self._comm.allGather(
+            padded.data.ptr, gathered.data.ptr, block, self._nccl.NCCL_UINT8, self._stream()
+        )
+        for r, (start, count) in enumerate(zip(displacements(counts), counts)):
+            recv[start : start + count] = gathered[r * block : r * block + count]
+
+    def reduce_scatterv(self, send, recv, counts, op):
+        import cupy
+
+        block = max(counts)
+        if any(c != block for c in counts):  # lay block r out at r*block, zero-padded
+            padded = cupy.zeros(block * self.size, dtype=send.dtype)
+            for r, (start, count) in enumerate(zip(displacements(counts), counts)):
+                padded[r * block : r * block + count] = send[start : start + count]
+            send = padded
+        out = recv if recv.size == block else cupy.empty(block, dtype=recv.dtype)
+        self._comm.reduceScatter(
+            send.data.ptr, out.data.ptr, block, self._type(send), self._ops[op], self._stream()
+        )
+        if out is not recv:
+            recv[...] = out[: recv.size]
+
+    def bcast(self, buf, root):
+        self._comm.broadcast(
+            buf.data.ptr, buf.data.ptr, buf.size, self._nccl.NCCL_UINT8, root, self._stream()
+        )
+
+    def alltoallv(self, send, send_counts, recv, recv_counts):
+        stream, uint8 = self._stream(), self._nccl.NCCL_UINT8
+        self._nccl.groupStart()
+        for peer, (start, count) in enumerate(zip(displacements(send_counts), send_counts)):
+            self._comm.send(send.data.ptr + start, count, uint8, peer, stream)
+        for peer, (start, count) in enumerate(zip(displacements(recv_counts), recv_counts)):
+            self._comm.recv(recv.data.ptr + start, count, uint8, peer, stream)
+        self._nccl.groupEnd()

@@ -1,0 +1,74 @@
+"""Transports: the five collectives on flat, contiguous 1-D buffers.
+
+A ``Communicator`` turns user arrays (any shape, axis, dtype, contiguity)
+into flat buffers and hands them to a transport; the transport only moves
+bytes or reduces elements. Movement collectives (allgatherv, bcast,
+alltoallv) receive ``uint8`` views and counts in bytes; reductions receive
+the wire dtype (fp16 already widened to fp32) and counts in elements.
+
+``MpiTransport`` serves NumPy arrays, and CuPy arrays when the MPI library
+is CUDA-aware (``synchronize=True`` then waits for the current CUDA stream
+before each call). The NCCL and host-staging transports for CuPy live in
+``parallel.gpu``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def displacements(counts) -> list[int]:
+    """Exclusive prefix sum: where each rank's block starts."""
+    return [int(v) for v in np.concatenate(([0], np.cumsum(counts)[:-1]))]
+
+
+class MpiTransport:
+    """Collectives through mpi4py's buffer interface (NumPy, or CUDA-aware CuPy)."""
+
+    name = "mpi"
+
+    def __init__(self, mpi_comm, synchronize: bool = False):
+        from mpi4py import MPI
+
+        self._MPI = MPI
+        self.mpi = mpi_comm
+        self._ops = {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN}
+        self._synchronize = synchronize
+        if synchronize:
+            self.name = "cuda-aware-mpi"
+
+    def _sync(self) -> None:
+        if self._synchronize:
+            import cupy
+
+            cupy.cuda.get_current_stream().synchronize()
+
+    def allreduce(self, send, recv, op: str) -> None:
+        """recv = op over ranks of send (``recv is send`` reduces in place)."""
+        self._sync()
+        source = self._MPI.IN_PLACE if recv is send else send
+        self.mpi.Allreduce(source, recv, op=self._ops[op])
+
+    def allgatherv(self, send, recv, counts) -> None:
+        """recv = the ranks' send blocks (``counts[r]`` bytes each) in rank order."""
+        self._sync()
+        byte = self._MPI.BYTE
+        self.mpi.Allgatherv([send, byte], [recv, (list(counts), displacements(counts)), byte])
+
+    def reduce_scatterv(self, send, recv, counts, op: str) -> None:
+        """recv = block ``rank`` (``counts[rank]`` elements) of op over ranks of send."""
+        self._sync()
+        self.mpi.Reduce_scatter(send, recv, recvcounts=list(counts), op=self._ops[op])
+
+    def bcast(self, buf, root: int) -> None:
+        self._sync()
+        self.mpi.Bcast([buf, self._MPI.BYTE], root=root)
+
+    def alltoallv(self, send, send_counts, recv, recv_counts) -> None:
+        """Block j of send (``send_counts[j]`` bytes) goes to rank j; blocks arrive in rank order."""
+        self._sync()
+        byte = self._MPI.BYTE
+        self.mpi.Alltoallv(
+            [send, (list(send_counts), displacements(send_counts)), byte],
+            [recv, (list(recv_counts), displacements(recv_counts)), byte],
+        )

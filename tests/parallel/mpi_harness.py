@@ -1,0 +1,120 @@
+"""Runs registered checks inside one MPI job and reports every rank's failures.
+
+A check is ``fn(comm, t)``, run by every rank. Comparisons are soft
+(``t.close``, ``t.true``, ``t.raises`` record a failure and go on), so a
+rank whose numbers are wrong still makes every collective the others make,
+and the job never deadlocks on a wrong value. An unexpected exception is a
+bug: its traceback is printed and the job aborted (the pytest side then
+reports the output). Rank 0 writes ``{check: [failures]}`` as JSON.
+
+Importing this module starts nothing (pytest imports it to list checks).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import traceback
+
+import numpy as np
+
+CHECKS: dict[str, tuple] = {}
+
+
+def check(sizes=(1, 2, 3, 4)):
+    """Register ``fn`` as a check for jobs of these sizes."""
+
+    def register(fn):
+        CHECKS[fn.__name__] = (fn, tuple(sizes))
+        return fn
+
+    return register
+
+
+def names_for(size: int) -> list[str]:
+    return [name for name, (_, sizes) in CHECKS.items() if size in sizes]
+
+
+TOL = {np.dtype(np.float64): 1e-12, np.dtype(np.float32): 2e-5, np.dtype(np.float16): 2e-2}
+
+
+class Soft:
+    """Soft assertions: failures are collected, never raised."""
+
+    def __init__(self, rank: int):
+        self.rank = rank
+        self.failures: list[str] = []
+
+    def fail(self, what: str) -> None:
+        self.failures.append(f"rank {self.rank}: {what}")
+
+    def true(self, condition, what: str) -> bool:
+        if not condition:
+            self.fail(what)
+        return bool(condition)
+
+    def close(self, actual, expected, what: str, tol: float | None = None) -> bool:
+        """max |actual - expected| <= tol * max|expected| (tol from the dtype unless given)."""
+        actual, expected = np.asarray(actual), np.asarray(expected)
+        if actual.shape != expected.shape:
+            self.fail(f"{what}: shape {actual.shape} != expected {expected.shape}")
+            return False
+        if tol is None:
+            tol = TOL.get(np.dtype(actual.dtype), 0.0)
+        scale = max(float(np.abs(expected.astype(np.float64)).max(initial=0.0)), 1e-300)
+        err = float(
+            np.abs(actual.astype(np.float64) - expected.astype(np.float64)).max(initial=0.0)
+        )
+        return self.true(
+            err <= tol * scale, f"{what}: max abs error {err:.3e} > {tol:.0e} * {scale:.3e}"
+        )
+
+    def equal(self, actual, expected, what: str) -> bool:
+        actual, expected = np.asarray(actual), np.asarray(expected)
+        ok = actual.shape == expected.shape and actual.dtype == expected.dtype
+        ok = ok and bool(np.array_equal(actual, expected, equal_nan=actual.dtype.kind == "f"))
+        return self.true(
+            ok,
+            f"{what}: got {actual.dtype}{actual.shape}, expected {expected.dtype}{expected.shape} (or values differ)",
+        )
+
+    def raises(self, kind, fn, what: str, match: str | None = None):
+        """``fn()`` must raise ``kind`` (message matching ``match``); returns the exception."""
+        try:
+            fn()
+        except kind as err:
+            if match is not None and not re.search(match, str(err)):
+                self.fail(f"{what}: message {str(err)!r} does not match {match!r}")
+            return err
+        except Exception as err:  # noqa: BLE001 - reported, not raised
+            self.fail(f"{what}: expected {kind.__name__}, got {type(err).__name__}: {err}")
+            return None
+        self.fail(f"{what}: expected {kind.__name__}, nothing was raised")
+        return None
+
+
+def run(names: list[str], out_path: str | None) -> None:
+    import parallel
+
+    comm = parallel.init()
+    results = {}
+    for name in names:
+        fn, _ = CHECKS[name]
+        t = Soft(comm.rank)
+        try:
+            fn(comm, t)
+        except Exception:  # a bug, maybe mid-collective: end the job now
+            sys.stderr.write(f"check {name} raised on rank {comm.rank}:\n{traceback.format_exc()}")
+            sys.stderr.flush()
+            comm.abort(1)
+        failures = comm.mpi.gather(t.failures, root=0)
+        if comm.rank == 0:
+            results[name] = [f for per_rank in failures for f in per_rank]
+    if comm.rank == 0:
+        text = json.dumps(results, indent=1)
+        if out_path:
+            with open(out_path, "w") as f:
+                f.write(text)
+        else:
+            print(text)
