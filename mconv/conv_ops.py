@@ -31,14 +31,15 @@ Lowering, before the primitives:
   * JVP by bilinearity: d(conv(x, w) + b) = conv(dx, w) + conv(x, dw) + db.
 
 Dtypes: inputs are cast once to the backend's compute dtype (fp32 for fp16
-on the CPU), every step runs there, and each result is cast back once.
+on the CPU); a backend may return wider results than its inputs (its
+accumulator: fp32 from fp16 under compute_mode='float32'); the bias is added
+in the result's dtype, and each result is cast back to the caller's dtype once.
 """
 
 from __future__ import annotations
 
 from .backends import get_backend
 from .geometry import ConvGeometry
-from .padding import array_module, pad_backward_unchecked, pad_unchecked
 
 
 def _flip(w, geom: ConvGeometry):
@@ -48,15 +49,19 @@ def _flip(w, geom: ConvGeometry):
     return w[(slice(None), slice(None), *(slice(None, None, -1),) * geom.ndim)]
 
 
-def _lower_input(x, geom: ConvGeometry):
+def _lower_input(x, geom: ConvGeometry, backend):
     """Apply a non-zero padding mode explicitly: (P x, zero-padding geometry)."""
     if geom.padding_mode == "zeros":
         return x, geom
-    return pad_unchecked(x, geom.padding, geom.padding_mode), geom.explicitly_padded()
+    return backend.pad(x, geom.padding, geom.padding_mode), geom.explicitly_padded()
 
 
-def _bias_shape(geom: ConvGeometry) -> tuple[int, ...]:
-    return (1, -1) + (1,) * geom.ndim
+def _add_bias(y, b, geom: ConvGeometry):
+    """y + b[channel], in y's (accumulator) dtype."""
+    if b is None:
+        return y
+    y += b.astype(y.dtype, copy=False).reshape((1, -1) + (1,) * geom.ndim)
+    return y
 
 
 class _Casts:
@@ -76,11 +81,8 @@ class _Casts:
 
 def _conv(x, w, b, geom: ConvGeometry, backend):
     """y = A_{Fw} P x + b in the compute dtype."""
-    x, lowered = _lower_input(x, geom)
-    y = backend.forward(x, _flip(w, geom), lowered)
-    if b is not None:
-        y += b.reshape(_bias_shape(geom))
-    return y
+    x, lowered = _lower_input(x, geom, backend)
+    return _add_bias(backend.forward(x, _flip(w, geom), lowered), b, geom)
 
 
 def conv_forward(x, w, b, geom: ConvGeometry):
@@ -93,39 +95,39 @@ def conv_backward(dy, x, w, geom: ConvGeometry, has_bias: bool):
     """(dx, dw, db) of a batched conv; db is None when there is no bias."""
     cast = _Casts(x, geom)
     dy, x, w = cast(dy), cast(x), cast(w)
-    x, lowered = _lower_input(x, geom)
+    x, lowered = _lower_input(x, geom, cast.backend)
     dx = cast.backend.backward_data(dy, _flip(w, geom), lowered)
     if geom.padding_mode != "zeros":
-        dx = pad_backward_unchecked(dx, geom.padding, geom.padding_mode)
+        dx = cast.backend.pad_backward(dx, geom.padding, geom.padding_mode)
     dw = _flip(cast.backend.backward_filter(dy, x, lowered), geom)
-    db = dy.sum(axis=(0, *range(2, dy.ndim))) if has_bias else None
+    db = cast.backend.bias_grad(dy, geom) if has_bias else None
     return cast.back(dx), cast.back(dw), cast.back(db)
 
 
-def _jvp(primal, out_shape, x, w, dx, dw, db, geom: ConvGeometry):
+def _jvp(primal, x, w, dx, dw, db, geom: ConvGeometry):
     """d primal(x, w) + db along (dx, dw, db), by bilinearity; any tangent may be None."""
     cast = _Casts(x, geom)
     x, w, dx, dw, db = (cast(a) for a in (x, w, dx, dw, db))
-    dy = array_module(x).zeros(out_shape, dtype=cast.compute)
-    if dx is not None:
-        dy += primal(dx, w, None, geom, cast.backend)
-    if dw is not None:
-        dy += primal(x, dw, None, geom, cast.backend)
-    if db is not None:
-        dy += db.reshape(_bias_shape(geom))
-    return cast.back(dy)
+    terms = [
+        primal(*args, None, geom, cast.backend)
+        for args in ((dx, w), (x, dw))
+        if args[0] is not None and args[1] is not None
+    ]
+    if not terms:  # only the bias moves (or nothing)
+        terms = [primal(x, w * 0, None, geom, cast.backend)]
+    dy = terms[0]
+    for term in terms[1:]:
+        dy += term
+    return cast.back(_add_bias(dy, db, geom))
 
 
 def conv_jvp(x, w, dx, dw, db, geom: ConvGeometry):
     """Tangent of a batched conv at (x, w) along (dx, dw, db)."""
-    return _jvp(_conv, geom.output_shape(x.shape[0]), x, w, dx, dw, db, geom)
+    return _jvp(_conv, x, w, dx, dw, db, geom)
 
 
 def _conv_transpose(x, w, b, geom: ConvGeometry, backend):
-    y = backend.backward_data(x, _flip(w, geom), geom)
-    if b is not None:
-        y += b.reshape(_bias_shape(geom))
-    return y
+    return _add_bias(backend.backward_data(x, _flip(w, geom), geom), b, geom)
 
 
 def conv_transpose_forward(x, w, b, geom: ConvGeometry):
@@ -140,10 +142,10 @@ def conv_transpose_backward(dy, x, w, geom: ConvGeometry, has_bias: bool):
     dy, x, w = cast(dy), cast(x), cast(w)
     dx = cast.backend.forward(dy, _flip(w, geom), geom)
     dw = _flip(cast.backend.backward_filter(x, dy, geom), geom)
-    db = dy.sum(axis=(0, *range(2, dy.ndim))) if has_bias else None
+    db = cast.backend.bias_grad(dy, geom) if has_bias else None
     return cast.back(dx), cast.back(dw), cast.back(db)
 
 
 def conv_transpose_jvp(x, w, dx, dw, db, geom: ConvGeometry):
     """Tangent of a batched transposed conv at (x, w) along (dx, dw, db)."""
-    return _jvp(_conv_transpose, geom.input_shape(x.shape[0]), x, w, dx, dw, db, geom)
+    return _jvp(_conv_transpose, x, w, dx, dw, db, geom)

@@ -1,9 +1,21 @@
 """Backends implement three primitives on canonical arguments.
 
-A backend is a module with ``name``, ``compute_dtype(dtype, compute_mode)``
-and the primitives ``forward``, ``backward_data`` and ``backward_filter``
-(see ``numpy_backend`` for their contract). The backend is chosen from the
-array: arrays stay on the device they came from.
+A backend is a module with
+
+- ``name``;
+- ``compute_dtype(dtype, compute_mode)``: the dtype inputs are cast to before
+  the primitives (NumPy: fp32 for fp16);
+- the primitives ``forward(x, w, geom)``, ``backward_data(dy, w, geom)`` and
+  ``backward_filter(dy, x, geom)`` on a zero-padding cross-correlation
+  geometry (see ``numpy_backend`` for shapes);
+- ``pad(x, pairs, mode)`` / ``pad_backward(dy, pairs, mode)`` for the
+  reflect/replicate/circular modes and their adjoint, and
+  ``bias_grad(dy, geom)``.
+
+A backend may return wider results than its inputs (its accumulator, e.g.
+fp32 from fp16 under ``compute_mode='float32'``); ``mconv.conv_ops`` adds the
+bias in that dtype and casts every result to the caller's dtype exactly once.
+The backend is chosen from the array: arrays stay on the device they came from.
 """
 
 from __future__ import annotations

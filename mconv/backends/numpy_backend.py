@@ -7,7 +7,9 @@ P = prod(out_size), S = in_size, Sp = in_size + padding):
     backward_data    dy (B, O, *Q), w (O, Cg, *k)  -> dx (B, C, *S)
     backward_filter  dy (B, O, *Q), x (B, C, *S)   -> dw (O, Cg, *k)
 
-All three see a zero-padding, cross-correlation geometry (padding modes and
+``pad``/``pad_backward`` (the explicit padding modes and their adjoint) and
+``bias_grad`` complete the backend interface. All three primitives see a
+zero-padding, cross-correlation geometry (padding modes and
 ``conv_mode`` are lowered in ``mconv.conv_ops``) and arrays already in the
 compute dtype. ``im2col`` reads windows through a strided view; ``col2im``
 is a loop over the K kernel offsets, each adding one strided slice, so the
@@ -23,6 +25,8 @@ import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
 from ..geometry import ConvGeometry
+from ..padding import pad_backward_unchecked as pad_backward  # noqa: F401 - backend interface
+from ..padding import pad_unchecked as pad  # noqa: F401 - backend interface
 
 name = "numpy"
 
@@ -32,6 +36,11 @@ def compute_dtype(dtype, compute_mode: str) -> np.dtype:
     hundreds of times slower); either compute mode then rounds once at the end."""
     dtype = np.dtype(dtype)
     return np.dtype(np.float32) if dtype == np.float16 else dtype
+
+
+def bias_grad(dy: np.ndarray, geom: ConvGeometry) -> np.ndarray:
+    """db = sum of dy over the batch and spatial axes."""
+    return dy.sum(axis=(0, *range(2, dy.ndim)))
 
 
 def _zero_pad(x: np.ndarray, geom: ConvGeometry) -> np.ndarray:
