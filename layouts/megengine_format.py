@@ -1,7 +1,15 @@
 """MegEngine ``.pkl`` checkpoints: a pickled dict of numpy arrays (``megengine.save`` of
 ``module.state_dict()``), possibly inside a checkpoint dict. Read through the
 restricted unpickler (numpy arrays and plain containers only); written as a
-plain pickle of ndarrays, atomically."""
+plain pickle of ndarrays, atomically.
+
+``megengine.save`` is ``pickle.dump``, so a file may also hold ``megengine.Tensor`` /
+``Parameter`` objects (``state_dict(keep_var=True)``, a dict of tensors). MegEngine 1.13
+pickles one as NEWOBJ of ``megengine.tensor.Tensor`` (or ``.Parameter``) with
+``__getnewargs__`` = ``(ndarray, dtype, device name)``, then BUILD with ``__getstate__`` =
+``{}`` (``{"qparams": QParams}`` for a quantized tensor, which is refused as any other
+global). A stand-in of ours keeps the ndarray; it is swapped in after unpickling.
+"""
 
 from __future__ import annotations
 
@@ -12,14 +20,56 @@ from typing import Any, Mapping
 import numpy as np
 
 from .atomic import atomic_write
+from .errors import CheckpointError
 from .safe_pickle import CONTAINER_GLOBALS, NUMPY_GLOBALS, restricted_load
 
-GLOBALS = {**CONTAINER_GLOBALS, **NUMPY_GLOBALS}
+
+class _Tensor:
+    """Stand-in for ``megengine.Tensor`` / ``Parameter``: keeps the pickled ndarray."""
+
+    def __new__(cls, data: Any = None, dtype: Any = None, device: Any = None):
+        self = object.__new__(cls)
+        self.data, self.state = data, None
+        return self
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+
+GLOBALS = {
+    ("megengine.tensor", "Tensor"): _Tensor,
+    ("megengine.tensor", "Parameter"): _Tensor,
+    **CONTAINER_GLOBALS,
+    **NUMPY_GLOBALS,
+}
+
+
+def _resolve(item: Any, source: str) -> Any:
+    """Every tensor stand-in inside dicts/lists/tuples -> its ndarray."""
+    if isinstance(item, dict):
+        return type(item)((k, _resolve(v, source)) for k, v in item.items())
+    if isinstance(item, (list, tuple)):
+        return type(item)(_resolve(v, source) for v in item)
+    if not isinstance(item, _Tensor):
+        return item
+    if not isinstance(item.data, np.ndarray):
+        raise CheckpointError(f"{source}: a megengine.Tensor whose pickled data is "
+                              f"{type(item.data).__name__}, not an array")  # fmt: skip
+    state = item.state
+    if state is not None and not (isinstance(state, dict) and not state):
+        what = sorted(map(str, state)) if isinstance(state, dict) else type(state).__name__
+        raise CheckpointError(f"{source}: a megengine.Tensor with pickled state {what} "
+                              "(quantization parameters?) is not supported")  # fmt: skip
+    return item.data
 
 
 def read_numpy_pickle(path: str) -> Any:
     with open(path, "rb") as f:
-        return restricted_load(f, str(path), GLOBALS)
+        obj = restricted_load(f, str(path), GLOBALS)
+    try:
+        return _resolve(obj, str(path))
+    except RecursionError:
+        raise CheckpointError(f"{path}: the pickled object is nested too deeply") from None
 
 
 def write_numpy_pickle(tensors: Mapping[str, np.ndarray], path: str | os.PathLike) -> None:

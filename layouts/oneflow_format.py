@@ -4,7 +4,11 @@
 Legacy directory (OneFlow <= 0.5 ``flow.checkpoint.save`` / ``flow.save``; ``nn.Graph`` saves;
 later versions load any directory without ``pickled_data`` this way): ``snapshot_done`` and, per
 variable, ``os.path.join(dir, name)`` holding ``meta`` (text-format ``VariableMetaInfo``, e.g.
-``shape { dim: 2 dim: 3 } data_type: kFloat``) and ``out`` (raw little-endian C-order bytes).
+``shape { dim: 2 dim: 3 } data_type: kFloat``) and ``out`` (raw little-endian C-order bytes;
+for ``kBFloat16`` OneFlow 0.9.0 writes ``tensor.numpy()``, i.e. float32, and cannot load it
+back: both sizes are accepted). ``flow.save`` of a compiled ``nn.Graph`` (0.9.0; the same code
+in 0.6) writes this layout without ``snapshot_done``, plus ``model.mlir``; names are
+``<graph attribute>.<parameter name>``.
 A '/' in a name made nested directories, dots did not; names are the path below ``dir``.
 
 Pickled directory (OneFlow 0.6 - 0.9 ``flow.save(obj, dir)``; 1.0 with
@@ -193,6 +197,9 @@ def _read_variable(var_dir: str, real_root: str) -> np.ndarray:
     dtype, bf16_bits = _numpy_dtype(code, meta_path)
     size = _regular_size(out_path, "the variable's data")
     numel = math.prod(shape)
+    f32_bf16 = code == _BY_NAME["kBFloat16"] and numel > 0 and size == numel * 4
+    if f32_bf16:  # OneFlow 0.9.0 writes a bfloat16 tensor's numpy(): float32
+        dtype, bf16_bits = np.dtype("<f4"), False
     if numel * dtype.itemsize != size:  # checked before anything is mapped or allocated
         raise CheckpointError(
             f"{out_path}: meta declares shape {list(shape)} of {_DATA_TYPES[code][0]} "
@@ -209,6 +216,9 @@ def _read_variable(var_dir: str, real_root: str) -> np.ndarray:
         raise CheckpointError(f"{out_path}: cannot be mapped as {list(shape)} ({error})") from None
     if not array.dtype.isnative:
         array = array.astype(array.dtype.newbyteorder("="))
+    if f32_bf16:  # exact: the values came from bfloat16; stay float32 without ml_dtypes
+        bf16 = ml_dtype("bfloat16", out_path)
+        return array.astype(bf16) if bf16 is not None else array
     return widen_bfloat16(array, out_path) if bf16_bits else array
 
 
