@@ -276,9 +276,9 @@ CASES = [
     ("layer-dtype", lambda: nn.Conv2d(1, 1, 3, dtype="int32"), ValueError, r"dtype='int32'"),
     (
         "layer-device",
-        lambda: nn.Conv2d(1, 1, 3, device="cuda"),
+        lambda: nn.Conv2d(1, 1, 3, device="tpu:0"),
         ValueError,
-        r"device must be 'cpu'.* got device='cuda'",
+        r"device must be 'cpu', 'cuda' or 'cuda:<index>', but got device='tpu:0'",
     ),
     (
         "layer-bias",

@@ -16,6 +16,8 @@ A backend may return wider results than its inputs (its accumulator, e.g.
 fp32 from fp16 under ``compute_mode='float32'``); ``mconv.conv_ops`` adds the
 bias in that dtype and casts every result to the caller's dtype exactly once.
 The backend is chosen from the array: arrays stay on the device they came from.
+``numpy_backend`` serves NumPy arrays, ``cupy_backend`` CuPy arrays (imported
+only when one is seen, so mconv works without CuPy).
 """
 
 from __future__ import annotations
@@ -27,9 +29,13 @@ from . import numpy_backend
 
 def get_backend(array):
     """The backend that owns ``array``'s device."""
+    if type(array).__module__.split(".")[0] == "cupy":
+        from . import cupy_backend  # noqa: PLC0415 - CuPy is optional
+
+        return cupy_backend
     if isinstance(array, np.ndarray):
         return numpy_backend
     raise NotImplementedError(
-        f"no mconv backend for arrays of type {type(array).__module__}.{type(array).__name__} yet; "
-        "the CuPy backend is not part of this release, use NumPy arrays"
+        f"no mconv backend for arrays of type {type(array).__module__}.{type(array).__name__}; "
+        "use NumPy or CuPy arrays"
     )

@@ -24,7 +24,7 @@ from .. import _args, conv_ops
 from .. import functional as F
 from ..geometry import resolve_padding
 from . import init
-from .module import Module, Parameter, check_device, float_dtype
+from .module import Module, Parameter, check_device, float_dtype, to_device
 
 
 def _padding_for_repr(padding: Any, pairs: tuple[tuple[int, int], ...]) -> Any:
@@ -107,18 +107,26 @@ class _ConvNd(Module):
             shape = (self.in_channels, self.out_channels // self.groups, *self.kernel_size)
         else:
             shape = (self.out_channels, self.in_channels // self.groups, *self.kernel_size)
-        self.weight = Parameter(init.kaiming_uniform(shape, self.dtype))
+        # drawn on the CPU (one seeded generator for every device), then moved
+        self.weight = Parameter(to_device(init.kaiming_uniform(shape, self.dtype), self.device))
         self.bias = (
-            Parameter(init.default_bias(shape, self.out_channels, self.dtype)) if bias else None
+            Parameter(
+                to_device(init.default_bias(shape, self.out_channels, self.dtype), self.device)
+            )
+            if bias
+            else None
         )
         self._cache = None
 
     def reset_parameters(self) -> None:
-        """Redraw weight and bias with PyTorch's default initialisation."""
-        self.weight.data = init.kaiming_uniform(self.weight.shape, self.weight.dtype)
+        """Redraw weight and bias with PyTorch's default initialisation (on their device)."""
+        self.weight.data = to_device(
+            init.kaiming_uniform(self.weight.shape, self.weight.dtype), self.device
+        )
         if self.bias is not None:
-            self.bias.data = init.default_bias(
-                self.weight.shape, self.out_channels, self.bias.dtype
+            self.bias.data = to_device(
+                init.default_bias(self.weight.shape, self.out_channels, self.bias.dtype),
+                self.device,
             )
 
     def _bias_data(self):

@@ -20,8 +20,9 @@ from numpy.lib.stride_tricks import as_strided
 from .. import _args
 from .. import functional as F
 from ..backends.numpy_backend import compute_dtype
+from ..padding import array_module
 from . import init
-from .module import Module, Parameter, check_device, float_dtype
+from .module import Module, Parameter, check_device, float_dtype, to_device
 
 
 def _cached(module: Module, what: str = "_cache"):
@@ -120,11 +121,15 @@ class Linear(Module):
         if not isinstance(bias, bool):
             raise TypeError(f"bias must be a bool, but got bias={bias!r}")
         self.dtype = float_dtype(dtype)
-        check_device(device)
+        self.device = check_device(device)
         shape = (self.out_features, self.in_features)
-        self.weight = Parameter(init.kaiming_uniform(shape, self.dtype))
+        self.weight = Parameter(to_device(init.kaiming_uniform(shape, self.dtype), self.device))
         self.bias = (
-            Parameter(init.default_bias(shape, self.out_features, self.dtype)) if bias else None
+            Parameter(
+                to_device(init.default_bias(shape, self.out_features, self.dtype), self.device)
+            )
+            if bias
+            else None
         )
         self._cache = None
 
@@ -215,7 +220,7 @@ class AvgPool(_PoolNd):
     with weights 1/prod(kernel_size): forward is that conv, backward its transpose."""
 
     def _weight(self, x):
-        return np.full(
+        return array_module(x).full(  # on x's device
             (x.shape[-len(self.kernel_size) - 1], 1, *self.kernel_size),
             1.0 / math.prod(self.kernel_size),
             dtype=x.dtype,

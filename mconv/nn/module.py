@@ -61,14 +61,30 @@ class IncompatibleKeys(NamedTuple):
 
 
 def check_device(device: Any) -> str:
-    """Only the CPU exists in this release; CUDA devices get a clear error."""
+    """'cpu', or 'cuda' / 'cuda:i' (canonical 'cuda:i') when CuPy and that GPU exist."""
     if not isinstance(device, str):
         raise TypeError(f"device must be a string such as 'cpu', but got device={device!r}")
-    if device != "cpu":
-        raise ValueError(
-            f"device must be 'cpu': the CuPy backend is not part of this release, but got device={device!r}"
-        )
-    return device
+    if device == "cpu":
+        return device
+    from ..backends import cupy_backend  # noqa: PLC0415 - imports CuPy only when asked
+
+    return cupy_backend.check_device(device)
+
+
+def to_device(array: Any, device: str) -> Any:
+    """``array`` on a device already checked by ``check_device`` (no copy if it is there)."""
+    if device == "cpu" and _device_of(array) == "cpu":
+        return array
+    from ..backends import cupy_backend  # noqa: PLC0415 - imports CuPy only when asked
+
+    return cupy_backend.to_device(array, device)
+
+
+def _device_of(array: Any) -> str:
+    """'cpu', or 'cuda:i' for a CuPy array (decided without importing CuPy)."""
+    if type(array).__module__.split(".")[0] == "cupy":
+        return f"cuda:{array.device.id}"
+    return "cpu"
 
 
 def float_dtype(dtype: Any, name: str = "dtype") -> np.dtype:
@@ -244,8 +260,8 @@ class Module:
                 + "\n\t".join(errors)
             )
         for name, param in expected.items():
-            if name in state_dict:
-                param.data[...] = state_dict[name]
+            if name in state_dict:  # copied onto the parameter's device
+                param.data[...] = to_device(state_dict[name], _device_of(param.data))
         return IncompatibleKeys(missing, unexpected)
 
     def zero_grad(self) -> None:
@@ -254,9 +270,17 @@ class Module:
             param.grad = None
 
     def to(self, target: Any) -> "Module":
-        """``to('cpu')`` or ``to(dtype)``: casts every parameter (and grad) in place."""
+        """``to('cpu')``, ``to('cuda[:i]')`` (moves every parameter and grad) or ``to(dtype)``
+        (casts them); in place, returns self."""
         if isinstance(target, str) and (target == "cpu" or target.startswith("cuda")):
-            check_device(target)
+            device = check_device(target)
+            for param in self.parameters():
+                param.data = to_device(param.data, device)
+                if param.grad is not None:
+                    param.grad = to_device(param.grad, device)
+            for module in self.modules():
+                if "device" in module.__dict__:
+                    object.__setattr__(module, "device", device)
             return self
         dtype = float_dtype(target, "target")
         for param in self.parameters():
