@@ -129,6 +129,18 @@ def check_same_dtype(op: str, **arrays: Any) -> None:
         raise TypeError(f"{op}: {', '.join(present)} must have the same dtype, but got {got}")
 
 
+def device_of(array: Any) -> str:
+    """'cpu' for NumPy, 'cuda:i' for a CuPy array on GPU i (CuPy is never imported here)."""
+    return f"cuda:{array.device.id}" if type(array).__module__.split(".")[0] == "cupy" else "cpu"
+
+
+def check_same_device(op: str, **arrays: Any) -> None:
+    present = {k: v for k, v in arrays.items() if v is not None}
+    if len({device_of(v) for v in present.values()}) > 1:
+        got = ", ".join(f"{k} on {device_of(v)}" for k, v in present.items())
+        raise ValueError(f"{op}: {', '.join(present)} must be on one device, but got {got}")
+
+
 def shape_str(shape: tuple[int, ...]) -> str:
     """PyTorch's way of printing a size in messages: ``[1, 3, 5, 5]``."""
     return "[" + ", ".join(str(int(s)) for s in shape) + "]"

@@ -52,6 +52,7 @@ def _check_inputs(op: str, x, weight, bias, kwargs: dict, allowed: set, out_chan
     if bias is not None:
         _args.check_array(bias, "bias", op)
     _args.check_same_dtype(op, input=x, weight=weight, bias=bias)
+    _args.check_same_device(op, input=x, weight=weight, bias=bias)
     out_channels = out_channels(weight.shape) if weight.ndim >= 3 else None
     if bias is not None and out_channels is not None and tuple(bias.shape) != (out_channels,):
         raise ValueError(
@@ -68,7 +69,7 @@ def _check_rank(op: str, weight, n: int | None) -> None:
         )
 
 
-def check_like(op: str, name: str, value, expected_shape, dtype) -> None:
+def check_like(op: str, name: str, value, expected_shape, dtype, device: str | None = None) -> None:
     """A gradient or tangent must have exactly the shape and dtype it stands for."""
     _args.check_array(value, name, op)
     if tuple(value.shape) != tuple(expected_shape):
@@ -78,6 +79,10 @@ def check_like(op: str, name: str, value, expected_shape, dtype) -> None:
         )
     if value.dtype != dtype:
         raise TypeError(f"{op}: {name} must have dtype {dtype}, but got {name}.dtype={value.dtype}")
+    if device is not None and _args.device_of(value) != device:
+        raise ValueError(
+            f"{op}: {name} must be on {device}, but got {name} on {_args.device_of(value)}"
+        )
 
 
 def _batched(a, batched: bool):
@@ -113,9 +118,9 @@ def prepare_conv_transpose(op: str, x, weight, bias, kwargs: dict, n: int | None
 def _check_tangents(op, geom, x, weight, dx, dweight, dbias, bias_channels) -> None:
     for name, tangent, primal in (("dx", dx, x), ("dweight", dweight, weight)):
         if tangent is not None:
-            check_like(op, name, tangent, primal.shape, primal.dtype)
+            check_like(op, name, tangent, primal.shape, primal.dtype, _args.device_of(primal))
     if dbias is not None:
-        check_like(op, "dbias", dbias, (bias_channels,), x.dtype)
+        check_like(op, "dbias", dbias, (bias_channels,), x.dtype, _args.device_of(x))
 
 
 # -- convolution ---------------------------------------------------------------------------
@@ -193,7 +198,9 @@ def conv_backward(dy, x, weight, *, has_bias: bool, **kwargs):
     op = "conv_backward"
     geom, batched = prepare_conv(op, x, weight, None, kwargs)
     expected = geom.output_shape(x.shape[0] if batched else 1)
-    check_like(op, "grad_output", dy, expected if batched else expected[1:], x.dtype)
+    check_like(
+        op, "grad_output", dy, expected if batched else expected[1:], x.dtype, _args.device_of(x)
+    )
     dx, dw, db = conv_ops.conv_backward(
         _batched(dy, batched), _batched(x, batched), weight, geom, has_bias=bool(has_bias)
     )
@@ -280,7 +287,9 @@ def conv_transpose_backward(dy, x, weight, *, has_bias: bool, **kwargs):
     op = "conv_transpose_backward"
     geom, batched = prepare_conv_transpose(op, x, weight, None, kwargs)
     expected = geom.input_shape(x.shape[0] if batched else 1)
-    check_like(op, "grad_output", dy, expected if batched else expected[1:], x.dtype)
+    check_like(
+        op, "grad_output", dy, expected if batched else expected[1:], x.dtype, _args.device_of(x)
+    )
     dx, dw, db = conv_ops.conv_transpose_backward(
         _batched(dy, batched), _batched(x, batched), weight, geom, has_bias=bool(has_bias)
     )

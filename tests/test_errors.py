@@ -372,3 +372,25 @@ def test_unknown_keyword_is_refused():
         F.conv_backward(DY, X, W, has_bias=False, strides=2)
     with pytest.raises(TypeError, match=r"unexpected keyword argument 'output_padding'"):
         F.conv_jvp(X, W, None, None, None, None, output_padding=1)
+
+
+class _FakeCupyArray:
+    """Looks like a CuPy array on GPU 0 to mconv's device checks (module name 'cupy...')."""
+
+    __module__ = "cupy._core.core"
+
+    def __init__(self, like):
+        self.shape, self.dtype, self.ndim = like.shape, like.dtype, like.ndim
+        self.device = type("Device", (), {"id": 0})()
+
+
+def test_arrays_on_different_devices_are_refused():
+    with pytest.raises(
+        ValueError,
+        match=r"input, weight must be on one device, but got input on cpu, weight on cuda:0",
+    ):
+        F.conv2d(X, _FakeCupyArray(W))
+    with pytest.raises(
+        ValueError, match=r"grad_output must be on cpu, but got grad_output on cuda:0"
+    ):
+        F.conv_backward(_FakeCupyArray(DY), X, W, has_bias=False)

@@ -143,6 +143,7 @@ class _ConvNd(Module):
             grad_output,
             expected if batched else expected[1:],
             x.dtype,
+            _args.device_of(x),
         )
         return x, geom, batched, grad_output if batched else grad_output[None]
 
