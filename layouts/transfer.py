@@ -17,7 +17,7 @@ import numpy as np
 
 from mconv.nn import Linear, Module
 from mconv.nn.conv import _ConvNd
-from mconv.nn.module import IncompatibleKeys
+from mconv.nn.module import IncompatibleKeys, to_device
 
 from . import adapters
 from .checkpoint import Checkpoint, load_checkpoint
@@ -211,7 +211,7 @@ def save_safetensors(model_or_state_dict: Any, path: str | os.PathLike, layout: 
         raise TypeError(f"save_safetensors: expected an mconv.nn.Module or a state dict, but got "
                         f"{type(model_or_state_dict).__name__}")  # fmt: skip
     tensors = {
-        name: from_torch_param(np.asarray(array), specs[name], layout)
+        name: from_torch_param(np.asarray(to_device(array, "cpu")), specs[name], layout)
         for name, array in state.items()
     }
     write_safetensors(tensors, path, safetensors_metadata(specs, layout, metadata))
