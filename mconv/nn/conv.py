@@ -147,6 +147,23 @@ class _ConvNd(Module):
         )
         return x, geom, batched, grad_output if batched else grad_output[None]
 
+    def _run(self, x, options: dict, prepare, forward):
+        """Validate, cache what backward needs, compute; unbatched input stays unbatched."""
+        geom, batched = prepare(
+            type(self).__name__, x, self.weight.data, self._bias_data(), options
+        )
+        x = x if batched else x[None]
+        self._cache = (x, geom, batched)
+        y = forward(x, self.weight.data, self._bias_data(), geom)
+        return y if batched else y[0]
+
+    def _backprop(self, grad_output, rule):
+        """dx from ``rule`` (conv_ops' backward); weight and bias grads accumulate."""
+        x, geom, batched, dy = self._take_cache(grad_output)
+        dx, dw, db = rule(dy, x, self.weight.data, geom, self.bias is not None)
+        self._accumulate(dw, db)
+        return dx if batched else dx[0]
+
     def _accumulate(self, dw, db) -> None:
         self.weight.accumulate_grad(dw)
         if self.bias is not None:
@@ -182,20 +199,11 @@ class _Conv(_ConvNd):
         options = dict(stride=self.stride, padding=self._padding_pairs, dilation=self.dilation,
                        groups=self.groups, padding_mode=self.padding_mode,
                        conv_mode=self.conv_mode, compute_mode=self.compute_mode)  # fmt: skip
-        geom, batched = F.prepare_conv(
-            type(self).__name__, x, self.weight.data, self._bias_data(), options
-        )
-        x = x if batched else x[None]
-        self._cache = (x, geom, batched)
-        y = conv_ops.conv_forward(x, self.weight.data, self._bias_data(), geom)
-        return y if batched else y[0]
+        return self._run(x, options, F.prepare_conv, conv_ops.conv_forward)
 
     def backward(self, grad_output):
         """Input gradient; accumulates ``weight.grad`` and ``bias.grad``."""
-        x, geom, batched, dy = self._take_cache(grad_output)
-        dx, dw, db = conv_ops.conv_backward(dy, x, self.weight.data, geom, self.bias is not None)
-        self._accumulate(dw, db)
-        return dx if batched else dx[0]
+        return self._backprop(grad_output, conv_ops.conv_backward)
 
 
 class _ConvTranspose(_ConvNd):
@@ -232,22 +240,11 @@ class _ConvTranspose(_ConvNd):
                        output_padding=self.output_padding, groups=self.groups,
                        dilation=self.dilation, output_size=output_size,
                        conv_mode=self.conv_mode, compute_mode=self.compute_mode)  # fmt: skip
-        geom, batched = F.prepare_conv_transpose(
-            type(self).__name__, x, self.weight.data, self._bias_data(), options
-        )
-        x = x if batched else x[None]
-        self._cache = (x, geom, batched)
-        y = conv_ops.conv_transpose_forward(x, self.weight.data, self._bias_data(), geom)
-        return y if batched else y[0]
+        return self._run(x, options, F.prepare_conv_transpose, conv_ops.conv_transpose_forward)
 
     def backward(self, grad_output):
         """Input gradient; accumulates ``weight.grad`` and ``bias.grad``."""
-        x, geom, batched, dy = self._take_cache(grad_output)
-        dx, dw, db = conv_ops.conv_transpose_backward(
-            dy, x, self.weight.data, geom, self.bias is not None
-        )
-        self._accumulate(dw, db)
-        return dx if batched else dx[0]
+        return self._backprop(grad_output, conv_ops.conv_transpose_backward)
 
 
 class Conv1d(_Conv):

@@ -64,20 +64,9 @@ class Conv(_Conv):
         kernel, padding, stride, groups, dilation = _tripy_args(
             kernel_dims, padding, stride, groups, dilation
         )
-        super().__init__(
-            in_channels,
-            out_channels,
-            kernel,
-            stride,
-            padding,
-            dilation,
-            groups,
-            bias,
-            padding_mode,
-            conv_mode,
-            compute_mode,
-            dtype,
-        )
+        super().__init__(in_channels, out_channels, kernel, stride=stride, padding=padding,
+                         dilation=dilation, groups=groups, bias=bias, padding_mode=padding_mode,
+                         conv_mode=conv_mode, compute_mode=compute_mode, dtype=dtype)  # fmt: skip
 
 
 class ConvTranspose(_ConvTranspose):
@@ -105,18 +94,7 @@ class ConvTranspose(_ConvTranspose):
         kernel, padding, stride, groups, dilation = _tripy_args(
             kernel_dims, padding, stride, groups, dilation
         )
-        super().__init__(
-            in_channels,
-            out_channels,
-            kernel,
-            stride,
-            padding,
-            output_padding,
-            groups,
-            bias,
-            dilation,
-            "zeros",
-            conv_mode,
-            compute_mode,
-            dtype,
-        )
+        super().__init__(in_channels, out_channels, kernel, stride=stride, padding=padding,
+                         output_padding=output_padding, groups=groups, bias=bias,
+                         dilation=dilation, conv_mode=conv_mode, compute_mode=compute_mode,
+                         dtype=dtype)  # fmt: skip
