@@ -394,3 +394,13 @@ def test_arrays_on_different_devices_are_refused():
         ValueError, match=r"grad_output must be on cpu, but got grad_output on cuda:0"
     ):
         F.conv_backward(_FakeCupyArray(DY), X, W, has_bias=False)
+
+
+def test_absurd_sizes_end_in_memory_error_before_allocating():
+    x, w = np.zeros((1, 1, 3)), np.zeros((1, 1, 3))
+    with pytest.raises(
+        MemoryError, match=r"needs about .* GiB of buffers .* but only .* GiB of memory is free"
+    ):
+        F.conv1d(x, w, padding=10**12)
+    with pytest.raises(MemoryError, match=r"GiB of memory is free"):
+        F.conv_transpose1d(x, w, stride=10**12)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
@@ -43,6 +44,24 @@ def bias_grad(dy: np.ndarray, geom: ConvGeometry) -> np.ndarray:
     return dy.sum(axis=(0, *range(2, dy.ndim)))
 
 
+def _check_workspace(geom: ConvGeometry, batch: int, itemsize: int) -> None:
+    """Refuse, before allocating, a call whose buffers (padded input, columns, output)
+    exceed the memory the machine has free: a MemoryError, not an OOM kill."""
+    padded = math.prod(s + lo + hi for s, (lo, hi) in zip(geom.in_size, geom.padding))
+    taps, out = math.prod(geom.kernel_size), math.prod(geom.out_size)
+    need = itemsize * batch * (geom.in_channels * (padded + taps * out) + geom.out_channels * out)
+    try:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # not available on this platform
+        return
+    if need > free:
+        raise MemoryError(
+            f"this convolution needs about {need / 2**30:.1f} GiB of buffers (padded input "
+            f"{list(geom.input_shape(batch))} + padding {list(geom.padding)}, {taps} kernel taps x "
+            f"{out} output positions), but only {free / 2**30:.1f} GiB of memory is free"
+        )
+
+
 def _zero_pad(x: np.ndarray, geom: ConvGeometry) -> np.ndarray:
     if not any(lo or hi for lo, hi in geom.padding):
         return x
@@ -54,6 +73,7 @@ def _zero_pad(x: np.ndarray, geom: ConvGeometry) -> np.ndarray:
 
 def _im2col(x: np.ndarray, geom: ConvGeometry) -> np.ndarray:
     """x (B, C, *S) -> columns (G, Cg*K, B*P), a contiguous copy."""
+    _check_workspace(geom, x.shape[0], x.dtype.itemsize)
     x = np.ascontiguousarray(_zero_pad(x, geom))
     n, g = geom.ndim, geom.groups
     batch, channels = x.shape[:2]
@@ -132,6 +152,7 @@ def forward(x: np.ndarray, w: np.ndarray, geom: ConvGeometry) -> np.ndarray:
 
 def backward_data(dy: np.ndarray, w: np.ndarray, geom: ConvGeometry) -> np.ndarray:
     """dx = col2im(W^T dy): (G, Cg*K, Og) @ (G, Og, B*P) -> (G, Cg*K, B*P)."""
+    _check_workspace(geom, dy.shape[0], dy.dtype.itemsize)
     cols = np.matmul(_weight_matrix(w, geom).transpose(0, 2, 1), _grad_matrix(dy, geom))
     return np.ascontiguousarray(_col2im(cols, geom, dy.shape[0]))
 
