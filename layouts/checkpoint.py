@@ -61,7 +61,7 @@ def flatten(obj: Any, source: str) -> tuple[dict[str, np.ndarray], dict[str, Any
 
     def walk(item: Any, prefix: str) -> None:
         if _is_array(item):
-            if item.dtype.hasobject:   # defence in depth: readers never build these
+            if item.dtype.hasobject:  # defence in depth: readers never build these
                 raise CheckpointError(f"{source}: tensor {prefix!r} holds Python objects")
             tensors[prefix] = item
         elif isinstance(item, dict):

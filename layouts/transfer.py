@@ -98,11 +98,10 @@ def specs_from_metadata(metadata: Mapping[str, Any]) -> dict[str, ParamSpec]:
 def to_torch_param(array: np.ndarray, spec: ParamSpec, framework: str) -> np.ndarray:
     """One parameter from ``framework``'s layout to PyTorch's."""
     if spec.role == "conv_weight":
-        kind = spec.kind
-        if framework == "tensorflow" and kind == "depthwise" and array.shape[-2] == 1:
-            kind = "conv"  # a Keras Conv with groups=C, not a DepthwiseConv: (*k, 1, O)
-        groups = spec.groups if framework == "megengine" or kind == "depthwise" else None
-        return adapters.to_torch(array, framework, kind, groups, ndim=spec.ndim or None)
+        # a Keras Conv with groups=C stores (*k, 1, O); the depthwise reading of that
+        # (C=1, M=O) maps it exactly as the conv reading does
+        groups = spec.groups if framework == "megengine" or spec.kind == "depthwise" else None
+        return adapters.to_torch(array, framework, spec.kind, groups, ndim=spec.ndim or None)
     if spec.role == "conv_bias":
         return adapters.bias_to_torch(array, framework)
     if spec.role == "linear_weight" and framework in ("tensorflow", "jax"):

@@ -53,6 +53,18 @@ def int_tuple(value: Any, n: int, name: str, *, minimum: int | None = None) -> t
     return items
 
 
+def pad_fits(mode: str, before: int, after: int, size: int) -> bool:
+    """PyTorch's limits on padding an axis of ``size``: reflect needs pad < size, circular
+    pad <= size (it wraps around once at most), replicate a non-empty axis."""
+    if mode == "reflect":
+        return max(before, after) < size
+    if mode == "circular":
+        return max(before, after) <= size
+    if mode == "replicate":
+        return size > 0 or before + after == 0
+    return True
+
+
 def choice(value: Any, allowed: tuple[str, ...], name: str) -> str:
     if not isinstance(value, str):
         raise TypeError(
@@ -104,9 +116,14 @@ def padding_pairs(padding: Any, n: int, name: str = "padding") -> tuple[tuple[in
     return pairs
 
 
+def is_cupy(value: Any) -> bool:
+    """A CuPy array, told by its type's module: CuPy is never imported for this."""
+    return type(value).__module__.split(".")[0] == "cupy"
+
+
 def is_ndarray(value: Any) -> bool:
-    """A NumPy or CuPy array (CuPy is never imported here)."""
-    return isinstance(value, np.ndarray) or type(value).__module__.split(".")[0] == "cupy"
+    """A NumPy or CuPy array."""
+    return isinstance(value, np.ndarray) or is_cupy(value)
 
 
 def check_array(value: Any, name: str, op: str) -> None:
@@ -131,7 +148,7 @@ def check_same_dtype(op: str, **arrays: Any) -> None:
 
 def device_of(array: Any) -> str:
     """'cpu' for NumPy, 'cuda:i' for a CuPy array on GPU i (CuPy is never imported here)."""
-    return f"cuda:{array.device.id}" if type(array).__module__.split(".")[0] == "cupy" else "cpu"
+    return f"cuda:{array.device.id}" if is_cupy(array) else "cpu"
 
 
 def check_same_device(op: str, **arrays: Any) -> None:

@@ -109,9 +109,9 @@ def _jvp(primal, x, w, dx, dw, db, geom: ConvGeometry):
     cast = _Casts(x, geom)
     x, w, dx, dw, db = (cast(a) for a in (x, w, dx, dw, db))
     terms = [
-        primal(*args, None, geom, cast.backend)
-        for args in ((dx, w), (x, dw))
-        if args[0] is not None and args[1] is not None
+        primal(a, b, None, geom, cast.backend)
+        for a, b in ((dx, w), (x, dw))
+        if a is not None and b is not None
     ]
     if not terms:  # only the bias moves (or nothing)
         terms = [primal(x, w * 0, None, geom, cast.backend)]

@@ -130,24 +130,22 @@ def resolve_padding(
     return pairs
 
 
+_MODE_LIMITS = {
+    "reflect": "padding_mode='reflect' needs padding < input size in every dimension, but got "
+    "padding ({lo}, {hi}) for spatial dimension {dim} of input {shape}",
+    "circular": "padding_mode='circular' needs padding <= input size in every dimension (it may "
+    "wrap around only once), but got padding ({lo}, {hi}) for spatial dimension {dim} of input "
+    "{shape}",
+    "replicate": "padding_mode='replicate' needs a non-empty input, but got input {shape}",
+}
+
+
 def _check_mode_limits(mode: str, pairs, in_size, input_shape) -> None:
-    """PyTorch's limits: reflect needs pad < size, circular needs pad <= size."""
+    """PyTorch's limits (``_args.pad_fits``), with the conv's wording."""
     for dim, ((lo, hi), size) in enumerate(zip(pairs, in_size)):
-        if mode == "reflect" and max(lo, hi) >= size:
+        if not _args.pad_fits(mode, lo, hi, size):
             raise ValueError(
-                f"padding_mode='reflect' needs padding < input size in every dimension, but got "
-                f"padding ({lo}, {hi}) for spatial dimension {dim} of input {shape_str(input_shape)}"
-            )
-        if mode == "circular" and max(lo, hi) > size:
-            raise ValueError(
-                f"padding_mode='circular' needs padding <= input size in every dimension (it may "
-                f"wrap around only once), but got padding ({lo}, {hi}) for spatial dimension {dim} "
-                f"of input {shape_str(input_shape)}"
-            )
-        if mode == "replicate" and size == 0 and lo + hi > 0:
-            raise ValueError(
-                f"padding_mode='replicate' needs a non-empty input, but got input "
-                f"{shape_str(input_shape)}"
+                _MODE_LIMITS[mode].format(lo=lo, hi=hi, dim=dim, shape=shape_str(input_shape))
             )
 
 

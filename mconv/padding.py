@@ -86,6 +86,15 @@ def pad_backward_unchecked(dy, pairs: Pairs, mode: str):
     return dy
 
 
+_PAD_LIMITS = {
+    "reflect": "mode='reflect' needs every pad < the size of its axis, but got pads={pads!r} "
+    "for input of size {shape}",
+    "circular": "mode='circular' needs every pad <= the size of its axis, but got pads={pads!r} "
+    "for input of size {shape}",
+    "replicate": "mode='replicate' cannot pad an empty axis; input of size {shape}",
+}
+
+
 def _check_pad_args(x, pads, mode: str, op: str) -> tuple[tuple[tuple[int, int], ...], str]:
     _args.check_array(x, "input", op)
     mode = _args.choice(mode, _args.PADDING_MODES, "mode")
@@ -102,20 +111,9 @@ def _check_pad_args(x, pads, mode: str, op: str) -> tuple[tuple[tuple[int, int],
     pairs = _args.padding_pairs(list(pads), len(pads), "pads")
     sizes = x.shape[x.ndim - len(pairs) :]
     for (lo, hi), size in zip(pairs, sizes):
-        if mode == "reflect" and max(lo, hi) >= size:
+        if not _args.pad_fits(mode, lo, hi, size):
             raise ValueError(
-                f"{op}: mode='reflect' needs every pad < the size of its axis, but got "
-                f"pads={pads!r} for input of size {shape_str(x.shape)}"
-            )
-        if mode == "circular" and max(lo, hi) > size:
-            raise ValueError(
-                f"{op}: mode='circular' needs every pad <= the size of its axis, but got "
-                f"pads={pads!r} for input of size {shape_str(x.shape)}"
-            )
-        if mode == "replicate" and size == 0 and lo + hi:
-            raise ValueError(
-                f"{op}: mode='replicate' cannot pad an empty axis; input of size "
-                f"{shape_str(x.shape)}"
+                f"{op}: " + _PAD_LIMITS[mode].format(pads=pads, shape=shape_str(x.shape))
             )
     return pairs, mode
 

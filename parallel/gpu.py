@@ -25,13 +25,14 @@ import os
 
 import numpy as np
 
+from mconv import _args
+
 from .transport import MpiTransport, displacements
 
 TRANSPORTS = ("nccl", "cuda-aware-mpi", "host")
 
 
-def is_cupy(array) -> bool:
-    return type(array).__module__.split(".")[0] == "cupy"
+is_cupy = _args.is_cupy  # told by the type's module, without importing CuPy
 
 
 def choose_transport(flags_per_rank, forced: str | None = None) -> str:

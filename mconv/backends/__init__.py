@@ -24,12 +24,13 @@ from __future__ import annotations
 
 import numpy as np
 
+from .. import _args
 from . import numpy_backend
 
 
 def get_backend(array):
     """The backend that owns ``array``'s device."""
-    if type(array).__module__.split(".")[0] == "cupy":
+    if _args.is_cupy(array):
         from . import cupy_backend  # noqa: PLC0415 - CuPy is optional
 
         return cupy_backend

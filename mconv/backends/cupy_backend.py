@@ -24,7 +24,7 @@ import re
 
 import numpy as np
 
-from .. import kernels
+from .. import _args, kernels
 from ..kernels import plan
 from ..kernels.ops import KernelBackend
 
@@ -78,14 +78,7 @@ def check_device(device: str) -> str:
     return f"cuda:{device_index(device)}"
 
 
-def is_cupy(array) -> bool:
-    """A CuPy array (decided without importing CuPy)."""
-    return type(array).__module__.split(".")[0] == "cupy"
-
-
-def device_of(array) -> str:
-    """'cuda:i' for CuPy arrays on GPU i, 'cpu' otherwise."""
-    return f"cuda:{array.device.id}" if is_cupy(array) else "cpu"
+is_cupy, device_of = _args.is_cupy, _args.device_of  # one definition, in mconv._args
 
 
 def to_device(array, device: str):

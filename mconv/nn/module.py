@@ -73,18 +73,11 @@ def check_device(device: Any) -> str:
 
 def to_device(array: Any, device: str) -> Any:
     """``array`` on a device already checked by ``check_device`` (no copy if it is there)."""
-    if device == "cpu" and _device_of(array) == "cpu":
+    if device == "cpu" and _args.device_of(array) == "cpu":
         return array
     from ..backends import cupy_backend  # noqa: PLC0415 - imports CuPy only when asked
 
     return cupy_backend.to_device(array, device)
-
-
-def _device_of(array: Any) -> str:
-    """'cpu', or 'cuda:i' for a CuPy array (decided without importing CuPy)."""
-    if type(array).__module__.split(".")[0] == "cupy":
-        return f"cuda:{array.device.id}"
-    return "cpu"
 
 
 def float_dtype(dtype: Any, name: str = "dtype") -> np.dtype:
@@ -261,7 +254,7 @@ class Module:
             )
         for name, param in expected.items():
             if name in state_dict:  # copied onto the parameter's device
-                param.data[...] = to_device(state_dict[name], _device_of(param.data))
+                param.data[...] = to_device(state_dict[name], _args.device_of(param.data))
         return IncompatibleKeys(missing, unexpected)
 
     def zero_grad(self) -> None:
