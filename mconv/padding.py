@@ -147,8 +147,7 @@ def pad_backward(dy, pads: Sequence[Any], mode: str = "zeros"):
     mode = _args.choice(mode, _args.PADDING_MODES, "mode")
     for (lo, hi), size in zip(pairs, dy.shape[dy.ndim - len(pairs) :]):
         inner = size - lo - hi
-        limit = inner - 1 if mode == "reflect" else inner
-        if inner <= 0 or (mode != "zeros" and max(lo, hi) > limit):
+        if inner <= 0 or not _args.pad_fits(mode, lo, hi, inner):
             raise ValueError(
                 f"pad_backward: pads={pads!r} do not fit a padded gradient of size "
                 f"{shape_str(dy.shape)} with mode={mode!r}"

@@ -82,3 +82,14 @@ def test_padding_modes_and_conv_mode(
     )
     for got, want in zip((y, dx, dw, db), ref):
         assert_close(got[None] if got.ndim == want.ndim - 1 else got, want)
+
+
+def test_replicate_padding_wider_than_the_axis_has_an_adjoint(rng):
+    """replicate has no size limit, forward or backward (pad 5 on an axis of 2)."""
+    x = rng.standard_normal((1, 2))
+    tx = torch.tensor(x, requires_grad=True)
+    ty = TF.pad(tx[None], [5, 5], mode="replicate")[0]
+    dy = rng.standard_normal(ty.shape)
+    ty.backward(torch.tensor(dy))
+    assert_close(F.pad(x, [(5, 5)], "replicate"), ty.detach().numpy(), 0)
+    assert_close(F.pad_backward(dy, [(5, 5)], "replicate"), tx.grad.numpy())
