@@ -9,7 +9,18 @@
 
 from . import functional, losses, nn, optim
 from .nn.init import manual_seed
+from .backends.numpy_threads import get_num_threads, set_num_threads
 from .geometry import ConvGeometry
 
 __version__ = "0.1.0"
-__all__ = ["ConvGeometry", "functional", "nn", "losses", "optim", "manual_seed", "__version__"]
+__all__ = [
+    "ConvGeometry",
+    "functional",
+    "nn",
+    "losses",
+    "optim",
+    "manual_seed",
+    "get_num_threads",
+    "set_num_threads",
+    "__version__",
+]

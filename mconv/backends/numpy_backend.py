@@ -1,19 +1,29 @@
-"""NumPy backend: the three convolution primitives as im2col + GEMM.
+"""NumPy backend: the three convolution primitives on the CPU.
 
-Shapes (B batch, G groups, Cg = C/G, Og = O/G, K = prod(kernel_size),
-P = prod(out_size), S = in_size, Sp = in_size + padding):
+Shapes (B batch, G groups, Cg = C/G, Og = O/G, K = prod(kernel_size)):
 
     forward          x (B, C, *S), w (O, Cg, *k)   -> y  (B, O, *Q)
     backward_data    dy (B, O, *Q), w (O, Cg, *k)  -> dx (B, C, *S)
     backward_filter  dy (B, O, *Q), x (B, C, *S)   -> dw (O, Cg, *k)
 
-``pad``/``pad_backward`` (the explicit padding modes and their adjoint) and
-``bias_grad`` complete the backend interface. All three primitives see a
-zero-padding, cross-correlation geometry (padding modes and
-``conv_mode`` are lowered in ``mconv.conv_ops``) and arrays already in the
-compute dtype. ``im2col`` reads windows through a strided view; ``col2im``
-is a loop over the K kernel offsets, each adding one strided slice, so the
-result is deterministic.
+All three see a zero-padding cross-correlation geometry (padding modes and
+``conv_mode`` are lowered in ``mconv.conv_ops``). Inputs arrive in the
+caller's dtype; results come back in the accumulator dtype (fp32 for fp16:
+fp16 is widened tile by tile on the way into fp32 BLAS, never as a whole).
+
+Paths:
+- pointwise (1x1, stride 1, no padding): one GEMM per image, no copies;
+- depthwise (C = O = G): shifted multiply-adds, ``numpy_depthwise``;
+- everything else: tiled channels-last im2col + GEMM, ``numpy_im2col``.
+
+backward_data is a convolution too, with no col2im: per axis, the input
+positions u with (u + before) = r (mod stride) receive only the taps i with
+i*dilation = r + before (mod stride), and for those the output index
+q = (u + before - i*dilation) / stride moves by one as u moves by stride.
+So each of the prod(stride) residue classes ("phases") of dx is a
+stride-1 correlation of dy with the transposed, reversed sub-kernel of its
+taps (dilation dilation/gcd(stride, dilation)), written straight into
+dx[..., r::stride]; a phase with no taps is zero. Stride 1 is one phase.
 """
 
 from __future__ import annotations
@@ -23,142 +33,143 @@ import math
 import os
 
 import numpy as np
-from numpy.lib.stride_tricks import as_strided
 
 from ..geometry import ConvGeometry
 from ..padding import pad_backward_unchecked as pad_backward  # noqa: F401 - backend interface
 from ..padding import pad_unchecked as pad  # noqa: F401 - backend interface
+from . import numpy_depthwise, numpy_im2col
 
 name = "numpy"
 
 
 def compute_dtype(dtype, compute_mode: str) -> np.dtype:
-    """fp16 always computes through fp32 BLAS on the CPU (NumPy's fp16 GEMM is
-    hundreds of times slower); either compute mode then rounds once at the end."""
+    """Inputs are passed through as they are; the primitives widen fp16 tile by tile."""
+    return np.dtype(dtype)
+
+
+def accumulator_dtype(dtype) -> np.dtype:
+    """fp16 always accumulates in fp32 on the CPU (NumPy's fp16 GEMM is hundreds of times
+    slower), so both compute modes round once, at the end."""
     dtype = np.dtype(dtype)
     return np.dtype(np.float32) if dtype == np.float16 else dtype
 
 
 def bias_grad(dy: np.ndarray, geom: ConvGeometry) -> np.ndarray:
-    """db = sum of dy over the batch and spatial axes."""
-    return dy.sum(axis=(0, *range(2, dy.ndim)))
+    """db = sum of dy over the batch and spatial axes, in the accumulator dtype."""
+    return dy.sum(axis=(0, *range(2, dy.ndim)), dtype=accumulator_dtype(dy.dtype))
 
 
-def _check_workspace(geom: ConvGeometry, batch: int, itemsize: int) -> None:
-    """Refuse, before allocating, a call whose buffers (padded input, columns, output)
-    exceed the memory the machine has free: a MemoryError, not an OOM kill."""
-    padded = math.prod(s + lo + hi for s, (lo, hi) in zip(geom.in_size, geom.padding))
-    taps, out = math.prod(geom.kernel_size), math.prod(geom.out_size)
-    need = itemsize * batch * (geom.in_channels * (padded + taps * out) + geom.out_channels * out)
+def _check_memory(shape, dtype, what: str, geom: ConvGeometry) -> None:
+    """Refuse, before allocating, a result larger than the free memory: a MemoryError, not an
+    OOM kill (the scratch of the tiles is small; the result is what can be absurd)."""
+    need = math.prod(shape) * np.dtype(dtype).itemsize
     try:
         free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):  # not available on this platform
         return
     if need > free:
         raise MemoryError(
-            f"this convolution needs about {need / 2**30:.1f} GiB of buffers (padded input "
-            f"{list(geom.input_shape(batch))} + padding {list(geom.padding)}, {taps} kernel taps x "
-            f"{out} output positions), but only {free / 2**30:.1f} GiB of memory is free"
+            f"this convolution needs about {need / 2**30:.1f} GiB of buffers ({what} of shape "
+            f"{list(shape)}, padding {list(geom.padding)}, stride {list(geom.stride)}), but only "
+            f"{free / 2**30:.1f} GiB of memory is free"
         )
 
 
-def _zero_pad(x: np.ndarray, geom: ConvGeometry) -> np.ndarray:
-    if not any(lo or hi for lo, hi in geom.padding):
-        return x
-    padded = tuple(s + lo + hi for s, (lo, hi) in zip(geom.in_size, geom.padding))
-    out = np.zeros(x.shape[:2] + padded, dtype=x.dtype)
-    out[(Ellipsis, *(slice(lo, lo + s) for s, (lo, _) in zip(geom.in_size, geom.padding)))] = x
-    return out
+def _empty(shape, dtype, what: str, geom: ConvGeometry) -> np.ndarray:
+    _check_memory(shape, dtype, what, geom)
+    return np.empty(shape, dtype)
 
 
-def _im2col(x: np.ndarray, geom: ConvGeometry) -> np.ndarray:
-    """x (B, C, *S) -> columns (G, Cg*K, B*P), a contiguous copy."""
-    _check_workspace(geom, x.shape[0], x.dtype.itemsize)
-    x = np.ascontiguousarray(_zero_pad(x, geom))
-    n, g = geom.ndim, geom.groups
-    batch, channels = x.shape[:2]
-    s_batch, s_chan, *s_space = x.strides
-    # view (B, G, Cg, *k, *Q): element [b, g, c, *i, *q] = x[b, g*Cg + c, *(q*stride + i*dilation)]
-    windows = as_strided(
-        x,
-        shape=(batch, g, channels // g, *geom.kernel_size, *geom.out_size),
-        strides=(
-            s_batch,
-            s_chan * (channels // g),
-            s_chan,
-            *(d * s for d, s in zip(geom.dilation, s_space)),
-            *(st * s for st, s in zip(geom.stride, s_space)),
-        ),
-        writeable=False,
-    )
-    # (B, G, Cg, *k, *Q) -> (G, Cg, *k, B, *Q)
-    windows = windows.transpose(1, 2, *range(3, 3 + n), 0, *range(3 + n, 3 + 2 * n))
-    # (G, Cg, *k, B, *Q) -> (G, Cg*K, B*P)
-    return windows.reshape(
-        g, (channels // g) * math.prod(geom.kernel_size), batch * math.prod(geom.out_size)
+def _is_pointwise(g: ConvGeometry) -> bool:
+    return (
+        all(k == 1 for k in g.kernel_size)
+        and all(s == 1 for s in g.stride)
+        and all(p == (0, 0) for p in g.padding)
     )
 
 
-def _col2im(cols: np.ndarray, geom: ConvGeometry, batch: int) -> np.ndarray:
-    """Adjoint of ``_im2col``: columns (G, Cg*K, B*P) -> dx (B, C, *S)."""
-    n, g = geom.ndim, geom.groups
-    cg = geom.in_channels // g
-    # (G, Cg*K, B*P) -> (G, Cg, *k, B, *Q)
-    cols = cols.reshape(g, cg, *geom.kernel_size, batch, *geom.out_size)
-    # (G, Cg, *k, B, *Q) -> (*k, B, G, Cg, *Q), so each kernel offset is one contiguous block
-    cols = np.ascontiguousarray(
-        cols.transpose(*range(2, 2 + n), 2 + n, 0, 1, *range(3 + n, 3 + 2 * n))
-    )
-    padded = tuple(s + lo + hi for s, (lo, hi) in zip(geom.in_size, geom.padding))
-    dx = np.zeros((batch, g, cg, *padded), dtype=cols.dtype)
-    for offset in itertools.product(*(range(k) for k in geom.kernel_size)):
-        window = tuple(
-            slice(i * d, i * d + s * (q - 1) + 1, s)
-            for i, d, s, q in zip(offset, geom.dilation, geom.stride, geom.out_size)
-        )
-        dx[(Ellipsis, *window)] += cols[offset]
-    # (B, G, Cg, *Sp) -> (B, C, *Sp), then drop the padding
-    dx = dx.reshape(batch, geom.in_channels, *padded)
-    return dx[(Ellipsis, *(slice(lo, lo + s) for s, (lo, _) in zip(geom.in_size, geom.padding)))]
-
-
-def _grad_matrix(dy: np.ndarray, geom: ConvGeometry) -> np.ndarray:
-    """dy (B, O, *Q) -> (G, Og, B*P)."""
-    batch, g = dy.shape[0], geom.groups
-    # (B, O, *Q) -> (B, G, Og, P) -> (G, Og, B, P) -> (G, Og, B*P)
-    og, p = geom.out_channels // g, math.prod(geom.out_size)
-    dy = dy.reshape(batch, g, og, p).transpose(1, 2, 0, 3)
-    return dy.reshape(g, og, batch * p)
-
-
-def _weight_matrix(w: np.ndarray, geom: ConvGeometry) -> np.ndarray:
-    """w (O, Cg, *k) -> (G, Og, Cg*K)."""
-    return w.reshape(
-        geom.groups,
-        geom.out_channels // geom.groups,
-        (geom.in_channels // geom.groups) * math.prod(geom.kernel_size),
-    )
+def _correlate(x: np.ndarray, w: np.ndarray, g: ConvGeometry, out: np.ndarray) -> None:
+    """out (B, O, *Q) = conv(x, w) on the fastest path for ``g``."""
+    acc = out.dtype
+    if out.size == 0 or x.size == 0 or w.size == 0:
+        out[...] = 0  # an empty sum (or nothing to write)
+    elif numpy_depthwise.applies(g):
+        numpy_depthwise.forward(x, w, g, out)
+    elif _is_pointwise(g) and out.flags.c_contiguous:
+        batch, groups = x.shape[0], g.groups
+        # w (O, Cg, 1..) -> (G, Og, Cg); x (B, C, *S) -> (B, G, Cg, P); out -> (B, G, Og, P)
+        wg = w.reshape(groups, g.out_channels // groups, -1).astype(acc, copy=False)
+        xg = x.reshape(batch, groups, g.in_channels // groups, -1).astype(acc, copy=False)
+        np.matmul(wg, xg, out=out.reshape(batch, groups, g.out_channels // groups, -1))
+    else:
+        numpy_im2col.correlate(x, w, g, out, acc)
 
 
 def forward(x: np.ndarray, w: np.ndarray, geom: ConvGeometry) -> np.ndarray:
-    """y = conv(x, w): (G, Og, Cg*K) @ (G, Cg*K, B*P) -> (G, Og, B*P)."""
-    batch, g = x.shape[0], geom.groups
-    y = np.matmul(_weight_matrix(w, geom), _im2col(x, geom))
-    # (G, Og, B, *Q) -> (B, G, Og, *Q) -> (B, O, *Q)
-    y = y.reshape(g, geom.out_channels // g, batch, *geom.out_size)
-    y = np.moveaxis(y, 2, 0)
-    return np.ascontiguousarray(y.reshape(batch, geom.out_channels, *geom.out_size))
+    """y = conv(x, w), in the accumulator dtype."""
+    y = _empty(geom.output_shape(x.shape[0]), accumulator_dtype(x.dtype), "output", geom)
+    _correlate(x, w, geom, y)
+    return y
+
+
+def _phase_axis(size, out, k, stride, dilation, before):
+    """The residues r of one axis that some tap reaches: (positions slice, taps high to low,
+    sub-conv parts); every other residue class of dx is zero."""
+    reached = sorted(r for r in {(i * dilation - before) % stride for i in range(k)} if r < size)
+    for r in reached:
+        count = (size - r + stride - 1) // stride  # positions u = r, r + stride, ... < size
+        taps = [i for i in reversed(range(k)) if (r + before - i * dilation) % stride == 0]
+        first = (r + before - taps[0] * dilation) // stride  # dy index of the first tap at u = r
+        step = dilation // math.gcd(stride, dilation)  # dy distance between consecutive taps
+        # dy positions m + first + j*step, j < len(taps), for m < count, as a padded window
+        lo, hi = -first, count - 1 + first + (len(taps) - 1) * step - (out - 1)
+        yield slice(r, None, stride), taps, (count, step, (lo, hi))
 
 
 def backward_data(dy: np.ndarray, w: np.ndarray, geom: ConvGeometry) -> np.ndarray:
-    """dx = col2im(W^T dy): (G, Cg*K, Og) @ (G, Og, B*P) -> (G, Cg*K, B*P)."""
-    _check_workspace(geom, dy.shape[0], dy.dtype.itemsize)
-    cols = np.matmul(_weight_matrix(w, geom).transpose(0, 2, 1), _grad_matrix(dy, geom))
-    return np.ascontiguousarray(_col2im(cols, geom, dy.shape[0]))
+    """dx = A_w^T dy as prod(stride) stride-1 correlations (see the module docstring)."""
+    batch, groups = dy.shape[0], geom.groups
+    og, cg = geom.out_channels // groups, geom.in_channels // groups
+    # w (O, Cg, *k) -> (G, Og, Cg, *k) -> (G, Cg, Og, *k) -> (C, Og, *k): the transposed conv weight
+    wt = w.reshape(groups, og, cg, *geom.kernel_size).swapaxes(1, 2)
+    wt = wt.reshape(geom.in_channels, og, *geom.kernel_size)
+    shape = geom.input_shape(batch)
+    _check_memory(shape, accumulator_dtype(dy.dtype), "input gradient", geom)
+    axes = [
+        list(_phase_axis(*args))
+        for args in zip(
+            geom.in_size, geom.out_size, geom.kernel_size, geom.stride, geom.dilation,
+            (lo for lo, _ in geom.padding),
+        )
+    ]
+    covered = all(len(a) == min(s, n) for a, s, n in zip(axes, geom.stride, geom.in_size))
+    dx = (np.empty if covered else np.zeros)(shape, accumulator_dtype(dy.dtype))
+    for phase in itertools.product(*axes):
+        slices, taps, parts = zip(*phase)
+        counts, steps, pads = zip(*parts)
+        sub = ConvGeometry(
+            geom.out_channels, geom.in_channels, groups, geom.out_size,
+            tuple(len(t) for t in taps), counts, (1,) * geom.ndim, steps, pads,
+        )
+        # (C, Og, *k) -> (C, Og, *len(taps)): the phase's taps, highest first
+        wsub = wt[(Ellipsis, *np.ix_(*taps))]
+        _correlate(dy, wsub, sub, dx[(Ellipsis, *slices)])
+    return dx
 
 
 def backward_filter(dy: np.ndarray, x: np.ndarray, geom: ConvGeometry) -> np.ndarray:
-    """dW = dy im2col(x)^T: (G, Og, B*P) @ (G, B*P, Cg*K) -> (G, Og, Cg*K)."""
-    dw = np.matmul(_grad_matrix(dy, geom), _im2col(x, geom).transpose(0, 2, 1))
-    # (G, Og, Cg*K) -> (O, Cg, *k)
-    return dw.reshape(geom.out_channels, geom.in_channels // geom.groups, *geom.kernel_size)
+    """dW = B_x^T dy, in the accumulator dtype."""
+    acc = accumulator_dtype(x.dtype)
+    if dy.size == 0 or x.size == 0:
+        return np.zeros((geom.out_channels, geom.in_channels // geom.groups, *geom.kernel_size), acc)
+    if numpy_depthwise.applies(geom):
+        return numpy_depthwise.filter_grad(dy, x, geom, acc)
+    if _is_pointwise(geom):
+        batch, groups = x.shape[0], geom.groups
+        og, cg = geom.out_channels // groups, geom.in_channels // groups
+        # dy (B, O, P) -> (B, G, Og, P); x (B, C, P) -> (B, G, P, Cg); sum_b dy_b @ x_b^T
+        dyg = dy.reshape(batch, groups, og, -1).astype(acc, copy=False)
+        xg = x.reshape(batch, groups, cg, -1).astype(acc, copy=False).swapaxes(2, 3)
+        dw = np.matmul(dyg, xg).sum(axis=0)  # (G, Og, Cg)
+        return dw.reshape(geom.out_channels, cg, *geom.kernel_size)
+    return numpy_im2col.filter_grad(dy, x, geom, acc)

@@ -19,7 +19,7 @@ from numpy.lib.stride_tricks import as_strided
 
 from .. import _args
 from .. import functional as F
-from ..backends.numpy_backend import compute_dtype
+from ..backends.numpy_backend import accumulator_dtype
 from ..padding import array_module
 from . import init
 from .module import Module, Parameter, check_device, float_dtype, to_device
@@ -142,7 +142,7 @@ class Linear(Module):
                 f"input of size {_args.shape_str(x.shape)}"
             )
         self._cache = x
-        cdt = compute_dtype(x.dtype, "default")
+        cdt = accumulator_dtype(x.dtype)
         y = x.astype(cdt) @ self.weight.data.astype(cdt).T
         if self.bias is not None:
             y += self.bias.data.astype(cdt)
@@ -150,7 +150,7 @@ class Linear(Module):
 
     def backward(self, grad_output):
         x = _cached(self)
-        cdt = compute_dtype(x.dtype, "default")
+        cdt = accumulator_dtype(x.dtype)
         dy = grad_output.astype(cdt).reshape(-1, self.out_features)  # (rows, out)
         xs = x.astype(cdt).reshape(-1, self.in_features)  # (rows, in)
         self.weight.accumulate_grad((dy.T @ xs).astype(x.dtype))
@@ -177,7 +177,7 @@ class GlobalAvgPool(Module):
                 f"{_args.shape_str(x.shape)}"
             )
         self._cache = x.shape
-        return x.mean(axis=tuple(range(2, x.ndim)), dtype=compute_dtype(x.dtype, "default")).astype(
+        return x.mean(axis=tuple(range(2, x.ndim)), dtype=accumulator_dtype(x.dtype)).astype(
             x.dtype
         )
 
@@ -289,7 +289,7 @@ class MaxPool(_PoolNd):
         index = (
             tuple(np.broadcast_to(a.reshape(a.shape + (1,) * n), arg.shape) for a in lead) + coords
         )
-        dx = np.zeros(padded_shape, dtype=compute_dtype(dy.dtype, "default"))
+        dx = np.zeros(padded_shape, dtype=accumulator_dtype(dy.dtype))
         np.add.at(dx, index, dy)
         dx = dx[(Ellipsis, *(slice(p, p + s) for p, s in zip(self.padding, shape[-n:])))]
         dx = dx.astype(grad_output.dtype)

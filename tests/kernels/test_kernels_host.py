@@ -1,6 +1,6 @@
 """Every CUDA kernel, built for the host with g++, against NumPy references.
 
-References: the NumPy backend's im2col/col2im and primitives, mconv.padding
+References: the column layout in column_reference.py, the NumPy backend's primitives, mconv.padding
 (the NumPy pad and its adjoint), and float64 sums. Small grids make every
 grid-stride loop wrap; reversed and reshaped grids must give identical bits.
 """
@@ -15,6 +15,8 @@ from mconv.geometry import conv_geometry
 from mconv.kernels import CTYPES, host, plan
 from mconv.kernels.ops import KernelBackend
 from mconv.padding import pad_backward_unchecked, pad_unchecked
+
+import column_reference
 
 # rank -> (in_size, kernel, stride, dilation, (before, after) pairs)
 GEOMETRIES = {
@@ -72,7 +74,7 @@ def _assert_rounded_once(got, exact, out_dtype, terms):
 def test_im2col_matches_numpy(executor, rank, dtype, per_group):
     geom = _geom(rank)
     x = np.random.default_rng(rank).standard_normal(geom.input_shape(2)).astype(dtype)
-    ref = numpy_backend._im2col(x, geom)  # (G, Cg*K, B*P) = (C*K, B, P)
+    ref = column_reference.im2col(x, geom)  # (G, Cg*K, B*P) = (C*K, B, P)
     ck, p = ref.shape[0] * ref.shape[1], math.prod(geom.out_size)
     cols = np.full(ref.size, np.nan, dtype=dtype)
     strides = (p, 2 * p) if per_group else (ck * p, p)
@@ -94,7 +96,7 @@ def test_col2im_is_the_numpy_adjoint(executor, rank, types, per_group):
     cols = np.random.default_rng(rank).standard_normal((ck, 2, p)).astype(t)  # (C*K, B, P)
     g = geom.groups
     # (C*K, B, P) -> (G, Cg*K, B*P): the NumPy backend's column layout
-    exact = numpy_backend._col2im(cols.astype(np.float64).reshape(g, ck // g, 2 * p), geom, 2)
+    exact = column_reference.col2im(cols.astype(np.float64).reshape(g, ck // g, 2 * p), geom, 2)
     layout = cols if per_group else np.ascontiguousarray(cols.transpose(1, 0, 2))
     strides = (p, 2 * p) if per_group else (ck * p, p)
     dx = np.empty(geom.input_shape(2), dtype=out)

@@ -1,0 +1,146 @@
+"""Depthwise convolution (C = O = G) on the CPU: per-channel tap columns and a tiny GEMM.
+
+A depthwise conv has K multiply-adds per output, too few for im2col + GEMM
+over channels (each GEMM would be 1 x K). Instead each task takes one image
+and a block of channels, pads them into a flat scratch ``(cb, prod(Sp))``
+and copies the K shifted windows into ``cols (cb, K, P)``; then
+``w (cb, 1, K) @ cols`` gives the outputs and ``dy (cb, 1, P) @ cols^T``
+the filter gradient.
+
+With stride 1 a window is one contiguous run of the flat padded plane when
+the output is computed "wide": position q sits at the flat index
+``sum_j q_j * Sp_stride_j``, so the first axis keeps its Q0 rows and every
+other axis runs over its whole padded width; the extra columns are cropped
+(forward) or meet zeros in dy (filter gradient). Other strides copy strided
+windows of shape Q.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numpy.lib.stride_tricks import as_strided
+
+from ..geometry import ConvGeometry
+from . import numpy_threads
+
+# Channels per task: enough for long copies, few enough to stay in cache.
+_TASK_BYTES = 1 << 20
+
+
+def applies(g: ConvGeometry) -> bool:
+    """Depthwise with multiplier 1: every group has one input and one output channel."""
+    return g.groups > 1 and g.in_channels == g.out_channels == g.groups
+
+
+class _Plan:
+    """Sizes shared by the tasks of one call."""
+
+    def __init__(self, g: ConvGeometry, dtype):
+        self.g, self.dtype = g, np.dtype(dtype)
+        self.padded = tuple(s + lo + hi for s, (lo, hi) in zip(g.in_size, g.padding))
+        self.taps = math.prod(g.kernel_size)
+        self.wide = all(s == 1 for s in g.stride)
+        # flat strides of the padded plane, in elements
+        self.plane = tuple(math.prod(self.padded[j + 1 :]) for j in range(g.ndim))
+        if self.wide:  # output rows x full padded width of the other axes
+            self.positions = g.out_size[0] * self.plane[0]
+            self.offsets = [
+                sum(i * d * p for i, d, p in zip(tap, g.dilation, self.plane))
+                for tap in np.ndindex(*g.kernel_size)
+            ]
+            self.slack = max(self.offsets) + self.positions - math.prod(self.padded)
+        else:
+            self.positions, self.slack = math.prod(g.out_size), 0
+        per_channel = self.dtype.itemsize * (self.taps + 2) * self.positions
+        self.block = max(1, min(g.in_channels, _TASK_BYTES // per_channel))
+
+    def tasks(self, batch: int) -> list[tuple[int, slice]]:
+        c, block = self.g.in_channels, self.block
+        return [(b, slice(c0, min(c, c0 + block))) for b in range(batch) for c0 in range(0, c, block)]
+
+    def scratch(self):
+        flat = np.zeros((self.block, math.prod(self.padded) + max(0, self.slack)), self.dtype)
+        return _Scratch(flat, np.empty((self.block, self.taps, self.positions), self.dtype))
+
+    def columns(self, x: np.ndarray, b: int, chans: slice, scratch) -> np.ndarray:
+        """cols (cb, K, P) of image b, channels ``chans``."""
+        g, cb = self.g, chans.stop - chans.start
+        flat = scratch.flat[:cb]
+        plane = flat[:, : math.prod(self.padded)].reshape(cb, *self.padded)
+        crop = tuple(slice(max(0, -lo), s - max(0, -hi)) for s, (lo, hi) in zip(g.in_size, g.padding))
+        src = x[(b, chans, *crop)]
+        plane[(slice(None), *(slice(max(0, lo), max(0, lo) + n) for n, (lo, _) in zip(src.shape[1:], g.padding)))] = src
+        cols = scratch.cols[:cb]
+        if self.wide:
+            for k, off in enumerate(self.offsets):
+                cols[:, k] = flat[:, off : off + self.positions]
+            return cols
+        st = plane.strides
+        windows = as_strided(  # (cb, *k, *Q): [c, *i, *q] = plane[c, *(q*stride + i*dilation)]
+            plane,
+            shape=(cb, *g.kernel_size, *g.out_size),
+            strides=(st[0], *(d * a for d, a in zip(g.dilation, st[1:])), *(s * a for s, a in zip(g.stride, st[1:]))),
+            writeable=False,
+        )
+        # (cb, *k, *Q) -> (cb, K, P)
+        np.copyto(cols.reshape(cb, *g.kernel_size, *g.out_size), windows)
+        return cols
+
+    def crop(self, wide: np.ndarray) -> np.ndarray:
+        """(cb, 1, P_wide) -> (cb, *Q): drop the columns past each axis' output size."""
+        if not self.wide:
+            return wide.reshape(wide.shape[0], *self.g.out_size)
+        full = wide.reshape(wide.shape[0], self.g.out_size[0], *self.padded[1:])
+        return full[(slice(None), slice(None), *(slice(0, q) for q in self.g.out_size[1:]))]
+
+
+class _Scratch:
+    def __init__(self, flat, cols):
+        self.flat, self.cols, self.acc, self.dy = flat, cols, None, None
+
+
+def _work(g: ConvGeometry, batch: int) -> int:
+    return batch * g.out_channels * math.prod(g.out_size) * math.prod(g.kernel_size)
+
+
+def forward(x: np.ndarray, w: np.ndarray, g: ConvGeometry, out: np.ndarray) -> None:
+    """out (B, C, *Q) = depthwise conv of x (B, C, *S) with w (C, 1, *k)."""
+    plan = _Plan(g, out.dtype)
+    wk = w.reshape(g.out_channels, 1, -1).astype(out.dtype, copy=False)  # (C, 1, K)
+
+    def work(task, scratch: _Scratch) -> None:
+        b, chans = task
+        cols = plan.columns(x, b, chans, scratch)
+        res = np.matmul(wk[chans], cols)  # (cb, 1, K) @ (cb, K, P) -> (cb, 1, P)
+        out[b, chans] = plan.crop(res)
+
+    tasks = plan.tasks(x.shape[0])
+    numpy_threads.run(tasks, work, plan.scratch, _work(g, x.shape[0]))
+
+
+def filter_grad(dy: np.ndarray, x: np.ndarray, g: ConvGeometry, dtype) -> np.ndarray:
+    """dW (C, 1, *k) = sum over images of dy (cb, 1, P) @ cols^T (cb, P, K)."""
+    plan = _Plan(g, dtype)
+
+    def scratch():
+        s = plan.scratch()
+        s.acc = np.zeros((g.out_channels, 1, plan.taps), plan.dtype)
+        s.dy = np.zeros((plan.block, 1, plan.positions), plan.dtype)  # wide columns stay zero
+        return s
+
+    def work(task, s: _Scratch) -> None:
+        b, chans = task
+        cb = chans.stop - chans.start
+        cols = plan.columns(x, b, chans, s)
+        dyc = s.dy[:cb]
+        plan.crop(dyc)[...] = dy[b, chans]  # (cb, *Q) into the (wide) row
+        s.acc[chans] += np.matmul(dyc, cols.swapaxes(1, 2))  # (cb, 1, P) @ (cb, P, K)
+
+    tasks = plan.tasks(x.shape[0])
+    sums = numpy_threads.run(tasks, work, scratch, _work(g, x.shape[0]))
+    dw = sums[0].acc
+    for other in sums[1:]:
+        dw += other.acc
+    return dw.reshape(g.out_channels, 1, *g.kernel_size)

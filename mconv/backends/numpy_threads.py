@@ -1,0 +1,107 @@
+"""Worker threads for the NumPy backend.
+
+NumPy copies and ufuncs run on one core; BLAS runs on its own threads.
+The backend cuts a convolution into independent tasks (image chunks, row
+tiles, channel blocks) and runs them on a small pool of Python threads, so
+the im2col copies of one task overlap the GEMM of another (NumPy and BLAS
+release the GIL). Each worker owns its scratch buffers and takes tasks
+``w, w + n, w + 2n, ...``, so results are deterministic for a fixed thread
+count.
+
+The count comes from ``set_num_threads``, else the ``MCONV_NUM_THREADS``
+environment variable, else the CPUs this process may run on (at most 8).
+Under MPI, with one rank per core, use 1 (the examples do).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Sequence
+
+from .. import _args
+
+_MAX_DEFAULT = 8
+# Work below this many multiply-adds runs inline: a thread hand-off costs ~50 us.
+MIN_PARALLEL_WORK = 2_000_000
+
+_state = {"threads": None, "pool": None}
+_lock = threading.Lock()
+
+
+def _default_threads() -> int:
+    env = os.environ.get("MCONV_NUM_THREADS")
+    if env is not None:
+        try:
+            value = int(env)
+        except ValueError:
+            raise ValueError(f"MCONV_NUM_THREADS must be a positive integer, but got {env!r}") from None
+        if value < 1:
+            raise ValueError(f"MCONV_NUM_THREADS must be a positive integer, but got {env!r}")
+        return value
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(cpus, _MAX_DEFAULT))
+
+
+def get_num_threads() -> int:
+    """Threads the NumPy backend uses for one convolution."""
+    if _state["threads"] is None:
+        _state["threads"] = _default_threads()
+    return _state["threads"]
+
+
+def set_num_threads(threads: int) -> None:
+    """Use ``threads`` worker threads in the NumPy backend (1 = no worker threads).
+
+    >>> import mconv
+    >>> before = mconv.get_num_threads()
+    >>> mconv.set_num_threads(1); mconv.get_num_threads()
+    1
+    >>> mconv.set_num_threads(before)
+    """
+    if not _args.is_int(threads):
+        raise TypeError(f"threads must be an int, but got threads={threads!r}")
+    if threads < 1:
+        raise ValueError(f"threads must be at least 1, but got threads={threads}")
+    with _lock:
+        _state["threads"] = int(threads)
+        pool, _state["pool"] = _state["pool"], None
+    if pool is not None:
+        pool.shutdown(wait=False)
+
+
+def _pool(workers: int) -> ThreadPoolExecutor:
+    with _lock:
+        pool = _state["pool"]
+        if pool is None or pool._max_workers < workers:  # noqa: SLF001 - size check only
+            pool = _state["pool"] = ThreadPoolExecutor(workers, thread_name_prefix="mconv")
+        return pool
+
+
+def run(tasks: Sequence, work: Callable, make_scratch: Callable, size: int) -> list:
+    """Run ``work(task, scratch)`` over ``tasks``; return one scratch per worker used.
+
+    ``size`` is the multiply-add count of the whole call: small calls run on
+    the calling thread. Worker ``w`` handles ``tasks[w::n]`` with its own
+    ``make_scratch()`` result, so tasks must write disjoint outputs or
+    accumulate into their scratch.
+    """
+    workers = min(get_num_threads(), len(tasks))
+    if workers <= 1 or size < MIN_PARALLEL_WORK:
+        scratch = make_scratch()
+        for task in tasks:
+            work(task, scratch)
+        return [scratch]
+
+    def worker(index: int):
+        scratch = make_scratch()
+        for task in tasks[index::workers]:
+            work(task, scratch)
+        return scratch
+
+    futures = [_pool(workers).submit(worker, i) for i in range(workers)]
+    return [f.result() for f in futures]
