@@ -41,6 +41,10 @@ from . import numpy_depthwise, numpy_im2col
 
 name = "numpy"
 
+# backward_data takes the col2im path when C * SCATTER_RATIO <= O (see _scatter_is_cheaper)
+SCATTER_RATIO = 2
+SCATTER_MAX_BYTES = 64 << 20
+
 
 def compute_dtype(dtype, compute_mode: str) -> np.dtype:
     """Inputs are passed through as they are; the primitives widen fp16 tile by tile."""
@@ -126,6 +130,15 @@ def _phase_axis(size, out, k, stride, dilation, before):
         yield slice(r, None, stride), taps, (count, step, (lo, hi))
 
 
+def _scatter_is_cheaper(g: ConvGeometry, dtype) -> bool:
+    """col2im moves C-channel columns, the phases O-channel ones; a shifted add costs about two
+    copies, and one image's columns must stay small."""
+    if numpy_depthwise.applies(g) or _is_pointwise(g):
+        return False
+    columns = numpy_im2col.scatter_bytes(g, accumulator_dtype(dtype).itemsize)
+    return SCATTER_RATIO * g.in_channels <= g.out_channels and columns <= SCATTER_MAX_BYTES
+
+
 def backward_data(dy: np.ndarray, w: np.ndarray, geom: ConvGeometry) -> np.ndarray:
     """dx = A_w^T dy as prod(stride) stride-1 correlations (see the module docstring)."""
     batch, groups = dy.shape[0], geom.groups
@@ -135,6 +148,10 @@ def backward_data(dy: np.ndarray, w: np.ndarray, geom: ConvGeometry) -> np.ndarr
     wt = wt.reshape(geom.in_channels, og, *geom.kernel_size)
     shape = geom.input_shape(batch)
     _check_memory(shape, accumulator_dtype(dy.dtype), "input gradient", geom)
+    if _scatter_is_cheaper(geom, dy.dtype):
+        dx = np.empty(shape, accumulator_dtype(dy.dtype))
+        numpy_im2col.scatter_data(dy, w, geom, dx)
+        return dx
     axes = [
         list(_phase_axis(*args))
         for args in zip(

@@ -26,7 +26,7 @@ from ..geometry import ConvGeometry
 from . import numpy_threads
 
 # Channels per task: enough for long copies, few enough to stay in cache.
-_TASK_BYTES = 1 << 20
+_TASK_BYTES = 4 << 20
 
 
 def applies(g: ConvGeometry) -> bool:

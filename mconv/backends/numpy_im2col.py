@@ -1,13 +1,14 @@
 """Channels-last, tiled im2col + GEMM: the dense and grouped path of the NumPy backend.
 
-A call is cut into tasks (``_tiles``): a few whole images, or one image's
-block of output rows (rows = the first spatial axis), so that a task's
-columns stay near ``COLUMN_BYTES`` and live in cache. Per task:
+A call is cut into tasks (``_tiles``): a few whole images, or a box of one
+image's output (single indices on the leading spatial axes, a block of rows
+on one axis, the later axes whole), so that a task's columns stay near
+``COLUMN_BYTES`` and live in cache. Per task:
 
-1. copy the input rows it reads into a zero-bordered channels-last slab
-   ``(m, rows, *S[1:], C)`` (this is also where fp16 is widened);
+1. copy the input box it reads into a zero-bordered, group-major slab
+   ``(m, G, *span, Cg)`` (this is also where fp16 is widened);
 2. copy the windows of the slab into columns ``(G, m, P_t, K*Cg)``: each
-   copy moves a contiguous run of Cg channels;
+   copy moves a contiguous run of kw*Cg values;
 3. one GEMM per group: ``(m*P_t, K*Cg) @ (K*Cg, Og)``, tall and skinny,
    which is the shape OpenBLAS runs fastest;
 4. forward: transpose the ``(P_t, Og)`` result into the NCHW output;
@@ -15,11 +16,11 @@ columns stay near ``COLUMN_BYTES`` and live in cache. Per task:
 
 Padding may be negative (a crop): the backward-data phases in
 ``numpy_backend`` use that. Nothing here allocates more than the output
-plus a few tasks' scratch, whatever the batch.
-"""
+plus a few tasks' scratch, whatever the batch."""
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -30,29 +31,45 @@ from ..geometry import ConvGeometry
 from . import numpy_threads
 
 # Target size of one task's columns: a few of them fit the L2/L3 caches.
-COLUMN_BYTES = 1 << 20
+COLUMN_BYTES = 2 << 20
 
 
 @dataclass(frozen=True)
 class _Tile:
     images: slice  # batch range
-    rows: slice  # output rows (first spatial axis)
+    box: tuple[slice, ...]  # output range per spatial axis
+
+    @property
+    def count(self) -> int:
+        return self.images.stop - self.images.start
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(r.stop - r.start for r in self.box)
 
 
 def _tiles(geom: ConvGeometry, batch: int, itemsize: int) -> list[_Tile]:
-    """Whole images per task when an image's columns are small, else blocks of rows."""
-    q0 = geom.out_size[0]
-    row_bytes = itemsize * geom.in_channels * math.prod(geom.kernel_size)
-    row_bytes *= math.prod(geom.out_size[1:])
-    if row_bytes * q0 <= COLUMN_BYTES:
-        per = max(1, min(batch, COLUMN_BYTES // (row_bytes * q0)))
-        return [_Tile(slice(b, min(batch, b + per)), slice(0, q0)) for b in range(0, batch, per)]
-    rows = max(1, min(q0, COLUMN_BYTES // row_bytes))
+    """Whole images per task when an image's columns are small, else boxes of one image:
+    single indices on the leading axes, a block of rows on axis ``a``, whole later axes."""
+    out = geom.out_size
+    budget = max(1, COLUMN_BYTES // (itemsize * geom.in_channels * math.prod(geom.kernel_size)))
+    whole = tuple(slice(0, q) for q in out)
+    if math.prod(out) <= budget:
+        per = max(1, min(batch, budget // max(1, math.prod(out))))
+        return [_Tile(slice(b, min(batch, b + per)), whole) for b in range(0, batch, per)]
+    a = next(j for j in range(geom.ndim) if math.prod(out[j + 1 :]) <= budget)
+    rows = max(1, budget // math.prod(out[a + 1 :]))
     return [
-        _Tile(slice(b, b + 1), slice(r, min(q0, r + rows)))
+        _Tile(slice(b, b + 1), (*(slice(i, i + 1) for i in lead), slice(r, min(out[a], r + rows)), *whole[a + 1 :]))
         for b in range(batch)
-        for r in range(0, q0, rows)
+        for lead in itertools.product(*(range(q) for q in out[:a]))
+        for r in range(0, out[a], rows)
     ]
+
+
+def _span(g: ConvGeometry, j: int, q: slice) -> tuple[int, int]:
+    """(first padded input index, count) that output range ``q`` of axis j reads."""
+    return q.start * g.stride[j], (q.stop - q.start - 1) * g.stride[j] + g.dilation[j] * (g.kernel_size[j] - 1) + 1
 
 
 class _Columns:
@@ -60,74 +77,56 @@ class _Columns:
 
     def __init__(self, geom: ConvGeometry, tiles: list[_Tile], dtype):
         self.geom, self.dtype = geom, np.dtype(dtype)
-        images = max(t.images.stop - t.images.start for t in tiles)
-        rows = max(t.rows.stop - t.rows.start for t in tiles)
-        (s0, k0, d0, (lo0, hi0)), rest = _axis(geom, 0), geom.in_size[1:]
-        slab_rows = min((rows - 1) * geom.stride[0] + d0 * (k0 - 1) + 1, s0 + lo0 + hi0)
-        padded_rest = tuple(s + lo + hi for s, (lo, hi) in zip(rest, geom.padding[1:]))
-        # (m, rows, *Sp[1:], C): zeros once; a tile only rewrites the input it reads
-        self.slab = np.zeros((images, slab_rows, *padded_rest, geom.in_channels), self.dtype)
-        positions = rows * math.prod(geom.out_size[1:])
-        k, cg = math.prod(geom.kernel_size), geom.in_channels // geom.groups
-        self.cols = np.empty(geom.groups * images * positions * k * cg, self.dtype)
+        images = max(t.count for t in tiles)
+        spans = [max(_span(geom, j, t.box[j])[1] for t in tiles) for j in range(geom.ndim)]
+        groups, cg = geom.groups, geom.in_channels // geom.groups
+        # (m, G, *span, Cg): a group's channels are innermost, so a window copy moves kw*Cg runs
+        self.slab = np.empty((images, groups, *spans, cg), self.dtype)
+        positions = max(math.prod(t.shape) * t.count for t in tiles)
+        self.cols = np.empty(groups * positions * math.prod(geom.kernel_size) * cg, self.dtype)
         self.acc = None  # filter-gradient sum, (G, Og, K*Cg)
 
     def fill(self, x: np.ndarray, tile: _Tile) -> np.ndarray:
         """Columns of ``tile``: (G, m*P_t, K*Cg), m images x P_t output positions."""
         g = self.geom
-        n, groups = g.ndim, g.groups
-        m = tile.images.stop - tile.images.start
-        rows = tile.rows.stop - tile.rows.start
-        s0, k0, d0, (lo0, _) = _axis(g, 0)
-        first = tile.rows.start * g.stride[0]  # first padded input row the tile reads
-        count = (rows - 1) * g.stride[0] + d0 * (k0 - 1) + 1
-        slab = self.slab[:m, :count]
-        # the slab's rows are input rows [start, start + count); those outside [0, s0) are zero
-        start = first - lo0
-        real = slice(min(max(start, 0), start + count), max(min(start + count, s0), start))
-        top, bottom = real.start - start, real.stop - start
-        slab[:, :top] = 0
-        slab[:, bottom:] = 0
-        src = x[(tile.images, slice(None), real, *_crop(g)[1:])]
-        dst = slab[(slice(None), slice(top, bottom), *_inner(g, src.shape[3:]))]
-        np.copyto(dst, np.moveaxis(src, 1, -1))  # (m, C, r, *S[1:]) -> (m, r, *S[1:], C)
-        cg = g.in_channels // groups
-        st = slab.strides
-        item = slab.itemsize
-        # view (m, *Q_t, *k, G, Cg): [b, *q, *i, grp, c] = slab[b, *(q*stride + i*dilation), grp*Cg + c]
+        n, groups, cg = g.ndim, g.groups, g.in_channels // g.groups
+        m, shape = tile.count, tile.shape
+        spans = [_span(g, j, q) for j, q in enumerate(tile.box)]
+        slab = self.slab[(slice(0, m), slice(None), *(slice(0, c) for _, c in spans))]
+        # slab axis j holds input indices [start, start + count); those outside [0, S_j) are zero
+        real = []
+        for j, ((first, count), size, (lo, _)) in enumerate(zip(spans, g.in_size, g.padding)):
+            start = first - lo
+            inside = slice(min(max(start, 0), start + count), max(min(start + count, size), start))
+            top, bottom = inside.start - start, inside.stop - start
+            axis = (slice(None),) * (2 + j)
+            slab[(*axis, slice(0, top))] = 0
+            slab[(*axis, slice(bottom, None))] = 0
+            real.append((inside, slice(top, bottom)))
+        src = x[(tile.images, slice(None), *(r for r, _ in real))]  # (m, C, *box)
+        src = src.reshape(m, groups, cg, *src.shape[2:])
+        np.copyto(slab[(Ellipsis, *(d for _, d in real), slice(None))], np.moveaxis(src, 2, -1))
+        st, item = slab.strides, slab.itemsize
+        # view (m, G, *Q_t, *k, Cg): [b, grp, *q, *i, c] = slab[b, grp, *(q*stride + i*dilation), c]
         windows = as_strided(
             slab,
-            shape=(m, rows, *g.out_size[1:], *g.kernel_size, groups, cg),
+            shape=(m, groups, *shape, *g.kernel_size, cg),
             strides=(
                 st[0],
-                *(s * a for s, a in zip(g.stride, st[1 : 1 + n])),
-                *(d * a for d, a in zip(g.dilation, st[1 : 1 + n])),
-                cg * item,
+                st[1],
+                *(s * a for s, a in zip(g.stride, st[2 : 2 + n])),
+                *(d * a for d, a in zip(g.dilation, st[2 : 2 + n])),
                 item,
             ),
             writeable=False,
         )
-        positions = rows * math.prod(g.out_size[1:])
+        positions = math.prod(shape)
         size = groups * m * positions * math.prod(g.kernel_size) * cg
         # (G, m, *Q_t, *k, Cg) block of the scratch
-        cols = self.cols[:size].reshape(groups, m, rows, *g.out_size[1:], *g.kernel_size, cg)
-        np.copyto(cols, np.moveaxis(windows, 1 + 2 * n, 0))
+        cols = self.cols[:size].reshape(groups, m, *shape, *g.kernel_size, cg)
+        np.copyto(cols, windows.swapaxes(0, 1))
         # (G, m, *Q_t, *k, Cg) -> (G, m*P_t, K*Cg)
         return cols.reshape(groups, m * positions, -1)
-
-
-def _axis(g: ConvGeometry, i: int):
-    return g.in_size[i], g.kernel_size[i], g.dilation[i], g.padding[i]
-
-
-def _crop(g: ConvGeometry) -> tuple[slice, ...]:
-    """The part of the input inside the padded extent, per spatial axis (negative padding crops)."""
-    return tuple(slice(max(0, -lo), s - max(0, -hi)) for s, (lo, hi) in zip(g.in_size, g.padding))
-
-
-def _inner(g: ConvGeometry, sizes) -> tuple[slice, ...]:
-    """Where the cropped input lands in the padded slab, spatial axes 1.."""
-    return tuple(slice(max(0, lo), max(0, lo) + s) for s, (lo, _) in zip(sizes, g.padding[1:]))
 
 
 def _weight_columns(w: np.ndarray, g: ConvGeometry, dtype) -> np.ndarray:
@@ -154,12 +153,11 @@ def correlate(x: np.ndarray, w: np.ndarray, g: ConvGeometry, out: np.ndarray, dt
     def work(tile: _Tile, scratch: _Columns) -> None:
         cols = scratch.fill(x, tile)  # (G, m*P_t, K*Cg)
         res = np.matmul(cols, wcols)  # (G, m*P_t, Og)
-        m, rows = tile.images.stop - tile.images.start, tile.rows.stop - tile.rows.start
-        # (G, m*P_t, Og) -> (G, m, r, *Q[1:], Og) -> (m, G, Og, r, *Q[1:])
-        res = res.reshape(groups, m, rows, *g.out_size[1:], og)
-        res = np.moveaxis(res, (0, -1), (1, 2))
-        dest = out[tile.images, :, tile.rows]  # (m, O, r, *Q[1:])
-        np.copyto(dest.reshape(m, groups, og, rows, *g.out_size[1:]), res)
+        m, shape = tile.count, tile.shape
+        # (G, m*P_t, Og) -> (G, m, *Q_t, Og) -> (m, G, Og, *Q_t)
+        res = np.moveaxis(res.reshape(groups, m, *shape, og), (0, -1), (1, 2))
+        dest = out[(tile.images, slice(None), *tile.box)]  # (m, O, *Q_t)
+        np.copyto(dest.reshape(m, groups, og, *shape), res)
 
     numpy_threads.run(tiles, work, lambda: _Columns(g, tiles, dtype), _work(g, batch))
 
@@ -172,9 +170,9 @@ def filter_grad(dy: np.ndarray, x: np.ndarray, g: ConvGeometry, dtype) -> np.nda
 
     def work(tile: _Tile, scratch: _Columns) -> None:
         cols = scratch.fill(x, tile)  # (G, m*P_t, K*Cg)
-        m, rows = tile.images.stop - tile.images.start, tile.rows.stop - tile.rows.start
-        # dy (m, O, r, *Q[1:]) -> (G, Og, m, r, *Q[1:]) -> (G, Og, m*P_t), widened once
-        part = dy[tile.images, :, tile.rows].reshape(m, groups, og, rows, *g.out_size[1:])
+        m, shape = tile.count, tile.shape
+        # dy (m, O, *Q_t) -> (G, Og, m, *Q_t) -> (G, Og, m*P_t), widened once
+        part = dy[(tile.images, slice(None), *tile.box)].reshape(m, groups, og, *shape)
         part = np.ascontiguousarray(np.moveaxis(part, 0, 2), dtype=dtype).reshape(groups, og, -1)
         term = np.matmul(part, cols)  # (G, Og, K*Cg)
         if scratch.acc is None:
@@ -189,3 +187,50 @@ def filter_grad(dy: np.ndarray, x: np.ndarray, g: ConvGeometry, dtype) -> np.nda
     # (G, Og, K*Cg) -> (O, *k, Cg) -> (O, Cg, *k)
     dw = dw.reshape(g.out_channels, *g.kernel_size, g.in_channels // groups)
     return np.ascontiguousarray(np.moveaxis(dw, -1, 1))
+
+
+def scatter_bytes(g: ConvGeometry, itemsize: int) -> int:
+    """Columns of one image on the col2im path: (P, K*C)."""
+    return itemsize * math.prod(g.out_size) * math.prod(g.kernel_size) * g.in_channels
+
+
+def scatter_data(dy: np.ndarray, w: np.ndarray, g: ConvGeometry, out: np.ndarray) -> None:
+    """out (B, C, *S) = A_w^T dy as col2im: columns = W^T dy per image, then K shifted adds.
+
+    Cheaper than the stride phases when C is much smaller than O (the phases
+    copy O-channel columns; these are C-channel ones). Tasks are whole images,
+    so no two workers add into the same place.
+    """
+    batch, groups = dy.shape[0], g.groups
+    og, cg, n = g.out_channels // groups, g.in_channels // groups, g.ndim
+    dtype = out.dtype
+    per = max(1, min(batch, COLUMN_BYTES // max(1, scatter_bytes(g, dtype.itemsize))))
+    tasks = [slice(b, min(batch, b + per)) for b in range(0, batch, per)]
+    # w (O, Cg, *k) -> (G, Og, Cg*K) -> W^T (G, Cg*K, Og)
+    wt = w.astype(dtype, copy=False).reshape(groups, og, -1).transpose(0, 2, 1)
+    padded = tuple(s + lo + hi for s, (lo, hi) in zip(g.in_size, g.padding))
+
+    def scratch():
+        return np.empty((per, groups, cg, *padded), dtype)  # (m, G, Cg, *Sp)
+
+    def work(images: slice, slab_all: np.ndarray) -> None:
+        m, p = images.stop - images.start, math.prod(g.out_size)
+        # dy (m, O, *Q) -> (m, G, Og, P): W^T (G, Cg*K, Og) @ dy -> (m, G, Cg*K, P)
+        part = dy[images].reshape(m, groups, og, p).astype(dtype, copy=False)
+        cols = np.matmul(wt, part).reshape(m, groups, cg, *g.kernel_size, *g.out_size)
+        slab = slab_all[:m]
+        slab[...] = 0
+        st = slab.strides
+        for tap in np.ndindex(*g.kernel_size):
+            # slab positions q*stride + tap*dilation: a (m, G, Cg, *Q) view
+            corner = slab[(Ellipsis, *(slice(i * d, None) for i, d in zip(tap, g.dilation)))]
+            view = as_strided(
+                corner,
+                shape=(m, groups, cg, *g.out_size),
+                strides=(*st[:3], *(s * a for s, a in zip(g.stride, st[3:]))),
+            )
+            view += cols[(slice(None),) * 3 + tap]
+        inner = slab[(Ellipsis, *(slice(lo, lo + s) for s, (lo, _) in zip(g.in_size, g.padding)))]
+        np.copyto(out[images].reshape(m, groups, cg, *g.in_size), inner)
+
+    numpy_threads.run(tasks, work, scratch, _work(g, batch))

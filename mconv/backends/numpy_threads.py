@@ -8,6 +8,14 @@ release the GIL). Each worker owns its scratch buffers and takes tasks
 ``w, w + n, w + 2n, ...``, so results are deterministic for a fixed thread
 count.
 
+While the workers run, BLAS runs single-threaded (each worker's GEMM on
+its own core): OpenBLAS threads that spin between calls would otherwise
+take the cores the copies need (measured: the im2col copies ran 5x slower
+beside them). That setting is process-wide in OpenBLAS, so it is held only
+for the duration of a call and restored after; where no OpenBLAS with a
+thread setter is loaded (MKL, Accelerate), calls run on one Python thread
+and BLAS keeps its own threads.
+
 The count comes from ``set_num_threads``, else the ``MCONV_NUM_THREADS``
 environment variable, else the CPUs this process may run on (at most 8).
 Under MPI, with one rank per core, use 1 (the examples do).
@@ -15,6 +23,8 @@ Under MPI, with one rank per core, use 1 (the examples do).
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -26,8 +36,54 @@ _MAX_DEFAULT = 8
 # Work below this many multiply-adds runs inline: a thread hand-off costs ~50 us.
 MIN_PARALLEL_WORK = 2_000_000
 
-_state = {"threads": None, "pool": None}
+_state = {"threads": None, "pool": None, "blas": None, "pinned": 0, "saved": None}
 _lock = threading.Lock()
+_SETTERS = ("openblas_set_num_threads", "scipy_openblas_set_num_threads64_",
+            "scipy_openblas_set_num_threads", "openblas_set_num_threads64_")  # fmt: skip
+
+
+def _blas_setter():
+    """(get, set) of the loaded OpenBLAS's thread count, or None when there is none to set."""
+    if _state["blas"] is None:
+        _state["blas"] = False
+        try:
+            with open("/proc/self/maps") as maps:
+                paths = {line.split()[-1] for line in maps if "openblas" in line.lower()}
+        except OSError:  # not Linux
+            paths = set()
+        for path in sorted(paths):
+            try:
+                lib = ctypes.CDLL(path)
+            except OSError:
+                continue
+            for name in _SETTERS:
+                getter = name.replace("set_num_threads", "get_num_threads")
+                if hasattr(lib, name) and hasattr(lib, getter):
+                    get, set_ = getattr(lib, getter), getattr(lib, name)
+                    get.restype, set_.argtypes = ctypes.c_int, [ctypes.c_int]
+                    _state["blas"] = (get, set_)
+                    break
+            if _state["blas"]:
+                break
+    return _state["blas"] or None
+
+
+@contextlib.contextmanager
+def _single_threaded_blas():
+    """BLAS on one thread while any call's workers run; the first in saves, the last out restores."""
+    get, set_ = _blas_setter()
+    with _lock:
+        if _state["pinned"] == 0:
+            _state["saved"] = get()
+            set_(1)
+        _state["pinned"] += 1
+    try:
+        yield
+    finally:
+        with _lock:
+            _state["pinned"] -= 1
+            if _state["pinned"] == 0:
+                set_(_state["saved"])
 
 
 def _default_threads() -> int:
@@ -91,7 +147,7 @@ def run(tasks: Sequence, work: Callable, make_scratch: Callable, size: int) -> l
     accumulate into their scratch.
     """
     workers = min(get_num_threads(), len(tasks))
-    if workers <= 1 or size < MIN_PARALLEL_WORK:
+    if workers <= 1 or size < MIN_PARALLEL_WORK or _blas_setter() is None:
         scratch = make_scratch()
         for task in tasks:
             work(task, scratch)
@@ -103,5 +159,6 @@ def run(tasks: Sequence, work: Callable, make_scratch: Callable, size: int) -> l
             work(task, scratch)
         return scratch
 
-    futures = [_pool(workers).submit(worker, i) for i in range(workers)]
-    return [f.result() for f in futures]
+    with _single_threaded_blas():
+        futures = [_pool(workers).submit(worker, i) for i in range(workers)]
+        return [f.result() for f in futures]
