@@ -1,6 +1,6 @@
 """GPU benchmark: mconv's CuPy backend against PyTorch cuDNN, in the same process.
 
-For every shape of ``bench_conv_cpu.SHAPES`` (batch 8) it times forward and
+For every convolution of ``benchmarks.conv.SHAPES`` it times forward and
 forward+backward (dx, dW, db) in fp32 and in fp16 with fp32 accumulation
 (mconv ``compute_mode='float32'``; PyTorch's fp16 cuDNN convolutions), checks
 that both give the same result, and reports the median times, the ratio
@@ -10,7 +10,7 @@ round's targets (geomean <= 1.5x, depthwise <= 1.0x).
 TF32 is disabled in PyTorch so that fp32 compares fp32 arithmetic with fp32.
 Needs CuPy (``pip install 'mconv[cuda12]'``) and a CUDA build of PyTorch.
 
-    python benchmarks/bench_conv_gpu.py [--repeat 20] [--dtype float32 float16] [--markdown]
+    python -m benchmarks.bench_conv_gpu [--repeat 20] [--dtype float32 float16] [--markdown]
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import time
 
 import numpy as np
 
-from bench_conv_cpu import SHAPES
+from .conv import SHAPES
 from mconv import functional as F
 
 TARGET_GEOMEAN, TARGET_DEPTHWISE = 1.5, 1.0
@@ -127,7 +127,7 @@ def main(argv=None) -> None:
     parser.add_argument("--markdown", action="store_true", help="print markdown tables")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
-        raise SystemExit("bench_conv_gpu.py needs a CUDA build of PyTorch and a GPU")
+        raise SystemExit("benchmarks.bench_conv_gpu needs a CUDA build of PyTorch and a GPU")
     torch.backends.cudnn.benchmark = True  # cuDNN picks its fastest algorithm per shape
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -135,13 +135,16 @@ def main(argv=None) -> None:
     for dtype_name in args.dtype:
         dtype = np.dtype(dtype_name)
         rows, ratios = [], {"fwd": [], "fwd+bwd": []}
-        for name, x_shape, w_shape, kw in SHAPES:
-            ((of, tf), (ob, tb)), error = bench_shape(x_shape, w_shape, kw, dtype, args.repeat)
+        for case in (c for c in SHAPES if c.op == "conv"):
+            name = case.name
+            ((of, tf), (ob, tb)), error = bench_shape(
+                case.x, case.w, case.kwargs, dtype, args.repeat
+            )
             ratios["fwd"].append(of / tf)
             ratios["fwd+bwd"].append(ob / tb)
             rows.append((name, of, tf, ob, tb, error))
         geo = {k: geomean(v) for k, v in ratios.items()}
-        depthwise = [r for r in rows if r[0].startswith("depthwise")]
+        depthwise = [r for r in rows if " dw " in r[0]]
         label = "fp16, fp32 accumulation" if dtype == np.float16 else "fp32"
         if args.markdown:
             print(f"\n| shape ({label}) | mconv fwd ms | cuDNN fwd ms | ratio | "

@@ -241,5 +241,6 @@ if __name__ == "__main__":
     limit = contextlib.nullcontext()
     if int(os.environ.get("PMI_SIZE", os.environ.get("OMPI_COMM_WORLD_SIZE", "1"))) > 1:
         limit = threadpool_limits(1)  # one BLAS thread per rank
+        mconv.set_num_threads(1)  # and no mconv worker threads: a rank per core
     with limit:
         sys.exit(main())

@@ -8,7 +8,7 @@ convolution is bilinear in (x, w):
 Write it as y = A_w x = B_x w. Its adjoints are again convolutions:
 
     forward(x, w)          = A_w x                      y  (B, O, *Q)
-    backward_data(dy, w)   = A_w^T dy   (col2im W^T dy)  dx (B, C, *S)
+    backward_data(dy, w)   = A_w^T dy                    dx (B, C, *S)
     backward_filter(dy, x) = B_x^T dy   (dy im2col(x)^T) dW (O, C/G, *k)
 
 so for L(y): dL/dx = backward_data(dL/dy, w) and dL/dw = backward_filter(dL/dy, x).
@@ -30,10 +30,11 @@ Lowering, before the primitives:
   * bias: y += b[o], so db = sum of dy over batch and spatial axes.
   * JVP by bilinearity: d(conv(x, w) + b) = conv(dx, w) + conv(x, dw) + db.
 
-Dtypes: inputs are cast once to the backend's compute dtype (fp32 for fp16
-on the CPU); a backend may return wider results than its inputs (its
-accumulator: fp32 from fp16 under compute_mode='float32'); the bias is added
-in the result's dtype, and each result is cast back to the caller's dtype once.
+Dtypes: inputs are cast once to the backend's compute dtype (the NumPy
+backend keeps fp16 and widens it tile by tile inside); a backend may return
+wider results than its inputs (its accumulator: fp32 from fp16 under
+compute_mode='float32'); the bias is added in the result's dtype, and each
+result is cast back to the caller's dtype once.
 """
 
 from __future__ import annotations

@@ -172,5 +172,7 @@ def test_environment_variable_sets_the_default(monkeypatch):
     monkeypatch.setenv("MCONV_NUM_THREADS", "3")
     assert numpy_threads._default_threads() == 3
     monkeypatch.setenv("MCONV_NUM_THREADS", "many")
-    with pytest.raises(ValueError, match=r"MCONV_NUM_THREADS must be a positive integer, but got 'many'"):
+    with pytest.raises(
+        ValueError, match=r"MCONV_NUM_THREADS must be a positive integer, but got 'many'"
+    ):
         numpy_threads._default_threads()

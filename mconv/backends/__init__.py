@@ -4,7 +4,7 @@ A backend is a module with
 
 - ``name``;
 - ``compute_dtype(dtype, compute_mode)``: the dtype inputs are cast to before
-  the primitives (NumPy: fp32 for fp16);
+  the primitives (NumPy: the input dtype itself; it widens fp16 per tile);
 - the primitives ``forward(x, w, geom)``, ``backward_data(dy, w, geom)`` and
   ``backward_filter(dy, x, geom)`` on a zero-padding cross-correlation
   geometry (see ``numpy_backend`` for shapes);

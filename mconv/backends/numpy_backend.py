@@ -99,12 +99,17 @@ def _correlate(x: np.ndarray, w: np.ndarray, g: ConvGeometry, out: np.ndarray) -
         out[...] = 0  # an empty sum (or nothing to write)
     elif numpy_depthwise.applies(g):
         numpy_depthwise.forward(x, w, g, out)
-    elif _is_pointwise(g) and out.flags.c_contiguous:
-        batch, groups = x.shape[0], g.groups
-        # w (O, Cg, 1..) -> (G, Og, Cg); x (B, C, *S) -> (B, G, Cg, P); out -> (B, G, Og, P)
-        wg = w.reshape(groups, g.out_channels // groups, -1).astype(acc, copy=False)
-        xg = x.reshape(batch, groups, g.in_channels // groups, -1).astype(acc, copy=False)
-        np.matmul(wg, xg, out=out.reshape(batch, groups, g.out_channels // groups, -1))
+    elif _is_pointwise(g):
+        groups = g.groups
+        og, cg = g.out_channels // groups, g.in_channels // groups
+        wg = w.reshape(groups, og, cg).astype(acc, copy=False)  # (O, Cg, 1..) -> (G, Og, Cg)
+        for b in range(x.shape[0]):  # one image at a time: fp16 is widened per image
+            # x[b] (C, *S) -> (G, Cg, P); out[b] (O, *S) -> (G, Og, P)
+            xb = x[b].reshape(groups, cg, -1).astype(acc, copy=False)
+            if out.flags.c_contiguous:
+                np.matmul(wg, xb, out=out[b].reshape(groups, og, -1))
+            else:  # a phase of backward_data: a strided view
+                out[b] = np.matmul(wg, xb).reshape(out.shape[1:])
     else:
         numpy_im2col.correlate(x, w, g, out, acc)
 
@@ -155,7 +160,11 @@ def backward_data(dy: np.ndarray, w: np.ndarray, geom: ConvGeometry) -> np.ndarr
     axes = [
         list(_phase_axis(*args))
         for args in zip(
-            geom.in_size, geom.out_size, geom.kernel_size, geom.stride, geom.dilation,
+            geom.in_size,
+            geom.out_size,
+            geom.kernel_size,
+            geom.stride,
+            geom.dilation,
             (lo for lo, _ in geom.padding),
         )
     ]
@@ -165,8 +174,15 @@ def backward_data(dy: np.ndarray, w: np.ndarray, geom: ConvGeometry) -> np.ndarr
         slices, taps, parts = zip(*phase)
         counts, steps, pads = zip(*parts)
         sub = ConvGeometry(
-            geom.out_channels, geom.in_channels, groups, geom.out_size,
-            tuple(len(t) for t in taps), counts, (1,) * geom.ndim, steps, pads,
+            geom.out_channels,
+            geom.in_channels,
+            groups,
+            geom.out_size,
+            tuple(len(t) for t in taps),
+            counts,
+            (1,) * geom.ndim,
+            steps,
+            pads,
         )
         # (C, Og, *k) -> (C, Og, *len(taps)): the phase's taps, highest first
         wsub = wt[(Ellipsis, *np.ix_(*taps))]
@@ -178,15 +194,18 @@ def backward_filter(dy: np.ndarray, x: np.ndarray, geom: ConvGeometry) -> np.nda
     """dW = B_x^T dy, in the accumulator dtype."""
     acc = accumulator_dtype(x.dtype)
     if dy.size == 0 or x.size == 0:
-        return np.zeros((geom.out_channels, geom.in_channels // geom.groups, *geom.kernel_size), acc)
+        return np.zeros(
+            (geom.out_channels, geom.in_channels // geom.groups, *geom.kernel_size), acc
+        )
     if numpy_depthwise.applies(geom):
         return numpy_depthwise.filter_grad(dy, x, geom, acc)
     if _is_pointwise(geom):
-        batch, groups = x.shape[0], geom.groups
+        groups = geom.groups
         og, cg = geom.out_channels // groups, geom.in_channels // groups
-        # dy (B, O, P) -> (B, G, Og, P); x (B, C, P) -> (B, G, P, Cg); sum_b dy_b @ x_b^T
-        dyg = dy.reshape(batch, groups, og, -1).astype(acc, copy=False)
-        xg = x.reshape(batch, groups, cg, -1).astype(acc, copy=False).swapaxes(2, 3)
-        dw = np.matmul(dyg, xg).sum(axis=0)  # (G, Og, Cg)
+        dw = np.zeros((groups, og, cg), acc)
+        for b in range(x.shape[0]):  # sum_b dy[b] (G, Og, P) @ x[b]^T (G, P, Cg), widened per image
+            dyb = dy[b].reshape(groups, og, -1).astype(acc, copy=False)
+            xb = x[b].reshape(groups, cg, -1).astype(acc, copy=False)
+            dw += np.matmul(dyb, xb.swapaxes(1, 2))
         return dw.reshape(geom.out_channels, cg, *geom.kernel_size)
     return numpy_im2col.filter_grad(dy, x, geom, acc)

@@ -58,7 +58,9 @@ class _Plan:
 
     def tasks(self, batch: int) -> list[tuple[int, slice]]:
         c, block = self.g.in_channels, self.block
-        return [(b, slice(c0, min(c, c0 + block))) for b in range(batch) for c0 in range(0, c, block)]
+        return [
+            (b, slice(c0, min(c, c0 + block))) for b in range(batch) for c0 in range(0, c, block)
+        ]
 
     def scratch(self):
         flat = np.zeros((self.block, math.prod(self.padded) + max(0, self.slack)), self.dtype)
@@ -69,9 +71,19 @@ class _Plan:
         g, cb = self.g, chans.stop - chans.start
         flat = scratch.flat[:cb]
         plane = flat[:, : math.prod(self.padded)].reshape(cb, *self.padded)
-        crop = tuple(slice(max(0, -lo), s - max(0, -hi)) for s, (lo, hi) in zip(g.in_size, g.padding))
+        crop = tuple(
+            slice(max(0, -lo), s - max(0, -hi)) for s, (lo, hi) in zip(g.in_size, g.padding)
+        )
         src = x[(b, chans, *crop)]
-        plane[(slice(None), *(slice(max(0, lo), max(0, lo) + n) for n, (lo, _) in zip(src.shape[1:], g.padding)))] = src
+        plane[
+            (
+                slice(None),
+                *(
+                    slice(max(0, lo), max(0, lo) + n)
+                    for n, (lo, _) in zip(src.shape[1:], g.padding)
+                ),
+            )
+        ] = src
         cols = scratch.cols[:cb]
         if self.wide:
             for k, off in enumerate(self.offsets):
@@ -81,7 +93,11 @@ class _Plan:
         windows = as_strided(  # (cb, *k, *Q): [c, *i, *q] = plane[c, *(q*stride + i*dilation)]
             plane,
             shape=(cb, *g.kernel_size, *g.out_size),
-            strides=(st[0], *(d * a for d, a in zip(g.dilation, st[1:])), *(s * a for s, a in zip(g.stride, st[1:]))),
+            strides=(
+                st[0],
+                *(d * a for d, a in zip(g.dilation, st[1:])),
+                *(s * a for s, a in zip(g.stride, st[1:])),
+            ),
             writeable=False,
         )
         # (cb, *k, *Q) -> (cb, K, P)

@@ -60,7 +60,10 @@ def _tiles(geom: ConvGeometry, batch: int, itemsize: int) -> list[_Tile]:
     a = next(j for j in range(geom.ndim) if math.prod(out[j + 1 :]) <= budget)
     rows = max(1, budget // math.prod(out[a + 1 :]))
     return [
-        _Tile(slice(b, b + 1), (*(slice(i, i + 1) for i in lead), slice(r, min(out[a], r + rows)), *whole[a + 1 :]))
+        _Tile(
+            slice(b, b + 1),
+            (*(slice(i, i + 1) for i in lead), slice(r, min(out[a], r + rows)), *whole[a + 1 :]),
+        )
         for b in range(batch)
         for lead in itertools.product(*(range(q) for q in out[:a]))
         for r in range(0, out[a], rows)
@@ -69,7 +72,9 @@ def _tiles(geom: ConvGeometry, batch: int, itemsize: int) -> list[_Tile]:
 
 def _span(g: ConvGeometry, j: int, q: slice) -> tuple[int, int]:
     """(first padded input index, count) that output range ``q`` of axis j reads."""
-    return q.start * g.stride[j], (q.stop - q.start - 1) * g.stride[j] + g.dilation[j] * (g.kernel_size[j] - 1) + 1
+    return q.start * g.stride[j], (q.stop - q.start - 1) * g.stride[j] + g.dilation[j] * (
+        g.kernel_size[j] - 1
+    ) + 1
 
 
 class _Columns:
@@ -202,7 +207,7 @@ def scatter_data(dy: np.ndarray, w: np.ndarray, g: ConvGeometry, out: np.ndarray
     so no two workers add into the same place.
     """
     batch, groups = dy.shape[0], g.groups
-    og, cg, n = g.out_channels // groups, g.in_channels // groups, g.ndim
+    og, cg = g.out_channels // groups, g.in_channels // groups
     dtype = out.dtype
     per = max(1, min(batch, COLUMN_BYTES // max(1, scatter_bytes(g, dtype.itemsize))))
     tasks = [slice(b, min(batch, b + per)) for b in range(0, batch, per)]

@@ -92,7 +92,9 @@ def _default_threads() -> int:
         try:
             value = int(env)
         except ValueError:
-            raise ValueError(f"MCONV_NUM_THREADS must be a positive integer, but got {env!r}") from None
+            raise ValueError(
+                f"MCONV_NUM_THREADS must be a positive integer, but got {env!r}"
+            ) from None
         if value < 1:
             raise ValueError(f"MCONV_NUM_THREADS must be a positive integer, but got {env!r}")
         return value
