@@ -13,10 +13,10 @@ fp16 is widened tile by tile on the way into fp32 BLAS, never as a whole).
 
 Paths:
 - pointwise (1x1, stride 1, no padding): one GEMM per image, no copies;
-- depthwise (C = O = G): shifted multiply-adds, ``numpy_depthwise``;
+- depthwise (C = O = G): per-channel tap columns and a 1 x K GEMM, ``numpy_depthwise``;
 - everything else: tiled channels-last im2col + GEMM, ``numpy_im2col``.
 
-backward_data is a convolution too, with no col2im: per axis, the input
+backward_data is a convolution too, without col2im in general: per axis, the input
 positions u with (u + before) = r (mod stride) receive only the taps i with
 i*dilation = r + before (mod stride), and for those the output index
 q = (u + before - i*dilation) / stride moves by one as u moves by stride.
@@ -24,6 +24,9 @@ So each of the prod(stride) residue classes ("phases") of dx is a
 stride-1 correlation of dy with the transposed, reversed sub-kernel of its
 taps (dilation dilation/gcd(stride, dilation)), written straight into
 dx[..., r::stride]; a phase with no taps is zero. Stride 1 is one phase.
+When C is much smaller than O (the 7x7 stem: 3 vs 64) the phases would copy
+O-channel columns for C-channel results; there a tiled col2im
+(``numpy_im2col.scatter_data``) moves C-channel columns instead.
 """
 
 from __future__ import annotations
@@ -145,7 +148,7 @@ def _scatter_is_cheaper(g: ConvGeometry, dtype) -> bool:
 
 
 def backward_data(dy: np.ndarray, w: np.ndarray, geom: ConvGeometry) -> np.ndarray:
-    """dx = A_w^T dy as prod(stride) stride-1 correlations (see the module docstring)."""
+    """dx = A_w^T dy: stride phases, or col2im when C << O (see the module docstring)."""
     batch, groups = dy.shape[0], geom.groups
     og, cg = geom.out_channels // groups, geom.in_channels // groups
     # w (O, Cg, *k) -> (G, Og, Cg, *k) -> (G, Cg, Og, *k) -> (C, Og, *k): the transposed conv weight
@@ -153,6 +156,8 @@ def backward_data(dy: np.ndarray, w: np.ndarray, geom: ConvGeometry) -> np.ndarr
     wt = wt.reshape(geom.in_channels, og, *geom.kernel_size)
     shape = geom.input_shape(batch)
     _check_memory(shape, accumulator_dtype(dy.dtype), "input gradient", geom)
+    if dy.size == 0 or w.size == 0:
+        return np.zeros(shape, accumulator_dtype(dy.dtype))
     if _scatter_is_cheaper(geom, dy.dtype):
         dx = np.empty(shape, accumulator_dtype(dy.dtype))
         numpy_im2col.scatter_data(dy, w, geom, dx)
