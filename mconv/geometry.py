@@ -55,10 +55,16 @@ class ConvGeometry:
     def output_shape(self, batch: int) -> tuple[int, ...]:
         return (batch, self.out_channels, *self.out_size)
 
+    @property
+    def padded_size(self) -> tuple[int, ...]:
+        """in_size plus (before, after) padding per spatial axis."""
+        return tuple(s + lo + hi for s, (lo, hi) in zip(self.in_size, self.padding))
+
     def explicitly_padded(self) -> "ConvGeometry":
         """The zero-padding geometry that runs on an input already padded by ``padding_mode``."""
-        padded = tuple(s + lo + hi for s, (lo, hi) in zip(self.in_size, self.padding))
-        return replace(self, in_size=padded, padding=((0, 0),) * self.ndim, padding_mode="zeros")
+        return replace(
+            self, in_size=self.padded_size, padding=((0, 0),) * self.ndim, padding_mode="zeros"
+        )
 
 
 def _split_batch(input_shape: Sequence[int], n: int, op: str) -> tuple[tuple[int, ...], bool]:

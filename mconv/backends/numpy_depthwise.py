@@ -39,7 +39,7 @@ class _Plan:
 
     def __init__(self, g: ConvGeometry, dtype):
         self.g, self.dtype = g, np.dtype(dtype)
-        self.padded = tuple(s + lo + hi for s, (lo, hi) in zip(g.in_size, g.padding))
+        self.padded = g.padded_size
         self.taps = math.prod(g.kernel_size)
         self.wide = all(s == 1 for s in g.stride)
         # flat strides of the padded plane, in elements

@@ -213,7 +213,7 @@ def scatter_data(dy: np.ndarray, w: np.ndarray, g: ConvGeometry, out: np.ndarray
     tasks = [slice(b, min(batch, b + per)) for b in range(0, batch, per)]
     # w (O, Cg, *k) -> (G, Og, Cg*K) -> W^T (G, Cg*K, Og)
     wt = w.astype(dtype, copy=False).reshape(groups, og, -1).transpose(0, 2, 1)
-    padded = tuple(s + lo + hi for s, (lo, hi) in zip(g.in_size, g.padding))
+    padded = g.padded_size
 
     def scratch():
         return np.empty((per, groups, cg, *padded), dtype)  # (m, G, Cg, *Sp)
