@@ -1,4 +1,4 @@
-"""The NumPy backend's own machinery: tiles, threads, stride phases, col2im, depthwise columns.
+"""The NumPy backend's own machinery: tiles, threads, stride phases, col2im, depthwise and 1x1.
 
 The parity grids elsewhere run small shapes that fit in one tile on one
 thread. Here the tile sizes are shrunk so that every call is cut into row
@@ -176,3 +176,28 @@ def test_environment_variable_sets_the_default(monkeypatch):
         ValueError, match=r"MCONV_NUM_THREADS must be a positive integer, but got 'many'"
     ):
         numpy_threads._default_threads()
+
+
+def test_blas_thread_count_is_restored_after_pooled_calls(monkeypatch):
+    """The phases of a strided backward_data share one BLAS pin; the count comes back after."""
+    if numpy_threads._blas_setter() is None:
+        pytest.skip("no OpenBLAS with a thread setter is loaded")
+    get, _ = numpy_threads._blas_setter()
+    monkeypatch.setattr(numpy_threads, "MIN_PARALLEL_WORK", 0)
+    before_threads = mconv.get_num_threads()
+    mconv.set_num_threads(2)
+    try:
+        before = get()
+        rng = np.random.default_rng(0)
+        x, w = rng.standard_normal((2, 4, 9, 9)), rng.standard_normal((4, 4, 3, 3))
+        dy = rng.standard_normal((2, 4, 5, 5))
+        dx = F.conv_backward(dy, x, w, has_bias=False, stride=2, padding=1)[0]
+        assert get() == before
+    finally:
+        mconv.set_num_threads(before_threads)
+    assert_close(
+        dx,
+        torch_conv(
+            x, w, None, dy, stride=(2, 2), padding=((1, 1), (1, 1)), dilation=(1, 1), groups=1
+        )[1],
+    )

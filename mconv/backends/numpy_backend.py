@@ -12,7 +12,7 @@ caller's dtype; results come back in the accumulator dtype (fp32 for fp16:
 fp16 is widened tile by tile on the way into fp32 BLAS, never as a whole).
 
 Paths:
-- pointwise (1x1, stride 1, no padding): one GEMM per image, no copies;
+- pointwise (1x1, stride 1, no padding): one GEMM per image, no copies, ``numpy_pointwise``;
 - depthwise (C = O = G): per-channel tap columns and a 1 x K GEMM, ``numpy_depthwise``;
 - everything else: tiled channels-last im2col + GEMM, ``numpy_im2col``.
 
@@ -40,7 +40,7 @@ import numpy as np
 from ..geometry import ConvGeometry
 from ..padding import pad_backward_unchecked as pad_backward  # noqa: F401 - backend interface
 from ..padding import pad_unchecked as pad  # noqa: F401 - backend interface
-from . import numpy_depthwise, numpy_im2col
+from . import numpy_depthwise, numpy_im2col, numpy_pointwise, numpy_threads
 
 name = "numpy"
 
@@ -87,34 +87,16 @@ def _empty(shape, dtype, what: str, geom: ConvGeometry) -> np.ndarray:
     return np.empty(shape, dtype)
 
 
-def _is_pointwise(g: ConvGeometry) -> bool:
-    return (
-        all(k == 1 for k in g.kernel_size)
-        and all(s == 1 for s in g.stride)
-        and all(p == (0, 0) for p in g.padding)
-    )
-
-
 def _correlate(x: np.ndarray, w: np.ndarray, g: ConvGeometry, out: np.ndarray) -> None:
     """out (B, O, *Q) = conv(x, w) on the fastest path for ``g``."""
-    acc = out.dtype
     if out.size == 0 or x.size == 0 or w.size == 0:
         out[...] = 0  # an empty sum (or nothing to write)
     elif numpy_depthwise.applies(g):
         numpy_depthwise.forward(x, w, g, out)
-    elif _is_pointwise(g):
-        groups = g.groups
-        og, cg = g.out_channels // groups, g.in_channels // groups
-        wg = w.reshape(groups, og, cg).astype(acc, copy=False)  # (O, Cg, 1..) -> (G, Og, Cg)
-        for b in range(x.shape[0]):  # one image at a time: fp16 is widened per image
-            # x[b] (C, *S) -> (G, Cg, P); out[b] (O, *S) -> (G, Og, P)
-            xb = x[b].reshape(groups, cg, -1).astype(acc, copy=False)
-            if out.flags.c_contiguous:
-                np.matmul(wg, xb, out=out[b].reshape(groups, og, -1))
-            else:  # a phase of backward_data: a strided view
-                out[b] = np.matmul(wg, xb).reshape(out.shape[1:])
+    elif numpy_pointwise.applies(g):
+        numpy_pointwise.forward(x, w, g, out)
     else:
-        numpy_im2col.correlate(x, w, g, out, acc)
+        numpy_im2col.correlate(x, w, g, out, out.dtype)
 
 
 def forward(x: np.ndarray, w: np.ndarray, geom: ConvGeometry) -> np.ndarray:
@@ -141,7 +123,7 @@ def _phase_axis(size, out, k, stride, dilation, before):
 def _scatter_is_cheaper(g: ConvGeometry, dtype) -> bool:
     """col2im moves C-channel columns, the phases O-channel ones; a shifted add costs about two
     copies, and one image's columns must stay small."""
-    if numpy_depthwise.applies(g) or _is_pointwise(g):
+    if numpy_depthwise.applies(g) or numpy_pointwise.applies(g):
         return False
     columns = numpy_im2col.scatter_bytes(g, accumulator_dtype(dtype).itemsize)
     return SCATTER_RATIO * g.in_channels <= g.out_channels and columns <= SCATTER_MAX_BYTES
@@ -175,24 +157,30 @@ def backward_data(dy: np.ndarray, w: np.ndarray, geom: ConvGeometry) -> np.ndarr
     ]
     covered = all(len(a) == min(s, n) for a, s, n in zip(axes, geom.stride, geom.in_size))
     dx = (np.empty if covered else np.zeros)(shape, accumulator_dtype(dy.dtype))
-    for phase in itertools.product(*axes):
-        slices, taps, parts = zip(*phase)
-        counts, steps, pads = zip(*parts)
-        sub = ConvGeometry(
-            geom.out_channels,
-            geom.in_channels,
-            groups,
-            geom.out_size,
-            tuple(len(t) for t in taps),
-            counts,
-            (1,) * geom.ndim,
-            steps,
-            pads,
-        )
-        # (C, Og, *k) -> (C, Og, *len(taps)): the phase's taps, highest first
-        wsub = wt[(Ellipsis, *np.ix_(*taps))]
-        _correlate(dy, wsub, sub, dx[(Ellipsis, *slices)])
+    with numpy_threads.blas_pinned():  # one pin for all phases: see numpy_threads
+        for phase in itertools.product(*axes):
+            _phase(dy, wt, geom, phase, dx)
     return dx
+
+
+def _phase(dy, wt, geom: ConvGeometry, phase, dx: np.ndarray) -> None:
+    """One residue class of dx: dx[..., *slices] = conv(dy, the sub-kernel of its taps)."""
+    slices, taps, parts = zip(*phase)
+    counts, steps, pads = zip(*parts)
+    sub = ConvGeometry(
+        geom.out_channels,
+        geom.in_channels,
+        geom.groups,
+        geom.out_size,
+        tuple(len(t) for t in taps),
+        counts,
+        (1,) * geom.ndim,
+        steps,
+        pads,
+    )
+    # (C, Og, *k) -> (C, Og, *len(taps)): the phase's taps, highest first
+    wsub = wt[(Ellipsis, *np.ix_(*taps))]
+    _correlate(dy, wsub, sub, dx[(Ellipsis, *slices)])
 
 
 def backward_filter(dy: np.ndarray, x: np.ndarray, geom: ConvGeometry) -> np.ndarray:
@@ -204,13 +192,6 @@ def backward_filter(dy: np.ndarray, x: np.ndarray, geom: ConvGeometry) -> np.nda
         )
     if numpy_depthwise.applies(geom):
         return numpy_depthwise.filter_grad(dy, x, geom, acc)
-    if _is_pointwise(geom):
-        groups = geom.groups
-        og, cg = geom.out_channels // groups, geom.in_channels // groups
-        dw = np.zeros((groups, og, cg), acc)
-        for b in range(x.shape[0]):  # sum_b dy[b] (G, Og, P) @ x[b]^T (G, P, Cg), widened per image
-            dyb = dy[b].reshape(groups, og, -1).astype(acc, copy=False)
-            xb = x[b].reshape(groups, cg, -1).astype(acc, copy=False)
-            dw += np.matmul(dyb, xb.swapaxes(1, 2))
-        return dw.reshape(geom.out_channels, cg, *geom.kernel_size)
+    if numpy_pointwise.applies(geom):
+        return numpy_pointwise.filter_grad(dy, x, geom, acc)
     return numpy_im2col.filter_grad(dy, x, geom, acc)

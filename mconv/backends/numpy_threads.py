@@ -11,10 +11,12 @@ count.
 While the workers run, BLAS runs single-threaded (each worker's GEMM on
 its own core): OpenBLAS threads that spin between calls would otherwise
 take the cores the copies need (measured: the im2col copies ran 5x slower
-beside them). That setting is process-wide in OpenBLAS, so it is held only
-for the duration of a call and restored after; where no OpenBLAS with a
-thread setter is loaded (MKL, Accelerate), calls run on one Python thread
-and BLAS keeps its own threads.
+beside them; a multi-threaded GEMM on the calling thread leaves them
+spinning into the next call, so every path, 1x1 included, runs its GEMMs in
+the pool). That setting is process-wide in OpenBLAS, so it is held only for
+the duration of a call (or of several, ``blas_pinned``) and restored after;
+where no OpenBLAS with a thread setter is loaded (MKL, Accelerate), calls
+run on one Python thread and BLAS keeps its own threads.
 
 The count comes from ``set_num_threads``, else the ``MCONV_NUM_THREADS``
 environment variable, else the CPUs this process may run on (at most 8).
@@ -84,6 +86,17 @@ def _single_threaded_blas():
             _state["pinned"] -= 1
             if _state["pinned"] == 0:
                 set_(_state["saved"])
+
+
+@contextlib.contextmanager
+def blas_pinned():
+    """Hold BLAS single-threaded across several ``run`` calls (the phases of one backward_data):
+    one pin instead of one per call, so no OpenBLAS thread wakes up in between."""
+    if get_num_threads() <= 1 or _blas_setter() is None:
+        yield
+    else:
+        with _single_threaded_blas():
+            yield
 
 
 def _default_threads() -> int:

@@ -1,0 +1,67 @@
+"""1x1 convolutions (stride 1, no padding): one GEMM per image, no copies.
+
+    forward      y[b] (G, Og, P) = w (G, Og, Cg) @ x[b] (G, Cg, P)
+    filter_grad  dW (G, Og, Cg)  = sum_b dy[b] (G, Og, P) @ x[b]^T (G, P, Cg)
+
+Images are the tasks of the worker pool (``numpy_threads``), so BLAS runs
+single-threaded here like on every other path: a multi-threaded GEMM on the
+calling thread would leave OpenBLAS threads spinning into the next pooled
+call. fp16 is widened one image at a time.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ..geometry import ConvGeometry
+from . import numpy_threads
+
+
+def applies(g: ConvGeometry) -> bool:
+    return (
+        all(k == 1 for k in g.kernel_size)
+        and all(s == 1 for s in g.stride)
+        and all(p == (0, 0) for p in g.padding)
+    )
+
+
+def _work(g: ConvGeometry, batch: int) -> int:
+    """Multiply-adds of the call."""
+    return batch * g.out_channels * math.prod(g.in_size) * (g.in_channels // g.groups)
+
+
+def forward(x: np.ndarray, w: np.ndarray, g: ConvGeometry, out: np.ndarray) -> None:
+    """out (B, O, *S) = w applied at every position of x (B, C, *S); ``out`` may be strided."""
+    groups, acc = g.groups, out.dtype
+    og, cg = g.out_channels // groups, g.in_channels // groups
+    wg = w.reshape(groups, og, cg).astype(acc, copy=False)  # (O, Cg, 1..) -> (G, Og, Cg)
+
+    def work(b: int, _scratch) -> None:
+        xb = x[b].reshape(groups, cg, -1).astype(acc, copy=False)  # (C, *S) -> (G, Cg, P)
+        if out.flags.c_contiguous:  # out[b] (O, *S) -> (G, Og, P)
+            np.matmul(wg, xb, out=out[b].reshape(groups, og, -1))
+        else:  # a phase of backward_data: a strided view
+            out[b] = np.matmul(wg, xb).reshape(out.shape[1:])
+
+    numpy_threads.run(range(x.shape[0]), work, lambda: None, _work(g, x.shape[0]))
+
+
+def filter_grad(dy: np.ndarray, x: np.ndarray, g: ConvGeometry, dtype) -> np.ndarray:
+    """dW (O, Cg, 1, ..) summed over images, each worker into its own (G, Og, Cg) sum."""
+    groups = g.groups
+    og, cg = g.out_channels // groups, g.in_channels // groups
+
+    def work(b: int, dw: np.ndarray) -> None:
+        dyb = dy[b].reshape(groups, og, -1).astype(dtype, copy=False)  # (O, *S) -> (G, Og, P)
+        xb = x[b].reshape(groups, cg, -1).astype(dtype, copy=False)  # (C, *S) -> (G, Cg, P)
+        dw += np.matmul(dyb, xb.swapaxes(1, 2))
+
+    sums = numpy_threads.run(
+        range(x.shape[0]), work, lambda: np.zeros((groups, og, cg), dtype), _work(g, x.shape[0])
+    )
+    dw = sums[0]
+    for other in sums[1:]:
+        dw += other
+    return dw.reshape(g.out_channels, cg, *g.kernel_size)  # (G, Og, Cg) -> (O, Cg, 1, ..)
