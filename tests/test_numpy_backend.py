@@ -1,4 +1,4 @@
-"""The NumPy backend's own machinery: tiles, threads, stride phases, col2im, depthwise and 1x1.
+"""The NumPy backend's own machinery: tiles, threads, stride phases, col2im, wide, depthwise, 1x1.
 
 The parity grids elsewhere run small shapes that fit in one tile on one
 thread. Here the tile sizes are shrunk so that every call is cut into row
@@ -17,17 +17,27 @@ from reference import assert_close, torch_conv, torch_conv_transpose
 
 import mconv
 from mconv import functional as F
-from mconv.backends import numpy_backend, numpy_depthwise, numpy_im2col, numpy_threads
+from mconv.backends import (
+    numpy_backend,
+    numpy_depthwise,
+    numpy_im2col,
+    numpy_threads,
+    numpy_wide,
+)
 
 
-@pytest.fixture(params=["one-thread", "threads", "col2im"])
+@pytest.fixture(params=["one-thread", "threads", "col2im", "wide"])
 def tiny_tiles(request, monkeypatch):
     """Tiles of a few hundred bytes; two forced worker threads; backward_data through col2im
-    instead of the stride phases wherever it applies."""
+    instead of the stride phases wherever it applies; every stride-1 call (the phases of
+    backward_data included) through the wide path, however many columns it wastes."""
     monkeypatch.setattr(numpy_im2col, "COLUMN_BYTES", 600)
     monkeypatch.setattr(numpy_depthwise, "_TASK_BYTES", 600)
     if request.param == "col2im":
         monkeypatch.setattr(numpy_backend, "SCATTER_RATIO", 0)
+    if request.param == "wide":
+        monkeypatch.setattr(numpy_wide, "WASTE_LIMIT", math.inf)
+        monkeypatch.setattr(numpy_wide, "FILTER_WASTE_LIMIT", math.inf)
     threads = 1 if request.param == "one-thread" else 2
     before = mconv.get_num_threads()
     mconv.set_num_threads(threads)
@@ -43,6 +53,9 @@ CASES = [
     ((2, 6, 8, 7), (6, 1, 3, 3), (1, 1), (1, 1), ((1, 1), (1, 1)), 6),  # depthwise, wide rows
     ((2, 6, 9, 8), (6, 1, 3, 2), (2, 3), (1, 2), ((2, 0), (1, 1)), 6),  # depthwise, strided
     ((2, 4, 5, 6, 7), (4, 2, 2, 3, 2), (2, 1, 2), (1, 2, 1), ((1, 0), (2, 1), (0, 1)), 2),
+    ((2, 6, 7, 8), (4, 3, 3, 2), (1, 1), (2, 1), ((1, 2), (0, 1)), 2),  # stride 1: wide
+    ((2, 4, 4, 5, 6), (4, 2, 2, 3, 2), (1, 1, 1), (1, 2, 1), ((1, 0), (2, 1), (0, 1)), 2),
+    ((3, 4, 30), (6, 2, 4), (1,), (3,), ((4, 2),), 2),  # 1-d stride 1: wide, dW too
     ((5, 8, 6, 6), (4, 8, 1, 1), (1, 1), (1, 1), ((0, 0), (0, 0)), 1),  # pointwise
     ((2, 8, 7, 9), (8, 2, 1, 1), (2, 2), (1, 1), ((0, 0), (0, 0)), 4),  # strided 1x1
 ]

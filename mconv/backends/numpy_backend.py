@@ -14,6 +14,8 @@ fp16 is widened tile by tile on the way into fp32 BLAS, never as a whole).
 Paths:
 - pointwise (1x1, stride 1, no padding): one GEMM per image, no copies, ``numpy_pointwise``;
 - depthwise (C = O = G): per-channel tap columns and a 1 x K GEMM, ``numpy_depthwise``;
+- stride 1 where few padded columns are wasted: channels-first "wide" im2col, ``numpy_wide``
+  (forward; filter gradient in 1-d);
 - everything else: tiled channels-last im2col + GEMM, ``numpy_im2col``.
 
 backward_data is a convolution too, without col2im in general: per axis, the input
@@ -40,7 +42,7 @@ import numpy as np
 from ..geometry import ConvGeometry
 from ..padding import pad_backward_unchecked as pad_backward  # noqa: F401 - backend interface
 from ..padding import pad_unchecked as pad  # noqa: F401 - backend interface
-from . import numpy_depthwise, numpy_im2col, numpy_pointwise, numpy_threads
+from . import numpy_depthwise, numpy_im2col, numpy_pointwise, numpy_threads, numpy_wide
 
 name = "numpy"
 
@@ -95,6 +97,8 @@ def _correlate(x: np.ndarray, w: np.ndarray, g: ConvGeometry, out: np.ndarray) -
         numpy_depthwise.forward(x, w, g, out)
     elif numpy_pointwise.applies(g):
         numpy_pointwise.forward(x, w, g, out)
+    elif numpy_wide.applies(g):
+        numpy_wide.correlate(x, w, g, out, out.dtype)
     else:
         numpy_im2col.correlate(x, w, g, out, out.dtype)
 
@@ -194,4 +198,6 @@ def backward_filter(dy: np.ndarray, x: np.ndarray, geom: ConvGeometry) -> np.nda
         return numpy_depthwise.filter_grad(dy, x, geom, acc)
     if numpy_pointwise.applies(geom):
         return numpy_pointwise.filter_grad(dy, x, geom, acc)
+    if numpy_wide.applies(geom, numpy_wide.FILTER_WASTE_LIMIT):
+        return numpy_wide.filter_grad(dy, x, geom, acc)
     return numpy_im2col.filter_grad(dy, x, geom, acc)

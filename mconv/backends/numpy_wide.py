@@ -1,0 +1,217 @@
+"""Stride-1 convolutions as channels-first "wide" im2col + GEMM.
+
+With stride 1 the window of tap i at output q reads the padded input at
+q + i*dilation. Flatten a padded box of the input per channel, and compute
+the output "wide": position q sits at the flat index ``sum_j q_j * F_j``
+(F_j = the flat stride of axis j in the box), so the tile's leading rows
+keep their count and every later axis runs over its whole padded width.
+Then tap i reads the contiguous run starting at ``sum_j i_j d_j F_j``, and
+the columns ``(G, Cg, K, m, N)`` are K shifted copies of long runs; the
+weight ``(O, Cg, *k)`` is already ``(G, Og, Cg*K)``:
+
+    forward      y_wide (G, Og, m*N) = w (G, Og, Cg*K) @ cols (G, Cg*K, m*N)
+    filter_grad  dW (G, Og, Cg*K)   += dy_wide (G, Og, m*N) @ cols^T
+
+The extra (wide) outputs are cropped in the forward and meet zeros of
+``dy_wide`` in the filter gradient. They cost ``prod(Sp_j / Q_j)`` over the
+axes after the first, so ``applies`` takes only layers where that is small;
+the rest go through the channels-last ``numpy_im2col``. Against that path
+this one saves the two transposes (NCHW -> channels-last slab, GEMM result
+-> NCHW) and copies long runs instead of kw*Cg ones, which is what makes
+small groups (ResNeXt's Cg = 8) and 3-d kernels cheaper.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+from numpy.lib.stride_tricks import as_strided
+
+from ..geometry import ConvGeometry
+from . import numpy_im2col, numpy_threads
+from .numpy_im2col import _Tile
+
+# Most GEMM columns computed per output kept (measured against numpy_im2col on 2 cores): the
+# forward gains the output transpose and the channels-last copies, so it can afford a few
+# wasted columns; the filter gradient gains only the copies, so it takes the 1-d case alone.
+WASTE_LIMIT = 1.12
+FILTER_WASTE_LIMIT = 1.0
+
+
+def waste(g: ConvGeometry) -> float:
+    """GEMM columns computed per output kept: the padded widths of the axes after the first."""
+    return math.prod(sp / q for sp, q in zip(g.padded_size[1:], g.out_size[1:]))
+
+
+def applies(g: ConvGeometry, limit: float | None = None) -> bool:
+    """Stride 1 and at most ``limit`` (default ``WASTE_LIMIT``) columns per output kept."""
+    limit = WASTE_LIMIT if limit is None else limit
+    return all(s == 1 for s in g.stride) and min(g.out_size) > 0 and waste(g) <= limit
+
+
+def _tiles(g: ConvGeometry, batch: int, itemsize: int) -> list[_Tile]:
+    """Whole images when their columns fit ``numpy_im2col.COLUMN_BYTES``, else boxes of one
+    image: single indices on the leading axes, a block of rows on axis ``a``, whole later axes."""
+    out, padded = g.out_size, g.padded_size
+    budget = max(
+        1, numpy_im2col.COLUMN_BYTES // (itemsize * g.in_channels * math.prod(g.kernel_size))
+    )
+    row = [math.prod(padded[j + 1 :]) for j in range(g.ndim)]  # wide positions per index of j
+    whole = tuple(slice(0, q) for q in out)
+    if out[0] * row[0] <= budget:
+        per = max(1, min(batch, budget // (out[0] * row[0])))
+        return [_Tile(slice(b, min(batch, b + per)), whole) for b in range(0, batch, per)]
+    a = next(j for j in range(g.ndim) if row[j] <= budget)
+    rows = max(1, budget // row[a])
+    return [
+        _Tile(
+            slice(b, b + 1),
+            (*(slice(i, i + 1) for i in lead), slice(r, min(out[a], r + rows)), *whole[a + 1 :]),
+        )
+        for b in range(batch)
+        for lead in itertools.product(*(range(q) for q in out[:a]))
+        for r in range(0, out[a], rows)
+    ]
+
+
+class _Box:
+    """The padded input box a tile reads: shape per axis, flat strides, wide positions."""
+
+    def __init__(self, g: ConvGeometry, tile: _Tile):
+        n = g.ndim
+        # axis a: the last one the tile does not take whole; later axes are whole and padded
+        a = max([j for j in range(n) if tile.box[j] != slice(0, g.out_size[j])], default=0)
+        self.starts = [q.start if j <= a else 0 for j, q in enumerate(tile.box)]
+        self.spans = [
+            (q.stop - q.start) + (k - 1) * d if j <= a else sp
+            for j, (q, k, d, sp) in enumerate(
+                zip(tile.box, g.kernel_size, g.dilation, g.padded_size)
+            )
+        ]
+        self.flat = tuple(math.prod(self.spans[j + 1 :]) for j in range(n))
+        self.rows = tile.box[a].stop - tile.box[a].start
+        self.a = a
+        # wide positions: every index before a is a single one, so they are a contiguous range
+        self.positions = self.rows * self.flat[a]
+        self.strides = [d * f for d, f in zip(g.dilation, self.flat)]  # per tap index
+        reach = self.positions + sum((k - 1) * s for k, s in zip(g.kernel_size, self.strides))
+        self.length = max(math.prod(self.spans), reach)  # per channel, with a zero tail
+
+    def wide_shape(self, g: ConvGeometry) -> tuple[int, ...]:
+        """(*counts up to a, *padded widths after a): the wide output positions as an array."""
+        return (*(1 for _ in range(self.a)), self.rows, *g.padded_size[self.a + 1 :])
+
+    def kept(self, g: ConvGeometry) -> tuple[slice, ...]:
+        """The outputs kept of ``wide_shape``."""
+        return tuple(slice(0, q) for q in (*(1,) * self.a, self.rows, *g.out_size[self.a + 1 :]))
+
+
+class _Scratch:
+    """One worker's buffers: the flat padded boxes, the columns, the wide dy."""
+
+    def __init__(self, g: ConvGeometry, tiles: list[_Tile], dtype):
+        self.g, self.dtype = g, np.dtype(dtype)
+        boxes = [(t.count, _Box(g, t)) for t in tiles]
+        length = max(b.length for _, b in boxes)
+        wide = max(m * b.positions for m, b in boxes)
+        self.slab = np.empty((max(t.count for t in tiles), g.in_channels, length), self.dtype)
+        self.cols = np.empty(g.in_channels * math.prod(g.kernel_size) * wide, self.dtype)
+        self.wide = np.empty(g.out_channels * wide, self.dtype)
+        self.acc = None  # filter-gradient sum, transposed: (G, Cg*K, Og)
+
+    def fill(self, x: np.ndarray, tile: _Tile, box: _Box) -> np.ndarray:
+        """Columns of ``tile``: (G, Cg*K, m*N), N = box.positions."""
+        g, m = self.g, tile.count
+        groups, cg = g.groups, g.in_channels // g.groups
+        spans = box.spans
+        flat = self.slab[:m, :, : box.length]  # (m, C, L)
+        flat[..., math.prod(spans) :] = 0  # the tail the last wide positions read
+        slab = flat[..., : math.prod(spans)].reshape(m, g.in_channels, *spans)
+        # slab axis j holds input indices [start - lo, start - lo + span); outside [0, S_j): zero
+        real = []
+        for j, (start, span, size, (lo, _)) in enumerate(
+            zip(box.starts, spans, g.in_size, g.padding)
+        ):
+            first = start - lo
+            inside = slice(min(max(first, 0), first + span), max(min(first + span, size), first))
+            top, bottom = inside.start - first, inside.stop - first
+            axis = (slice(None),) * (2 + j)
+            slab[(*axis, slice(0, top))] = 0
+            slab[(*axis, slice(bottom, None))] = 0
+            real.append((inside, slice(top, bottom)))
+        src = x[(tile.images, slice(None), *(r for r, _ in real))]  # (m, C, *box)
+        slab[(slice(None), slice(None), *(d for _, d in real))] = src
+        item = flat.itemsize
+        st = flat.strides
+        n = box.positions
+        # view (G, Cg, *k, m, N): [grp, c, *i, b, p] = flat[b, grp*Cg + c, p + sum_j i_j*strides_j]
+        windows = as_strided(
+            flat,
+            shape=(groups, cg, *g.kernel_size, m, n),
+            strides=(cg * st[1], st[1], *(s * item for s in box.strides), st[0], item),
+            writeable=False,
+        )
+        size = g.in_channels * math.prod(g.kernel_size) * m * n
+        cols = self.cols[:size].reshape(windows.shape)  # (G, Cg, *k, m, N)
+        np.copyto(cols, windows)
+        return cols.reshape(groups, -1, m * n)  # (G, Cg, *k, m, N) -> (G, Cg*K, m*N)
+
+
+def _work(g: ConvGeometry, batch: int) -> int:
+    """Multiply-adds of the call."""
+    k = math.prod(g.kernel_size) * (g.in_channels // g.groups)
+    return batch * g.out_channels * math.prod(g.out_size) * k
+
+
+def correlate(x: np.ndarray, w: np.ndarray, g: ConvGeometry, out: np.ndarray, dtype) -> None:
+    """out (B, O, *Q) = conv(x (B, C, *S), w (O, Cg, *k)); ``out`` may be any strided view."""
+    groups = g.groups
+    tiles = _tiles(g, x.shape[0], np.dtype(dtype).itemsize)
+    # (O, Cg, *k) -> (G, Og, Cg*K): the columns' row order already
+    wmat = np.ascontiguousarray(w, dtype=dtype).reshape(groups, g.out_channels // groups, -1)
+
+    def work(tile: _Tile, scratch: _Scratch) -> None:
+        box = _Box(g, tile)
+        cols = scratch.fill(x, tile, box)  # (G, Cg*K, m*N)
+        m, n = tile.count, box.positions
+        res = scratch.wide[: g.out_channels * m * n].reshape(groups, -1, m * n)
+        np.matmul(wmat, cols, out=res)  # (G, Og, m*N)
+        # (G, Og, m*N) -> (O, m, *wide) -> kept outputs (m, O, *Q_t)
+        res = res.reshape(g.out_channels, m, *box.wide_shape(g))[(Ellipsis, *box.kept(g))]
+        dest = out[(tile.images, slice(None), *tile.box)]  # (m, O, *Q_t)
+        np.copyto(dest, res.swapaxes(0, 1))
+
+    numpy_threads.run(tiles, work, lambda: _Scratch(g, tiles, dtype), _work(g, x.shape[0]))
+
+
+def filter_grad(dy: np.ndarray, x: np.ndarray, g: ConvGeometry, dtype) -> np.ndarray:
+    """dW (O, Cg, *k) = sum over tiles of dy_wide (G, Og, m*N) @ columns^T (G, m*N, Cg*K)."""
+    groups = g.groups
+    tiles = _tiles(g, x.shape[0], np.dtype(dtype).itemsize)
+
+    def work(tile: _Tile, scratch: _Scratch) -> None:
+        box = _Box(g, tile)
+        cols = scratch.fill(x, tile, box)  # (G, Cg*K, m*N)
+        m, n = tile.count, box.positions
+        # dy (m, O, *Q_t) -> the kept part of a zeroed (O, m, *wide), widened on the way
+        wide = scratch.wide[: g.out_channels * m * n].reshape(g.out_channels, m, *box.wide_shape(g))
+        wide[...] = 0
+        part = dy[(tile.images, slice(None), *tile.box)]  # (m, O, *Q_t)
+        wide[(Ellipsis, *box.kept(g))] = part.swapaxes(0, 1)
+        # dW^T (G, Cg*K, Og) = cols (G, Cg*K, m*N) @ (O, m, *wide) -> (G, Og, m*N) transposed
+        # (a transposed second operand runs 20% slower in OpenBLAS than a transposed first)
+        term = np.matmul(cols, wide.reshape(groups, -1, m * n).transpose(0, 2, 1))
+        if scratch.acc is None:
+            scratch.acc = term
+        else:
+            scratch.acc += term
+
+    sums = numpy_threads.run(tiles, work, lambda: _Scratch(g, tiles, dtype), _work(g, x.shape[0]))
+    dw = sums[0].acc
+    for other in sums[1:]:
+        dw += other.acc
+    # (G, Cg*K, Og) -> (G, Og, Cg*K) -> (O, Cg, *k)
+    dw = np.ascontiguousarray(dw.transpose(0, 2, 1))
+    return dw.reshape(g.out_channels, g.in_channels // groups, *g.kernel_size)
