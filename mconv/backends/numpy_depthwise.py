@@ -46,11 +46,8 @@ class _Plan:
         self.plane = tuple(math.prod(self.padded[j + 1 :]) for j in range(g.ndim))
         if self.wide:  # output rows x full padded width of the other axes
             self.positions = g.out_size[0] * self.plane[0]
-            self.offsets = [
-                sum(i * d * p for i, d, p in zip(tap, g.dilation, self.plane))
-                for tap in np.ndindex(*g.kernel_size)
-            ]
-            self.slack = max(self.offsets) + self.positions - math.prod(self.padded)
+            reach = sum((k - 1) * d * p for k, d, p in zip(g.kernel_size, g.dilation, self.plane))
+            self.slack = reach + self.positions - math.prod(self.padded)
         else:
             self.positions, self.slack = math.prod(g.out_size), 0
         per_channel = self.dtype.itemsize * (self.taps + 2) * self.positions
@@ -85,9 +82,15 @@ class _Plan:
             )
         ] = src
         cols = scratch.cols[:cb]
-        if self.wide:
-            for k, off in enumerate(self.offsets):
-                cols[:, k] = flat[:, off : off + self.positions]
+        if self.wide:  # (cb, *k, P_wide): [c, *i, p] = flat[c, p + sum_j i_j*dilation_j*plane_j]
+            st = flat.strides
+            runs = as_strided(
+                flat,
+                shape=(cb, *g.kernel_size, self.positions),
+                strides=(st[0], *(d * p * st[1] for d, p in zip(g.dilation, self.plane)), st[1]),
+                writeable=False,
+            )
+            np.copyto(cols.reshape(runs.shape), runs)
             return cols
         st = plane.strides
         windows = as_strided(  # (cb, *k, *Q): [c, *i, *q] = plane[c, *(q*stride + i*dilation)]
