@@ -30,8 +30,9 @@ from numpy.lib.stride_tricks import as_strided
 from ..geometry import ConvGeometry
 from . import numpy_threads
 
-# Target size of one task's columns: a few of them fit the L2/L3 caches.
-COLUMN_BYTES = 2 << 20
+# Target size of one task's columns: a few of them fit the L3 cache (4 MiB measured 5% faster
+# than 2 MiB over the benchmark shapes on a 2-core EPYC, up to 1.2x on small groups and 3-d).
+COLUMN_BYTES = 4 << 20
 
 
 @dataclass(frozen=True)
