@@ -37,7 +37,7 @@ def tiny_tiles(request, monkeypatch):
         monkeypatch.setattr(numpy_backend, "SCATTER_RATIO", 0)
     if request.param == "wide":
         monkeypatch.setattr(numpy_wide, "WASTE_LIMIT", math.inf)
-        monkeypatch.setattr(numpy_wide, "FILTER_WASTE_LIMIT", math.inf)
+        monkeypatch.setattr(numpy_wide, "NARROW_GROUP", math.inf)
     threads = 1 if request.param == "one-thread" else 2
     before = mconv.get_num_threads()
     mconv.set_num_threads(threads)

@@ -15,7 +15,7 @@ Paths:
 - pointwise (1x1, stride 1, no padding): one GEMM per image, no copies, ``numpy_pointwise``;
 - depthwise (C = O = G): per-channel tap columns and a 1 x K GEMM, ``numpy_depthwise``;
 - stride 1 where few padded columns are wasted: channels-first "wide" im2col, ``numpy_wide``
-  (forward; filter gradient in 1-d);
+  (forward; filter gradient for narrow groups and 1-d);
 - everything else: tiled channels-last im2col + GEMM, ``numpy_im2col``.
 
 backward_data is a convolution too, without col2im in general: per axis, the input
@@ -198,6 +198,6 @@ def backward_filter(dy: np.ndarray, x: np.ndarray, geom: ConvGeometry) -> np.nda
         return numpy_depthwise.filter_grad(dy, x, geom, acc)
     if numpy_pointwise.applies(geom):
         return numpy_pointwise.filter_grad(dy, x, geom, acc)
-    if numpy_wide.applies(geom, numpy_wide.FILTER_WASTE_LIMIT):
+    if numpy_wide.applies_to_filter_grad(geom):
         return numpy_wide.filter_grad(dy, x, geom, acc)
     return numpy_im2col.filter_grad(dy, x, geom, acc)
