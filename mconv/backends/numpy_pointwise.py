@@ -6,7 +6,7 @@
 Images are the tasks of the worker pool (``numpy_threads``), so BLAS runs
 single-threaded here like on every other path: a multi-threaded GEMM on the
 calling thread would leave OpenBLAS threads spinning into the next pooled
-call. fp16 is widened one image at a time.
+call. fp16 is widened a block of columns at a time.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import math
 import numpy as np
 
 from ..geometry import ConvGeometry
-from . import numpy_threads
+from . import numpy_im2col, numpy_threads
 
 
 def applies(g: ConvGeometry) -> bool:
@@ -32,20 +32,32 @@ def _work(g: ConvGeometry, batch: int) -> int:
     return batch * g.out_channels * math.prod(g.in_size) * (g.in_channels // g.groups)
 
 
+def _tasks(g: ConvGeometry, batch: int, widen: bool) -> list[tuple[int, slice]]:
+    """(image, positions) per task: whole images, or column blocks of one image when fp16 is
+    widened (so no worker holds a whole fp32 image)."""
+    p = math.prod(g.in_size)
+    step = max(1, numpy_im2col.COLUMN_BYTES // (4 * max(g.in_channels, g.out_channels)))
+    step = step if widen else p
+    return [(b, slice(i, min(p, i + step))) for b in range(batch) for i in range(0, p, step)]
+
+
 def forward(x: np.ndarray, w: np.ndarray, g: ConvGeometry, out: np.ndarray) -> None:
     """out (B, O, *S) = w applied at every position of x (B, C, *S); ``out`` may be strided."""
     groups, acc = g.groups, out.dtype
     og, cg = g.out_channels // groups, g.in_channels // groups
     wg = w.reshape(groups, og, cg).astype(acc, copy=False)  # (O, Cg, 1..) -> (G, Og, Cg)
+    flat = out.flags.c_contiguous
 
-    def work(b: int, _scratch) -> None:
-        xb = x[b].reshape(groups, cg, -1).astype(acc, copy=False)  # (C, *S) -> (G, Cg, P)
-        if out.flags.c_contiguous:  # out[b] (O, *S) -> (G, Og, P)
-            np.matmul(wg, xb, out=out[b].reshape(groups, og, -1))
-        else:  # a phase of backward_data: a strided view
+    def work(task, _scratch) -> None:
+        b, cols = task
+        xb = x[b].reshape(groups, cg, -1)[..., cols].astype(acc, copy=False)  # (G, Cg, p)
+        if flat:  # out[b] (O, *S) -> (G, Og, P), columns ``cols``
+            np.matmul(wg, xb, out=out[b].reshape(groups, og, -1)[..., cols])
+        else:  # a phase of backward_data: a strided view, one task per image
             out[b] = np.matmul(wg, xb).reshape(out.shape[1:])
 
-    numpy_threads.run(range(x.shape[0]), work, lambda: None, _work(g, x.shape[0]))
+    tasks = _tasks(g, x.shape[0], widen=flat and x.dtype != acc)
+    numpy_threads.run(tasks, work, lambda: None, _work(g, x.shape[0]))
 
 
 def filter_grad(dy: np.ndarray, x: np.ndarray, g: ConvGeometry, dtype) -> np.ndarray:
@@ -53,13 +65,15 @@ def filter_grad(dy: np.ndarray, x: np.ndarray, g: ConvGeometry, dtype) -> np.nda
     groups = g.groups
     og, cg = g.out_channels // groups, g.in_channels // groups
 
-    def work(b: int, dw: np.ndarray) -> None:
-        dyb = dy[b].reshape(groups, og, -1).astype(dtype, copy=False)  # (O, *S) -> (G, Og, P)
-        xb = x[b].reshape(groups, cg, -1).astype(dtype, copy=False)  # (C, *S) -> (G, Cg, P)
+    def work(task, dw: np.ndarray) -> None:
+        b, cols = task
+        dyb = dy[b].reshape(groups, og, -1)[..., cols].astype(dtype, copy=False)  # (G, Og, p)
+        xb = x[b].reshape(groups, cg, -1)[..., cols].astype(dtype, copy=False)  # (G, Cg, p)
         dw += np.matmul(dyb, xb.swapaxes(1, 2))
 
+    tasks = _tasks(g, x.shape[0], widen=x.dtype != dtype or dy.dtype != dtype)
     sums = numpy_threads.run(
-        range(x.shape[0]), work, lambda: np.zeros((groups, og, cg), dtype), _work(g, x.shape[0])
+        tasks, work, lambda: np.zeros((groups, og, cg), dtype), _work(g, x.shape[0])
     )
     dw = sums[0]
     for other in sums[1:]:
