@@ -76,6 +76,22 @@ def test_tiled_and_threaded_conv_matches_torch(tiny_tiles, case):
         assert_close(got, want)
 
 
+@pytest.mark.parametrize("case", [CASES[i] for i in (1, 2, 5, 7, 8)], ids=lambda c: str(c[1]))
+def test_fp16_is_widened_piecewise_and_matches_torch(tiny_tiles, case):
+    """fp16 inputs widened tile by tile (and 1x1 column block by block) on every path."""
+    shape, wshape, stride, dilation, pairs, groups = case
+    rng = np.random.default_rng(1)
+    x, w = (rng.standard_normal(s).astype(np.float16) for s in (shape, wshape))
+    kw = dict(stride=stride, padding=pairs, dilation=dilation, groups=groups)
+    y = F.conv(x, w, **kw)
+    dy = rng.standard_normal(y.shape).astype(np.float16)
+    ref = torch_conv(*(a.astype(np.float64) for a in (x, w)), None, dy.astype(np.float64), **kw)
+    got = (y, *F.conv_backward(dy, x, w, has_bias=False, **kw)[:2])
+    for g, want in zip(got, ref):
+        assert g.dtype == np.float16
+        assert_close(g, want, 1e-3)
+
+
 # (x shape, w shape, stride, dilation, padding, output_padding, groups): strides beyond the
 # kernel leave residues of the output no tap reaches; gcd(stride, dilation) > 1 too.
 TRANSPOSED = [
