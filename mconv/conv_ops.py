@@ -27,14 +27,19 @@ Lowering, before the primitives:
     (``pad_backward_unchecked``) scatters the border back: dx = P^T A_w^T dy.
   * conv_mode='convolution': y = A_{F w} x with F the spatial flip, so the
     input gradient uses F w too and dW = F B_x^T dy (F is its own inverse).
-  * bias: y += b[o], so db = sum of dy over batch and spatial axes.
+  * bias: y += b[o] (added by ``forward`` itself), so db = sum of dy over batch
+    and spatial axes.
   * JVP by bilinearity: d(conv(x, w) + b) = conv(dx, w) + conv(x, dw) + db.
 
 Dtypes: inputs are cast once to the backend's compute dtype (the NumPy
 backend keeps fp16 and widens it tile by tile inside); a backend may return
 wider results than its inputs (its accumulator: fp32 from fp16 under
-compute_mode='float32'); the bias is added in the result's dtype, and each
-result is cast back to the caller's dtype once.
+compute_mode='float32'); the bias is added in the result's dtype (by the
+backend's forward, in its accumulator), and each result is cast back to the
+caller's dtype once. Where nothing is computed on
+a result after the primitive (no bias, no padding-mode adjoint, no JVP sum),
+the primitive is told that dtype (``out_dtype``) and may round into it tile
+by tile, which is the same single rounding without a wide copy of the result.
 """
 
 from __future__ import annotations
@@ -80,16 +85,18 @@ class _Casts:
         return None if a is None else a.astype(self.dtype, copy=False)
 
 
-def _conv(x, w, b, geom: ConvGeometry, backend):
-    """y = A_{Fw} P x + b in the compute dtype."""
+def _conv(x, w, b, geom: ConvGeometry, backend, final=None):
+    """y = A_{Fw} P x + b in the compute dtype, the bias added by the backend in its
+    accumulator; ``final``: the dtype y is cast to when nothing else is computed on it (the
+    backend may round into it straight away)."""
     x, lowered = _lower_input(x, geom, backend)
-    return _add_bias(backend.forward(x, _flip(w, geom), lowered), b, geom)
+    return backend.forward(x, _flip(w, geom), lowered, out_dtype=final, bias=b)
 
 
 def conv_forward(x, w, b, geom: ConvGeometry):
     """Batched conv forward; arrays in their own dtype, geometry validated."""
     cast = _Casts(x, geom)
-    return cast.back(_conv(cast(x), cast(w), cast(b), geom, cast.backend))
+    return cast.back(_conv(cast(x), cast(w), cast(b), geom, cast.backend, final=cast.dtype))
 
 
 def conv_backward(dy, x, w, geom: ConvGeometry, has_bias: bool):
@@ -97,8 +104,10 @@ def conv_backward(dy, x, w, geom: ConvGeometry, has_bias: bool):
     cast = _Casts(x, geom)
     dy, x, w = cast(dy), cast(x), cast(w)
     x, lowered = _lower_input(x, geom, cast.backend)
-    dx = cast.backend.backward_data(dy, _flip(w, geom), lowered)
-    if geom.padding_mode != "zeros":
+    if geom.padding_mode == "zeros":
+        dx = cast.backend.backward_data(dy, _flip(w, geom), lowered, out_dtype=cast.dtype)
+    else:  # P^T adds into the accumulator first
+        dx = cast.backend.backward_data(dy, _flip(w, geom), lowered)
         dx = cast.backend.pad_backward(dx, geom.padding, geom.padding_mode)
     dw = _flip(cast.backend.backward_filter(dy, x, lowered), geom)
     db = cast.backend.bias_grad(dy, geom) if has_bias else None
@@ -127,21 +136,24 @@ def conv_jvp(x, w, dx, dw, db, geom: ConvGeometry):
     return _jvp(_conv, x, w, dx, dw, db, geom)
 
 
-def _conv_transpose(x, w, b, geom: ConvGeometry, backend):
-    return _add_bias(backend.backward_data(x, _flip(w, geom), geom), b, geom)
+def _conv_transpose(x, w, b, geom: ConvGeometry, backend, final=None):
+    """y_t = A_{Fw}^T x_t + b in the compute dtype; ``final`` as in ``_conv``."""
+    out_dtype = final if b is None else None
+    return _add_bias(backend.backward_data(x, _flip(w, geom), geom, out_dtype=out_dtype), b, geom)
 
 
 def conv_transpose_forward(x, w, b, geom: ConvGeometry):
     """Batched transposed conv forward: y_t = A_{Fw}^T x_t + b."""
     cast = _Casts(x, geom)
-    return cast.back(_conv_transpose(cast(x), cast(w), cast(b), geom, cast.backend))
+    y = _conv_transpose(cast(x), cast(w), cast(b), geom, cast.backend, final=cast.dtype)
+    return cast.back(y)
 
 
 def conv_transpose_backward(dy, x, w, geom: ConvGeometry, has_bias: bool):
     """(dx, dw, db) of a batched transposed conv."""
     cast = _Casts(x, geom)
     dy, x, w = cast(dy), cast(x), cast(w)
-    dx = cast.backend.forward(dy, _flip(w, geom), geom)
+    dx = cast.backend.forward(dy, _flip(w, geom), geom, out_dtype=cast.dtype)
     dw = _flip(cast.backend.backward_filter(x, dy, geom), geom)
     db = cast.backend.bias_grad(dy, geom) if has_bias else None
     return cast.back(dx), cast.back(dw), cast.back(db)

@@ -17,6 +17,7 @@ from reference import assert_close, torch_conv, torch_conv_transpose
 
 import mconv
 from mconv import functional as F
+from mconv.geometry import conv_geometry
 from mconv.backends import (
     numpy_backend,
     numpy_depthwise,
@@ -188,6 +189,41 @@ def test_fp16_is_widened_per_tile_not_per_array():
     assert _peak_bytes(lambda: F.conv(x, w, padding=1, compute_mode="float32")) <= (
         3 * x.nbytes + scratch
     )
+
+
+@pytest.mark.parametrize(
+    "wshape,kw",
+    [
+        ((64, 256, 1, 1), {}),
+        ((128, 128, 3, 3), dict(padding=1)),
+        ((128, 128, 3, 3), dict(stride=2)),
+    ],
+    ids=["1x1", "3x3", "3x3-s2"],
+)
+def test_fp16_results_are_rounded_once_without_a_wide_copy(monkeypatch, wshape, kw):
+    """fp16 results (the output with its bias, and dx) are rounded into fp16 tile by tile: the
+    same bits as rounding the fp32 result once, and no fp32 copy of a whole result is held."""
+    monkeypatch.setattr(numpy_im2col, "COLUMN_BYTES", 128 << 10)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((4, wshape[1], 112, 112)).astype(np.float16)
+    w = rng.standard_normal(wshape).astype(np.float16)
+    b = rng.standard_normal(wshape[0]).astype(np.float16)
+    dy = rng.standard_normal(F.conv(x, w, **kw).shape).astype(np.float16)
+    wide = [a.astype(np.float32) for a in (dy, x, w, b)]
+    for narrow, full in zip(
+        (F.conv(x, w, b, **kw), F.conv_backward(dy, x, w, has_bias=False, **kw)[0]),
+        (F.conv(*wide[1:], **kw), F.conv_backward(*wide[:3], has_bias=False, **kw)[0]),
+    ):
+        assert narrow.dtype == np.float16
+        np.testing.assert_array_equal(narrow, full.astype(np.float16))
+    geom, _ = conv_geometry(x.shape, w.shape, **kw)
+    # tiles, and the weight in a few layouts (transposed, its columns in fp32)
+    scratch = 4 * mconv.get_num_threads() * numpy_im2col.COLUMN_BYTES + 4 * w.nbytes
+    y_bytes = math.prod(geom.output_shape(4)) * 2
+    peak = _peak_bytes(lambda: F.conv(x, w, b, **kw))
+    assert peak <= y_bytes + scratch < 2 * y_bytes  # an fp32 y alone would be 2 * y_bytes
+    peak = _peak_bytes(lambda: numpy_backend.backward_data(dy, w, geom, out_dtype=np.float16))
+    assert peak <= x.nbytes + scratch < 2 * x.nbytes  # an fp32 dx alone would be 2 * x.nbytes
 
 
 def test_set_num_threads_checks_its_argument():

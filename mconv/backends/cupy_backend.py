@@ -171,7 +171,7 @@ def _backend(array) -> KernelBackend:
 
 
 def _on_device(method: str):
-    def primitive(*args):
+    def primitive(*args, **kwargs):
         array, cupy = args[0], _cupy()
         for other in args[1:]:
             if hasattr(other, "shape") and device_of(other) != device_of(array):
@@ -180,7 +180,7 @@ def _on_device(method: str):
                     f"{device_of(array)} and {device_of(other)}"
                 )
         with cupy.cuda.Device(array.device.id):
-            return getattr(_backend(array), method)(*args)
+            return getattr(_backend(array), method)(*args, **kwargs)
 
     primitive.__name__ = method
     primitive.__doc__ = getattr(KernelBackend, method).__doc__

@@ -9,7 +9,10 @@ Shapes (B batch, G groups, Cg = C/G, Og = O/G, K = prod(kernel_size)):
 All three see a zero-padding cross-correlation geometry (padding modes and
 ``conv_mode`` are lowered in ``mconv.conv_ops``). Inputs arrive in the
 caller's dtype; results come back in the accumulator dtype (fp32 for fp16:
-fp16 is widened tile by tile on the way into fp32 BLAS, never as a whole).
+fp16 is widened tile by tile on the way into fp32 BLAS, never as a whole),
+or, for forward and backward_data, in ``out_dtype`` when the caller asks:
+each tile is then rounded once on its way out, and no fp32 copy of the
+whole result exists.
 
 Paths:
 - pointwise (1x1, stride 1, no padding): one GEMM per image, no copies, ``numpy_pointwise``;
@@ -89,24 +92,27 @@ def _empty(shape, dtype, what: str, geom: ConvGeometry) -> np.ndarray:
     return np.empty(shape, dtype)
 
 
-def _correlate(x: np.ndarray, w: np.ndarray, g: ConvGeometry, out: np.ndarray) -> None:
-    """out (B, O, *Q) = conv(x, w) on the fastest path for ``g``."""
-    if out.size == 0 or x.size == 0 or w.size == 0:
-        out[...] = 0  # an empty sum (or nothing to write)
+def _correlate(x: np.ndarray, w: np.ndarray, g: ConvGeometry, out: np.ndarray, acc, bias=None):
+    """out (B, O, *Q) = conv(x, w) (+ bias (O,)) on the fastest path for ``g``, accumulated in
+    ``acc`` and rounded once into ``out``."""
+    if out.size == 0 or x.size == 0 or w.size == 0:  # an empty sum (or nothing to write)
+        out[...] = 0 if bias is None else bias.reshape((-1,) + (1,) * g.ndim)
     elif numpy_depthwise.applies(g):
-        numpy_depthwise.forward(x, w, g, out)
+        numpy_depthwise.forward(x, w, g, out, acc, bias)
     elif numpy_pointwise.applies(g):
-        numpy_pointwise.forward(x, w, g, out)
+        numpy_pointwise.forward(x, w, g, out, acc, bias)
     elif numpy_wide.applies(g):
-        numpy_wide.correlate(x, w, g, out, out.dtype)
+        numpy_wide.correlate(x, w, g, out, acc, bias)
     else:
-        numpy_im2col.correlate(x, w, g, out, out.dtype)
+        numpy_im2col.correlate(x, w, g, out, acc, bias)
 
 
-def forward(x: np.ndarray, w: np.ndarray, geom: ConvGeometry) -> np.ndarray:
-    """y = conv(x, w), in the accumulator dtype."""
-    y = _empty(geom.output_shape(x.shape[0]), accumulator_dtype(x.dtype), "output", geom)
-    _correlate(x, w, geom, y)
+def forward(x: np.ndarray, w: np.ndarray, geom: ConvGeometry, out_dtype=None, bias=None):
+    """y = conv(x, w) + bias, in ``out_dtype`` (rounded once from the accumulator) or the
+    accumulator; the bias is added per tile, in the accumulator."""
+    acc = accumulator_dtype(x.dtype)
+    y = _empty(geom.output_shape(x.shape[0]), out_dtype or acc, "output", geom)
+    _correlate(x, w, geom, y, acc, None if bias is None else bias.astype(acc, copy=False))
     return y
 
 
@@ -133,20 +139,22 @@ def _scatter_is_cheaper(g: ConvGeometry, dtype) -> bool:
     return SCATTER_RATIO * g.in_channels <= g.out_channels and columns <= SCATTER_MAX_BYTES
 
 
-def backward_data(dy: np.ndarray, w: np.ndarray, geom: ConvGeometry) -> np.ndarray:
-    """dx = A_w^T dy: stride phases, or col2im when C << O (see the module docstring)."""
+def backward_data(dy: np.ndarray, w: np.ndarray, geom: ConvGeometry, out_dtype=None) -> np.ndarray:
+    """dx = A_w^T dy: stride phases, or col2im when C << O (see the module docstring); in
+    ``out_dtype`` (rounded once from the accumulator) or the accumulator."""
     batch, groups = dy.shape[0], geom.groups
     og, cg = geom.out_channels // groups, geom.in_channels // groups
     # w (O, Cg, *k) -> (G, Og, Cg, *k) -> (G, Cg, Og, *k) -> (C, Og, *k): the transposed conv weight
     wt = w.reshape(groups, og, cg, *geom.kernel_size).swapaxes(1, 2)
     wt = wt.reshape(geom.in_channels, og, *geom.kernel_size)
-    shape = geom.input_shape(batch)
-    _check_memory(shape, accumulator_dtype(dy.dtype), "input gradient", geom)
+    shape, acc = geom.input_shape(batch), accumulator_dtype(dy.dtype)
+    dtype = out_dtype or acc
+    _check_memory(shape, dtype, "input gradient", geom)
     if dy.size == 0 or w.size == 0:
-        return np.zeros(shape, accumulator_dtype(dy.dtype))
+        return np.zeros(shape, dtype)
     if _scatter_is_cheaper(geom, dy.dtype):
-        dx = np.empty(shape, accumulator_dtype(dy.dtype))
-        numpy_im2col.scatter_data(dy, w, geom, dx)
+        dx = np.empty(shape, dtype)
+        numpy_im2col.scatter_data(dy, w, geom, dx, acc)
         return dx
     axes = [
         list(_phase_axis(*args))
@@ -160,14 +168,14 @@ def backward_data(dy: np.ndarray, w: np.ndarray, geom: ConvGeometry) -> np.ndarr
         )
     ]
     covered = all(len(a) == min(s, n) for a, s, n in zip(axes, geom.stride, geom.in_size))
-    dx = (np.empty if covered else np.zeros)(shape, accumulator_dtype(dy.dtype))
+    dx = (np.empty if covered else np.zeros)(shape, dtype)
     with numpy_threads.blas_pinned():  # one pin for all phases: see numpy_threads
         for phase in itertools.product(*axes):
-            _phase(dy, wt, geom, phase, dx)
+            _phase(dy, wt, geom, phase, dx, acc)
     return dx
 
 
-def _phase(dy, wt, geom: ConvGeometry, phase, dx: np.ndarray) -> None:
+def _phase(dy, wt, geom: ConvGeometry, phase, dx: np.ndarray, acc) -> None:
     """One residue class of dx: dx[..., *slices] = conv(dy, the sub-kernel of its taps)."""
     slices, taps, parts = zip(*phase)
     counts, steps, pads = zip(*parts)
@@ -184,7 +192,7 @@ def _phase(dy, wt, geom: ConvGeometry, phase, dx: np.ndarray) -> None:
     )
     # (C, Og, *k) -> (C, Og, *len(taps)): the phase's taps, highest first
     wsub = wt[(Ellipsis, *np.ix_(*taps))]
-    _correlate(dy, wsub, sub, dx[(Ellipsis, *slices)])
+    _correlate(dy, wsub, sub, dx[(Ellipsis, *slices)], acc)
 
 
 def backward_filter(dy: np.ndarray, x: np.ndarray, geom: ConvGeometry) -> np.ndarray:

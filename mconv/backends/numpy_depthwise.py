@@ -124,16 +124,20 @@ def _work(g: ConvGeometry, batch: int) -> int:
     return batch * g.out_channels * math.prod(g.out_size) * math.prod(g.kernel_size)
 
 
-def forward(x: np.ndarray, w: np.ndarray, g: ConvGeometry, out: np.ndarray) -> None:
-    """out (B, C, *Q) = depthwise conv of x (B, C, *S) with w (C, 1, *k)."""
-    plan = _Plan(g, out.dtype)
-    wk = w.reshape(g.out_channels, 1, -1).astype(out.dtype, copy=False)  # (C, 1, K)
+def forward(x: np.ndarray, w: np.ndarray, g: ConvGeometry, out: np.ndarray, acc, bias=None):
+    """out (B, C, *Q) = depthwise conv of x (B, C, *S) with w (C, 1, *k) (+ bias (C,)),
+    accumulated in ``acc``."""
+    plan = _Plan(g, acc)
+    wk = w.reshape(g.out_channels, 1, -1).astype(acc, copy=False)  # (C, 1, K)
 
     def work(task, scratch: _Scratch) -> None:
         b, chans = task
         cols = plan.columns(x, b, chans, scratch)
         res = np.matmul(wk[chans], cols)  # (cb, 1, K) @ (cb, K, P) -> (cb, 1, P)
-        out[b, chans] = plan.crop(res)
+        if bias is None:
+            out[b, chans] = plan.crop(res)
+        else:  # bias (C,) -> (cb, 1, ..)
+            np.add(plan.crop(res), bias[chans].reshape((-1,) + (1,) * g.ndim), out=out[b, chans])
 
     tasks = plan.tasks(x.shape[0])
     numpy_threads.run(tasks, work, plan.scratch, _work(g, x.shape[0]))

@@ -156,8 +156,9 @@ def _work(g: ConvGeometry, batch: int) -> int:
     return batch * g.out_channels * math.prod(g.out_size) * k
 
 
-def correlate(x: np.ndarray, w: np.ndarray, g: ConvGeometry, out: np.ndarray, dtype) -> None:
-    """out (B, O, *Q) = conv(x (B, C, *S), w (O, Cg, *k)); ``out`` may be any strided view."""
+def correlate(x: np.ndarray, w: np.ndarray, g: ConvGeometry, out: np.ndarray, dtype, bias=None):
+    """out (B, O, *Q) = conv(x (B, C, *S), w (O, Cg, *k)) (+ bias (O,)), accumulated in
+    ``dtype``; ``out`` may be any strided view, in any dtype."""
     batch, groups = x.shape[0], g.groups
     og = g.out_channels // groups
     tiles = _tiles(g, batch, np.dtype(dtype).itemsize)
@@ -170,7 +171,11 @@ def correlate(x: np.ndarray, w: np.ndarray, g: ConvGeometry, out: np.ndarray, dt
         # (G, m*P_t, Og) -> (G, m, *Q_t, Og) -> (m, G, Og, *Q_t)
         res = np.moveaxis(res.reshape(groups, m, *shape, og), (0, -1), (1, 2))
         dest = out[(tile.images, slice(None), *tile.box)]  # (m, O, *Q_t)
-        np.copyto(dest.reshape(m, groups, og, *shape), res)
+        dest = dest.reshape(m, groups, og, *shape)  # (m, G, Og, *Q_t)
+        if bias is None:
+            np.copyto(dest, res)
+        else:  # bias (O,) -> (G, Og, 1, ..)
+            np.add(res, bias.reshape(groups, og, *(1,) * g.ndim), out=dest)
 
     numpy_threads.run(tiles, work, lambda: _Columns(g, tiles, dtype), _work(g, batch))
 
@@ -207,7 +212,7 @@ def scatter_bytes(g: ConvGeometry, itemsize: int) -> int:
     return itemsize * math.prod(g.out_size) * math.prod(g.kernel_size) * g.in_channels
 
 
-def scatter_data(dy: np.ndarray, w: np.ndarray, g: ConvGeometry, out: np.ndarray) -> None:
+def scatter_data(dy: np.ndarray, w: np.ndarray, g: ConvGeometry, out: np.ndarray, dtype) -> None:
     """out (B, C, *S) = A_w^T dy as col2im: columns = W^T dy per image, then K shifted adds.
 
     Cheaper than the stride phases when C is much smaller than O (the phases
@@ -216,7 +221,7 @@ def scatter_data(dy: np.ndarray, w: np.ndarray, g: ConvGeometry, out: np.ndarray
     """
     batch, groups = dy.shape[0], g.groups
     og, cg = g.out_channels // groups, g.in_channels // groups
-    dtype = out.dtype
+    dtype = np.dtype(dtype)  # the accumulator; ``out`` may be narrower
     per = max(1, min(batch, COLUMN_BYTES // max(1, scatter_bytes(g, dtype.itemsize))))
     tasks = [slice(b, min(batch, b + per)) for b in range(0, batch, per)]
     # w (O, Cg, *k) -> (G, Og, Cg*K) -> W^T (G, Cg*K, Og)

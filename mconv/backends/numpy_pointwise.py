@@ -34,30 +34,40 @@ def _work(g: ConvGeometry, batch: int) -> int:
 
 def _tasks(g: ConvGeometry, batch: int, widen: bool) -> list[tuple[int, slice]]:
     """(image, positions) per task: whole images, or column blocks of one image when fp16 is
-    widened (so no worker holds a whole fp32 image)."""
+    widened or the result rounded (so no worker holds a whole fp32 image)."""
     p = math.prod(g.in_size)
     step = max(1, numpy_im2col.COLUMN_BYTES // (4 * max(g.in_channels, g.out_channels)))
     step = step if widen else p
     return [(b, slice(i, min(p, i + step))) for b in range(batch) for i in range(0, p, step)]
 
 
-def forward(x: np.ndarray, w: np.ndarray, g: ConvGeometry, out: np.ndarray) -> None:
-    """out (B, O, *S) = w applied at every position of x (B, C, *S); ``out`` may be strided."""
-    groups, acc = g.groups, out.dtype
+def forward(x: np.ndarray, w: np.ndarray, g: ConvGeometry, out: np.ndarray, acc, bias=None):
+    """out (B, O, *S) = w applied at every position of x (B, C, *S) (+ bias (O,)), accumulated
+    in ``acc``; ``out`` may be strided (a phase of backward_data) or narrower than ``acc``."""
+    groups = g.groups
     og, cg = g.out_channels // groups, g.in_channels // groups
     wg = w.reshape(groups, og, cg).astype(acc, copy=False)  # (O, Cg, 1..) -> (G, Og, Cg)
+    bg = None if bias is None else bias.reshape(groups, og, 1)  # (O,) -> (G, Og, 1)
     flat = out.flags.c_contiguous
 
     def work(task, _scratch) -> None:
         b, cols = task
         xb = x[b].reshape(groups, cg, -1)[..., cols].astype(acc, copy=False)  # (G, Cg, p)
-        if flat:  # out[b] (O, *S) -> (G, Og, P), columns ``cols``
-            np.matmul(wg, xb, out=out[b].reshape(groups, og, -1)[..., cols])
-        else:  # a phase of backward_data: a strided view, one task per image
+        if not flat:  # a strided view (a phase of backward_data, no bias), one task per image
             out[b] = np.matmul(wg, xb).reshape(out.shape[1:])
+            return
+        dest = out[b].reshape(groups, og, -1)[..., cols]  # out[b] (O, *S) -> (G, Og, p)
+        if out.dtype == acc:
+            np.matmul(wg, xb, out=dest)
+            if bg is not None:
+                dest += bg
+        elif bg is None:  # rounded once, block by block
+            np.copyto(dest, np.matmul(wg, xb))
+        else:
+            np.add(np.matmul(wg, xb), bg, out=dest)
 
-    tasks = _tasks(g, x.shape[0], widen=flat and x.dtype != acc)
-    numpy_threads.run(tasks, work, lambda: None, _work(g, x.shape[0]))
+    widen = flat and (x.dtype != acc or out.dtype != acc)
+    numpy_threads.run(_tasks(g, x.shape[0], widen), work, lambda: None, _work(g, x.shape[0]))
 
 
 def filter_grad(dy: np.ndarray, x: np.ndarray, g: ConvGeometry, dtype) -> np.ndarray:

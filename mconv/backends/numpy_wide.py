@@ -119,7 +119,8 @@ class _Scratch:
 
     def __init__(self, g: ConvGeometry, tiles: list[_Tile], dtype):
         self.g, self.dtype = g, np.dtype(dtype)
-        boxes = [(t.count, _Box(g, t)) for t in tiles]
+        # tiles of one (count, shape) have boxes of one size: one representative each
+        boxes = [(t.count, _Box(g, t)) for t in {(t.count, t.shape): t for t in tiles}.values()]
         length = max(b.length for _, b in boxes)
         wide = max(m * b.positions for m, b in boxes)
         self.slab = np.empty((max(t.count for t in tiles), g.in_channels, length), self.dtype)
@@ -171,8 +172,9 @@ def _work(g: ConvGeometry, batch: int) -> int:
     return batch * g.out_channels * math.prod(g.out_size) * k
 
 
-def correlate(x: np.ndarray, w: np.ndarray, g: ConvGeometry, out: np.ndarray, dtype) -> None:
-    """out (B, O, *Q) = conv(x (B, C, *S), w (O, Cg, *k)); ``out`` may be any strided view."""
+def correlate(x: np.ndarray, w: np.ndarray, g: ConvGeometry, out: np.ndarray, dtype, bias=None):
+    """out (B, O, *Q) = conv(x (B, C, *S), w (O, Cg, *k)) (+ bias (O,)), accumulated in
+    ``dtype``; ``out`` may be any strided view, in any dtype."""
     groups = g.groups
     tiles = _tiles(g, x.shape[0], np.dtype(dtype).itemsize)
     # (O, Cg, *k) -> (G, Og, Cg*K): the columns' row order already
@@ -187,7 +189,10 @@ def correlate(x: np.ndarray, w: np.ndarray, g: ConvGeometry, out: np.ndarray, dt
         # (G, Og, m*N) -> (O, m, *wide) -> kept outputs (m, O, *Q_t)
         res = res.reshape(g.out_channels, m, *box.wide_shape(g))[(Ellipsis, *box.kept(g))]
         dest = out[(tile.images, slice(None), *tile.box)]  # (m, O, *Q_t)
-        np.copyto(dest, res.swapaxes(0, 1))
+        if bias is None:
+            np.copyto(dest, res.swapaxes(0, 1))
+        else:  # bias (O,) -> (O, 1, ..)
+            np.add(res.swapaxes(0, 1), bias.reshape((-1,) + (1,) * g.ndim), out=dest)
 
     numpy_threads.run(tiles, work, lambda: _Scratch(g, tiles, dtype), _work(g, x.shape[0]))
 

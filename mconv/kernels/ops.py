@@ -97,8 +97,16 @@ class KernelBackend:
                        lanes)  # fmt: skip
 
     # -- primitives --------------------------------------------------------------------------
-    def forward(self, x, w, geom: ConvGeometry):
-        """y (B, O, *Q) = conv(x (B, C, *S), w (O, C/G, *k))."""
+    def forward(self, x, w, geom: ConvGeometry, out_dtype=None, bias=None):
+        """y (B, O, *Q) = conv(x (B, C, *S), w (O, C/G, *k)) + bias, in ``result_dtype`` (the
+        bias added in that dtype); ``out_dtype`` (the dtype the caller casts to afterwards) is
+        accepted and ignored."""
+        y = self._forward(x, w, geom)
+        if bias is not None:
+            y += bias.astype(y.dtype, copy=False).reshape((1, -1) + (1,) * geom.ndim)
+        return y
+
+    def _forward(self, x, w, geom: ConvGeometry):
         xp, batch = self.xp, x.shape[0]
         x, w = xp.ascontiguousarray(x), xp.ascontiguousarray(w)
         out = result_dtype(x.dtype, geom.compute_mode)
@@ -121,8 +129,9 @@ class KernelBackend:
                 self._gemm(call, w, cols, yc)
         return y
 
-    def backward_data(self, dy, w, geom: ConvGeometry):
-        """dx (B, C, *S) = col2im(W^T dy): the adjoint of ``forward`` in x."""
+    def backward_data(self, dy, w, geom: ConvGeometry, out_dtype=None):
+        """dx (B, C, *S) = col2im(W^T dy): the adjoint of ``forward`` in x (``out_dtype``: as in
+        ``forward``)."""
         xp, batch = self.xp, dy.shape[0]
         dy, w = xp.ascontiguousarray(dy), xp.ascontiguousarray(w)
         acc, out = accumulator(dy.dtype), result_dtype(dy.dtype, geom.compute_mode)
