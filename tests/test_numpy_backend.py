@@ -266,3 +266,20 @@ def test_blas_thread_count_is_restored_after_pooled_calls(monkeypatch):
             x, w, None, dy, stride=(2, 2), padding=((1, 1), (1, 1)), dilation=(1, 1), groups=1
         )[1],
     )
+
+
+@pytest.mark.parametrize("sums", [False, True], ids=["shared-queue", "dealt"])
+def test_pool_runs_every_task_once(monkeypatch, sums):
+    """Disjoint tasks are taken from a shared queue; summing tasks are dealt w, w + n, ..."""
+    if numpy_threads._blas_setter() is None:
+        pytest.skip("no OpenBLAS with a thread setter: calls run on one thread")
+    monkeypatch.setattr(numpy_threads, "MIN_PARALLEL_WORK", 0)
+    before = mconv.get_num_threads()
+    mconv.set_num_threads(3)
+    try:
+        done = numpy_threads.run(range(50), lambda t, seen: seen.append(t), list, 1, sums=sums)
+    finally:
+        mconv.set_num_threads(before)
+    assert sorted(t for seen in done for t in seen) == list(range(50))
+    if sums:
+        assert done == [list(range(w, 50, 3)) for w in range(3)]

@@ -162,7 +162,7 @@ def filter_grad(dy: np.ndarray, x: np.ndarray, g: ConvGeometry, dtype) -> np.nda
         s.acc[chans] += np.matmul(dyc, cols.swapaxes(1, 2))  # (cb, 1, P) @ (cb, P, K)
 
     tasks = plan.tasks(x.shape[0])
-    sums = numpy_threads.run(tasks, work, scratch, _work(g, x.shape[0]))
+    sums = numpy_threads.run(tasks, work, scratch, _work(g, x.shape[0]), sums=True)
     dw = sums[0].acc
     for other in sums[1:]:
         dw += other.acc

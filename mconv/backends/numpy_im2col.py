@@ -198,7 +198,9 @@ def filter_grad(dy: np.ndarray, x: np.ndarray, g: ConvGeometry, dtype) -> np.nda
         else:
             scratch.acc += term
 
-    sums = numpy_threads.run(tiles, work, lambda: _Columns(g, tiles, dtype), _work(g, batch))
+    sums = numpy_threads.run(
+        tiles, work, lambda: _Columns(g, tiles, dtype), _work(g, batch), sums=True
+    )
     dw = sums[0].acc
     for other in sums[1:]:
         dw += other.acc

@@ -36,8 +36,8 @@ def _tasks(g: ConvGeometry, batch: int, widen: bool) -> list[tuple[int, slice]]:
     """(image, positions) per task: whole images, or column blocks of one image when fp16 is
     widened or the result rounded (so no worker holds a whole fp32 image)."""
     p = math.prod(g.in_size)
-    step = max(1, numpy_im2col.COLUMN_BYTES // (4 * max(g.in_channels, g.out_channels)))
-    step = step if widen else p
+    most = max(1, numpy_im2col.COLUMN_BYTES // (16 * max(g.in_channels, g.out_channels)))
+    step = numpy_im2col._even_rows(p, most) if widen else p  # equal blocks: even worker shares
     return [(b, slice(i, min(p, i + step))) for b in range(batch) for i in range(0, p, step)]
 
 
@@ -82,9 +82,8 @@ def filter_grad(dy: np.ndarray, x: np.ndarray, g: ConvGeometry, dtype) -> np.nda
         dw += np.matmul(dyb, xb.swapaxes(1, 2))
 
     tasks = _tasks(g, x.shape[0], widen=x.dtype != dtype or dy.dtype != dtype)
-    sums = numpy_threads.run(
-        tasks, work, lambda: np.zeros((groups, og, cg), dtype), _work(g, x.shape[0])
-    )
+    zero = lambda: np.zeros((groups, og, cg), dtype)  # noqa: E731 - one worker's sum
+    sums = numpy_threads.run(tasks, work, zero, _work(g, x.shape[0]), sums=True)
     dw = sums[0]
     for other in sums[1:]:
         dw += other

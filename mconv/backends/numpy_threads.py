@@ -4,9 +4,10 @@ NumPy copies and ufuncs run on one core; BLAS runs on its own threads.
 The backend cuts a convolution into independent tasks (image chunks, row
 tiles, channel blocks) and runs them on a small pool of Python threads, so
 the im2col copies of one task overlap the GEMM of another (NumPy and BLAS
-release the GIL). Each worker owns its scratch buffers and takes tasks
-``w, w + n, w + 2n, ...``, so results are deterministic for a fixed thread
-count.
+release the GIL). Each worker owns its scratch buffers. Tasks that write
+disjoint outputs are taken first come, first served; tasks that accumulate
+(filter gradients) are dealt ``w, w + n, w + 2n, ...`` to worker w, so
+results are deterministic for a fixed thread count.
 
 While the workers run, BLAS runs single-threaded (each worker's GEMM on
 its own core): OpenBLAS threads that spin between calls would otherwise
@@ -38,6 +39,7 @@ _MAX_DEFAULT = 8
 # Work below this many multiply-adds runs inline: a thread hand-off costs ~50 us.
 MIN_PARALLEL_WORK = 2_000_000
 
+_DONE = object()  # end of a shared task queue
 _state = {"threads": None, "pool": None, "blas": None, "pinned": 0, "saved": None}
 _lock = threading.Lock()
 _SETTERS = ("openblas_set_num_threads", "scipy_openblas_set_num_threads64_",
@@ -153,13 +155,16 @@ def _pool(workers: int) -> ThreadPoolExecutor:
         return pool
 
 
-def run(tasks: Sequence, work: Callable, make_scratch: Callable, size: int) -> list:
+def run(tasks: Sequence, work: Callable, make_scratch: Callable, size: int, *, sums=False) -> list:
     """Run ``work(task, scratch)`` over ``tasks``; return one scratch per worker used.
 
     ``size`` is the multiply-add count of the whole call: small calls run on
-    the calling thread. Worker ``w`` handles ``tasks[w::n]`` with its own
-    ``make_scratch()`` result, so tasks must write disjoint outputs or
-    accumulate into their scratch.
+    the calling thread. Each worker has its own ``make_scratch()`` result.
+    Tasks that write disjoint outputs go first come, first served (a worker
+    slowed by anything else on the machine takes fewer). Tasks that add into
+    their scratch (``sums=True``) are dealt as ``tasks[w::n]`` to worker w,
+    so each sum, and the order the caller adds them in, is fixed for a given
+    thread count: the results repeat bit for bit.
     """
     workers = min(get_num_threads(), len(tasks))
     if workers <= 1 or size < MIN_PARALLEL_WORK or _blas_setter() is None:
@@ -167,11 +172,21 @@ def run(tasks: Sequence, work: Callable, make_scratch: Callable, size: int) -> l
         for task in tasks:
             work(task, scratch)
         return [scratch]
+    queue = iter(tasks)
+    taking = threading.Lock()
+
+    def next_task():
+        with taking:
+            return next(queue, _DONE)
 
     def worker(index: int):
         scratch = make_scratch()
-        for task in tasks[index::workers]:
-            work(task, scratch)
+        if sums:
+            for task in tasks[index::workers]:
+                work(task, scratch)
+        else:
+            while (task := next_task()) is not _DONE:
+                work(task, scratch)
         return scratch
 
     with _single_threaded_blas():

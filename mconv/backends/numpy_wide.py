@@ -219,7 +219,9 @@ def filter_grad(dy: np.ndarray, x: np.ndarray, g: ConvGeometry, dtype) -> np.nda
         else:
             scratch.acc += term
 
-    sums = numpy_threads.run(tiles, work, lambda: _Scratch(g, tiles, dtype), _work(g, x.shape[0]))
+    sums = numpy_threads.run(
+        tiles, work, lambda: _Scratch(g, tiles, dtype), _work(g, x.shape[0]), sums=True
+    )
     dw = sums[0].acc
     for other in sums[1:]:
         dw += other.acc
