@@ -124,8 +124,13 @@ def worker(model_name: str, mode: str, steps: int) -> None:
 def launch(ranks: int, model_name: str, mode: str, steps: int) -> dict:
     beside = Path(sys.executable).parent / "mpiexec"
     mpiexec = str(beside) if beside.exists() else "mpiexec"
-    env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1",
-               MCONV_NUM_THREADS="1")
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        OPENBLAS_NUM_THREADS="1",
+        MKL_NUM_THREADS="1",
+        MCONV_NUM_THREADS="1",
+    )
     root = Path(__file__).resolve().parents[1]
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
     command = [mpiexec, "-n", str(ranks), sys.executable, "-m", "mpi4py", __file__,

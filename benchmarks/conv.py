@@ -221,9 +221,11 @@ def _plot_ratios(ax, result: dict) -> None:
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.axhline(1.5, color="black", linewidth=0.8, linestyle="--")
     _log_y(ax)
-    ax.set(ylabel="mconv / torch time (lower is better)", title="(a) time ratio")
+    ax.set_ylabel("mconv / torch time (lower is better)")
+    ax.set_title("(a) time ratio", pad=24)
     ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
-    ax.legend()
+    # one row between the title and the bars, clear of the data
+    ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=len(series), frameon=False)
 
 
 def _plot_scaling(ax, axis: str, points: list) -> None:
