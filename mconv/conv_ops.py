@@ -36,10 +36,10 @@ backend keeps fp16 and widens it tile by tile inside); a backend may return
 wider results than its inputs (its accumulator: fp32 from fp16 under
 compute_mode='float32'); the bias is added in the result's dtype (by the
 backend's forward, in its accumulator), and each result is cast back to the
-caller's dtype once. Where nothing is computed on
-a result after the primitive (no bias, no padding-mode adjoint, no JVP sum),
-the primitive is told that dtype (``out_dtype``) and may round into it tile
-by tile, which is the same single rounding without a wide copy of the result.
+caller's dtype once. Where nothing is computed on a result after the
+primitive (no padding-mode adjoint, no JVP sum, no bias added outside the
+primitive), the primitive is told that dtype (``out_dtype``) and may round
+into it tile by tile: the same single rounding, without a wide copy.
 """
 
 from __future__ import annotations

@@ -49,7 +49,7 @@ class _Tile:
         return tuple(r.stop - r.start for r in self.box)
 
 
-def _even_rows(total: int, most: int) -> int:
+def even_block_size(total: int, most: int) -> int:
     """Rows per block: at most ``most``, in blocks of equal size (56 rows in blocks of at most 31
     are 28 + 28, not 31 + 25: the workers take every n-th tile, so uneven blocks idle one)."""
     blocks = -(-total // max(1, most))
@@ -66,7 +66,7 @@ def _tiles(geom: ConvGeometry, batch: int, itemsize: int) -> list[_Tile]:
         per = max(1, min(batch, budget // max(1, math.prod(out))))
         return [_Tile(slice(b, min(batch, b + per)), whole) for b in range(0, batch, per)]
     a = next(j for j in range(geom.ndim) if math.prod(out[j + 1 :]) <= budget)
-    rows = _even_rows(out[a], budget // math.prod(out[a + 1 :]))
+    rows = even_block_size(out[a], budget // math.prod(out[a + 1 :]))
     return [
         _Tile(
             slice(b, b + 1),

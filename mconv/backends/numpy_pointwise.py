@@ -37,7 +37,7 @@ def _tasks(g: ConvGeometry, batch: int, widen: bool) -> list[tuple[int, slice]]:
     widened or the result rounded (so no worker holds a whole fp32 image)."""
     p = math.prod(g.in_size)
     most = max(1, numpy_im2col.COLUMN_BYTES // (16 * max(g.in_channels, g.out_channels)))
-    step = numpy_im2col._even_rows(p, most) if widen else p  # equal blocks: even worker shares
+    step = numpy_im2col.even_block_size(p, most) if widen else p  # equal shares per worker
     return [(b, slice(i, min(p, i + step))) for b in range(batch) for i in range(0, p, step)]
 
 

@@ -74,7 +74,7 @@ def _blas_setter():
 
 @contextlib.contextmanager
 def _single_threaded_blas():
-    """BLAS on one thread while any call's workers run; the first in saves, the last out restores."""
+    """BLAS on one thread while workers run; the first in saves, the last out restores."""
     get, set_ = _blas_setter()
     with _lock:
         if _state["pinned"] == 0:

@@ -31,7 +31,7 @@ from numpy.lib.stride_tricks import as_strided
 
 from ..geometry import ConvGeometry
 from . import numpy_im2col, numpy_threads
-from .numpy_im2col import _even_rows, _Tile
+from .numpy_im2col import even_block_size, _Tile
 
 # Most GEMM columns computed per output kept (measured against numpy_im2col on 2 cores). The
 # forward gains the output transpose and the channels-last copies, so it affords a few wasted
@@ -70,7 +70,7 @@ def _tiles(g: ConvGeometry, batch: int, itemsize: int) -> list[_Tile]:
         per = max(1, min(batch, budget // (out[0] * row[0])))
         return [_Tile(slice(b, min(batch, b + per)), whole) for b in range(0, batch, per)]
     a = next(j for j in range(g.ndim) if row[j] <= budget)
-    rows = _even_rows(out[a], budget // row[a])
+    rows = even_block_size(out[a], budget // row[a])
     return [
         _Tile(
             slice(b, b + 1),
