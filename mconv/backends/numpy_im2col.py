@@ -1,6 +1,6 @@
 """Channels-last, tiled im2col + GEMM: the dense and grouped path of the NumPy backend.
 
-A call is cut into tasks (``_tiles``): a few whole images, or a box of one
+A call is cut into tasks (``make_tiles``): a few whole images, or a box of one
 image's output (single indices on the leading spatial axes, a block of rows
 on one axis, the later axes whole), so that a task's columns stay near
 ``COLUMN_BYTES`` and live in cache. Per task:
@@ -56,17 +56,21 @@ def even_block_size(total: int, most: int) -> int:
     return -(-total // blocks)
 
 
-def _tiles(geom: ConvGeometry, batch: int, itemsize: int) -> list[_Tile]:
-    """Whole images per task when an image's columns are small, else boxes of one image:
-    single indices on the leading axes, a block of rows on axis ``a``, whole later axes."""
+def make_tiles(geom: ConvGeometry, batch: int, itemsize: int, widths=None) -> list[_Tile]:
+    """Whole images per task when an image's columns fit ``COLUMN_BYTES``, else boxes of one
+    image: single indices on the leading axes, a block of rows on axis ``a``, whole later axes.
+
+    ``widths``: the column positions computed per output index along each axis (default: the
+    output size; the wide path computes over the padded width of the later axes)."""
     out = geom.out_size
+    widths = out if widths is None else widths
     budget = max(1, COLUMN_BYTES // (itemsize * geom.in_channels * math.prod(geom.kernel_size)))
     whole = tuple(slice(0, q) for q in out)
-    if math.prod(out) <= budget:
-        per = max(1, min(batch, budget // max(1, math.prod(out))))
+    if math.prod(widths) <= budget:
+        per = max(1, min(batch, budget // max(1, math.prod(widths))))
         return [_Tile(slice(b, min(batch, b + per)), whole) for b in range(0, batch, per)]
-    a = next(j for j in range(geom.ndim) if math.prod(out[j + 1 :]) <= budget)
-    rows = even_block_size(out[a], budget // math.prod(out[a + 1 :]))
+    a = next(j for j in range(geom.ndim) if math.prod(widths[j + 1 :]) <= budget)
+    rows = even_block_size(out[a], budget // math.prod(widths[a + 1 :]))
     return [
         _Tile(
             slice(b, b + 1),
@@ -161,7 +165,7 @@ def correlate(x: np.ndarray, w: np.ndarray, g: ConvGeometry, out: np.ndarray, dt
     ``dtype``; ``out`` may be any strided view, in any dtype."""
     batch, groups = x.shape[0], g.groups
     og = g.out_channels // groups
-    tiles = _tiles(g, batch, np.dtype(dtype).itemsize)
+    tiles = make_tiles(g, batch, np.dtype(dtype).itemsize)
     wcols = _weight_columns(w, g, dtype)
 
     def work(tile: _Tile, scratch: _Columns) -> None:
@@ -184,7 +188,7 @@ def filter_grad(dy: np.ndarray, x: np.ndarray, g: ConvGeometry, dtype) -> np.nda
     """dW (O, Cg, *k) = sum over tiles of dy (G, Og, m*P_t) @ columns (G, m*P_t, K*Cg)."""
     batch, groups = x.shape[0], g.groups
     og = g.out_channels // groups
-    tiles = _tiles(g, batch, np.dtype(dtype).itemsize)
+    tiles = make_tiles(g, batch, np.dtype(dtype).itemsize)
 
     def work(tile: _Tile, scratch: _Columns) -> None:
         cols = scratch.fill(x, tile)  # (G, m*P_t, K*Cg)

@@ -23,7 +23,6 @@ small groups (ResNeXt's Cg = 8) and 3-d kernels cheaper.
 
 from __future__ import annotations
 
-import itertools
 import math
 
 import numpy as np
@@ -31,7 +30,7 @@ from numpy.lib.stride_tricks import as_strided
 
 from ..geometry import ConvGeometry
 from . import numpy_im2col, numpy_threads
-from .numpy_im2col import even_block_size, _Tile
+from .numpy_im2col import _Tile
 
 # Most GEMM columns computed per output kept (measured against numpy_im2col on 2 cores). The
 # forward gains the output transpose and the channels-last copies, so it affords a few wasted
@@ -58,28 +57,8 @@ def applies_to_filter_grad(g: ConvGeometry) -> bool:
 
 
 def _tiles(g: ConvGeometry, batch: int, itemsize: int) -> list[_Tile]:
-    """Whole images when their columns fit ``numpy_im2col.COLUMN_BYTES``, else boxes of one
-    image: single indices on the leading axes, a block of rows on axis ``a``, whole later axes."""
-    out, padded = g.out_size, g.padded_size
-    budget = max(
-        1, numpy_im2col.COLUMN_BYTES // (itemsize * g.in_channels * math.prod(g.kernel_size))
-    )
-    row = [math.prod(padded[j + 1 :]) for j in range(g.ndim)]  # wide positions per index of j
-    whole = tuple(slice(0, q) for q in out)
-    if out[0] * row[0] <= budget:
-        per = max(1, min(batch, budget // (out[0] * row[0])))
-        return [_Tile(slice(b, min(batch, b + per)), whole) for b in range(0, batch, per)]
-    a = next(j for j in range(g.ndim) if row[j] <= budget)
-    rows = even_block_size(out[a], budget // row[a])
-    return [
-        _Tile(
-            slice(b, b + 1),
-            (*(slice(i, i + 1) for i in lead), slice(r, min(out[a], r + rows)), *whole[a + 1 :]),
-        )
-        for b in range(batch)
-        for lead in itertools.product(*(range(q) for q in out[:a]))
-        for r in range(0, out[a], rows)
-    ]
+    """``numpy_im2col.make_tiles``, costed in wide positions: the padded width of later axes."""
+    return numpy_im2col.make_tiles(g, batch, itemsize, (g.out_size[0], *g.padded_size[1:]))
 
 
 class _Box:
