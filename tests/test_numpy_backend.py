@@ -8,12 +8,15 @@ Memory is checked with tracemalloc (NumPy reports its buffers to it):
 no call may hold the whole im2col matrix.
 """
 
+import contextlib
 import math
 import tracemalloc
 
 import numpy as np
 import pytest
+from hypothesis import given, strategies as st
 from reference import assert_close, torch_conv, torch_conv_transpose
+from strategies import conv_cases
 
 import mconv
 from mconv import functional as F
@@ -283,3 +286,43 @@ def test_pool_runs_every_task_once(monkeypatch, sums):
     assert sorted(t for seen in done for t in seen) == list(range(50))
     if sums:
         assert done == [list(range(w, 50, 3)) for w in range(3)]
+
+
+@contextlib.contextmanager
+def _forced(path: str):
+    """Every call through one NumPy path, with tiny tiles on two forced threads."""
+    settings = {
+        (numpy_im2col, "COLUMN_BYTES"): 600,
+        (numpy_depthwise, "_TASK_BYTES"): 600,
+        (numpy_threads, "MIN_PARALLEL_WORK"): 0,
+    }
+    if path == "wide":
+        settings[numpy_wide, "WASTE_LIMIT"] = math.inf
+        settings[numpy_wide, "NARROW_GROUP"] = math.inf
+    if path == "im2col":
+        settings[numpy_wide, "WASTE_LIMIT"] = 0.0
+    if path == "col2im":
+        settings[numpy_backend, "SCATTER_RATIO"] = 0
+    saved = {key: getattr(*key) for key in settings}
+    threads = mconv.get_num_threads()
+    try:
+        for (module, name), value in settings.items():
+            setattr(module, name, value)
+        mconv.set_num_threads(2)
+        yield
+    finally:
+        for (module, name), value in saved.items():
+            setattr(module, name, value)
+        mconv.set_num_threads(threads)
+
+
+@given(conv_cases(max_rank=3), st.sampled_from(["wide", "im2col", "col2im"]))
+def test_every_path_keeps_backward_the_adjoint(case, path):
+    """<conv(x, w), dy> == <x, dx(dy)> == <w, dw(dy)> through each path, on random geometries."""
+    x, w, _, kw, rng = case
+    with _forced(path):
+        y = F.conv(x, w, **kw)
+        dy = rng.standard_normal(y.shape)
+        dx, dw, _ = F.conv_backward(dy, x, w, has_bias=False, **kw)
+    for other in (np.vdot(x, dx), np.vdot(w, dw)):
+        assert abs(np.vdot(y, dy) - other) <= 1e-10 * max(1.0, abs(other))

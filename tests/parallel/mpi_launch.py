@@ -49,8 +49,9 @@ def mpiexec() -> list[str]:
 def environment() -> dict[str, str]:
     """One BLAS thread per rank; the repository importable from every rank."""
     env = dict(os.environ)
-    env.update(OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1",
-               MCONV_NUM_THREADS="1")
+    env.update(
+        OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1", MCONV_NUM_THREADS="1"
+    )
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), str(HERE), env.get("PYTHONPATH")]))
     return env
 
