@@ -317,12 +317,15 @@ def _forced(path: str):
 
 
 @given(conv_cases(max_rank=3), st.sampled_from(["wide", "im2col", "col2im"]))
-def test_every_path_keeps_backward_the_adjoint(case, path):
-    """<conv(x, w), dy> == <x, dx(dy)> == <w, dw(dy)> through each path, on random geometries."""
+def test_every_path_matches_torch_on_random_geometries(case, path):
+    """y, dx and dW through each path, on random geometries and padding modes, against torch
+    float64; and <conv(x, w), dy> == <x, dx(dy)> == <w, dw(dy)>."""
     x, w, _, kw, rng = case
     with _forced(path):
         y = F.conv(x, w, **kw)
         dy = rng.standard_normal(y.shape)
         dx, dw, _ = F.conv_backward(dy, x, w, has_bias=False, **kw)
+    for got, want in zip((y, dx, dw), torch_conv(x, w, None, dy, **kw)):
+        assert_close(got, want)
     for other in (np.vdot(x, dx), np.vdot(w, dw)):
         assert abs(np.vdot(y, dy) - other) <= 1e-10 * max(1.0, abs(other))
