@@ -70,34 +70,17 @@ class _GroupParallel(ShardedConv):
         return full.groups // self.comm.size
 
     def forward(self, x, output_size: Sequence[int] | None = None):
-        axis = self._channel_axis(x)
-        if self.input_is_sharded:
-            self._check_channels(x, axis, self.in_channels // self.comm.size, "this rank's shard")
-            x_local = x
-        else:
-            self._check_channels(x, axis, self.in_channels, "the full input")
-            x_local = self._slice_axis(x, axis, self._block(self.in_channels))
+        x_local, axis = self._local_input(x)
         y_local = self._conv(x_local, None if self.bias is None else self.bias.data, output_size)
         self._cache = (x_local, axis, y_local.shape, output_size)
-        if self.gather_output:
-            return self.comm.allgather(y_local, axis=axis, check=False)
-        return y_local
+        return self._output(y_local, axis)
 
     def backward(self, grad_output):
         """dx of the same kind (full or sharded) as forward's input; accumulates grads."""
         x_local, axis, local_shape, output_size = self._cached()
-        dy = grad_output
-        if self.gather_output:
-            full = list(local_shape)
-            full[axis] = self.out_channels
-            self._check_grad(dy, full, x_local.dtype)
-            dy = self._slice_axis(dy, axis, self._block(self.out_channels))
-        else:
-            self._check_grad(dy, local_shape, x_local.dtype)
+        dy = self._local_grad(grad_output, local_shape, axis, x_local.dtype)
         dx = self._conv_backward(dy, x_local, self.bias is not None, output_size)
-        if self.input_is_sharded:
-            return dx
-        return self.comm.allgather(dx, axis=axis, check=False)
+        return self._input_grad(dx, axis)
 
 
 class _GroupParallelConv(_GroupParallel):

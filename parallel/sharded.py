@@ -144,6 +144,39 @@ class ShardedConv(Module):
         index[axis] = block
         return array[tuple(index)]
 
+    # -- the channel-block communication the layers share -----------------------------------
+    def _local_input(self, x):
+        """(this rank's channel block of ``x``, the channel axis); with ``input_is_sharded``
+        x is that block already."""
+        axis = self._channel_axis(x)
+        if self.input_is_sharded:
+            self._check_channels(x, axis, self.in_channels // self.comm.size, "this rank's shard")
+            return x, axis
+        self._check_channels(x, axis, self.in_channels, "the full input")
+        return self._slice_axis(x, axis, self._block(self.in_channels)), axis
+
+    def _input_grad(self, dx_local, axis: int):
+        """dx of the kind forward's input was: this rank's block, or all blocks gathered."""
+        if self.input_is_sharded:
+            return dx_local
+        return self.comm.allgather(dx_local, axis=axis, check=False)
+
+    def _output(self, y_local, axis: int):
+        """This rank's block of y, or (``gather_output``) all blocks gathered."""
+        if self.gather_output:
+            return self.comm.allgather(y_local, axis=axis, check=False)
+        return y_local
+
+    def _local_grad(self, dy, local_shape, axis: int, dtype):
+        """This rank's block of dy, checked against the output forward returned."""
+        if not self.gather_output:
+            self._check_grad(dy, local_shape, dtype)
+            return dy
+        full = list(local_shape)
+        full[axis] = self.out_channels
+        self._check_grad(dy, full, dtype)
+        return self._slice_axis(dy, axis, self._block(self.out_channels))
+
     # -- the local computation (mconv.functional on the shard) -------------------------------
     def _conv(self, x, bias, output_size=None):
         if "output_padding" in self._options:

@@ -75,21 +75,12 @@ class _ColumnParallelConv(_DenseSharded):
         self._check_channels(x, axis, self.in_channels, "the full input")
         y_local = self._conv(x, None if self.bias is None else self.bias.data)
         self._cache = (x, axis, y_local.shape)
-        if self.gather_output:
-            return self.comm.allgather(y_local, axis=axis, check=False)
-        return y_local
+        return self._output(y_local, axis)
 
     def backward(self, grad_output):
         """The full dx (partial dx summed over ranks); accumulates grads."""
         x, axis, local_shape = self._cached()
-        dy = grad_output
-        if self.gather_output:
-            full = list(local_shape)
-            full[axis] = self.out_channels
-            self._check_grad(dy, full, x.dtype)
-            dy = self._slice_axis(dy, axis, self._block(self.out_channels))
-        else:
-            self._check_grad(dy, local_shape, x.dtype)
+        dy = self._local_grad(grad_output, local_shape, axis, x.dtype)
         dx = self._conv_backward(dy, x, self.bias is not None)
         return self.comm.allreduce(dx, "sum", out=dx)
 
@@ -110,13 +101,7 @@ class _RowParallelConv(_DenseSharded):
         self._divisible(full.in_channels, "in_channels", "its input channels")
 
     def forward(self, x):
-        axis = self._channel_axis(x)
-        if self.input_is_sharded:
-            self._check_channels(x, axis, self.in_channels // self.comm.size, "this rank's shard")
-            x_local = x
-        else:
-            self._check_channels(x, axis, self.in_channels, "the full input")
-            x_local = self._slice_axis(x, axis, self._block(self.in_channels))
+        x_local, axis = self._local_input(x)
         if x.dtype == np.float16:  # partial sums, their sum and the bias in fp32; round once
             partial = F.conv(
                 x_local.astype(np.float32),
@@ -144,9 +129,7 @@ class _RowParallelConv(_DenseSharded):
             db = grad_output.sum(axis=reduce, dtype=work).astype(grad_output.dtype)
             self.bias.accumulate_grad(db)
         dx = self._conv_backward(grad_output, x_local, False)
-        if self.input_is_sharded:
-            return dx
-        return self.comm.allgather(dx, axis=axis, check=False)
+        return self._input_grad(dx, axis)
 
 
 class ColumnParallelConv1d(_ColumnParallelConv):
