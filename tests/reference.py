@@ -33,6 +33,15 @@ def _torch_flat_pad(pairs):
     return [v for pair in reversed(pairs) for v in pair]
 
 
+def _results(y, dy, tx, tw, tb):
+    """y alone when dy is None, else (y, dx, dw, db) by autograd from dy."""
+    if dy is None:
+        return y.detach().numpy()
+    y.backward(torch.tensor(dy))
+    grads = (t.grad.numpy() if t is not None else None for t in (tx, tw, tb))
+    return (y.detach().numpy(), *grads)
+
+
 def torch_conv(
     x,
     w,
@@ -66,15 +75,7 @@ def torch_conv(
     else:
         inp, pad_arg = TF.pad(tx, _torch_flat_pad(padding), mode=TORCH_PAD_MODE[padding_mode]), 0
     y = conv(inp, kernel, tb, stride=stride, padding=pad_arg, dilation=dilation, groups=groups)
-    if dy is None:
-        return y.detach().numpy()
-    y.backward(torch.tensor(dy))
-    return (
-        y.detach().numpy(),
-        tx.grad.numpy(),
-        tw.grad.numpy(),
-        None if b is None else tb.grad.numpy(),
-    )
+    return _results(y, dy, tx, tw, tb)
 
 
 def torch_conv_transpose(
@@ -96,15 +97,7 @@ def torch_conv_transpose(
         groups=groups,
         dilation=dilation,
     )
-    if dy is None:
-        return y.detach().numpy()
-    y.backward(torch.tensor(dy))
-    return (
-        y.detach().numpy(),
-        tx.grad.numpy(),
-        tw.grad.numpy(),
-        None if b is None else tb.grad.numpy(),
-    )
+    return _results(y, dy, tx, tw, tb)
 
 
 # -- plain loops -----------------------------------------------------------------------------
