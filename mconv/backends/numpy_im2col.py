@@ -50,8 +50,8 @@ class _Tile:
 
 
 def even_block_size(total: int, most: int) -> int:
-    """Rows per block: at most ``most``, in blocks of equal size (56 rows in blocks of at most 31
-    are 28 + 28, not 31 + 25: the workers take every n-th tile, so uneven blocks idle one)."""
+    """Rows (or images) per block: at most ``most``, in blocks of equal size (56 rows in blocks
+    of at most 31 are 28 + 28, not 31 + 25, which would leave a worker idle)."""
     blocks = -(-total // max(1, most))
     return -(-total // blocks)
 
@@ -67,7 +67,7 @@ def make_tiles(geom: ConvGeometry, batch: int, itemsize: int, widths=None) -> li
     budget = max(1, COLUMN_BYTES // (itemsize * geom.in_channels * math.prod(geom.kernel_size)))
     whole = tuple(slice(0, q) for q in out)
     if math.prod(widths) <= budget:
-        per = max(1, min(batch, budget // max(1, math.prod(widths))))
+        per = even_block_size(batch, budget // max(1, math.prod(widths)))
         return [_Tile(slice(b, min(batch, b + per)), whole) for b in range(0, batch, per)]
     a = next(j for j in range(geom.ndim) if math.prod(widths[j + 1 :]) <= budget)
     rows = even_block_size(out[a], budget // math.prod(widths[a + 1 :]))
