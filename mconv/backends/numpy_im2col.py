@@ -49,10 +49,12 @@ class _Tile:
         return tuple(r.stop - r.start for r in self.box)
 
 
-def even_block_size(total: int, most: int) -> int:
+def even_block_size(total: int, most: int, multiple: int = 1) -> int:
     """Rows (or images) per block: at most ``most``, in blocks of equal size (56 rows in blocks
-    of at most 31 are 28 + 28, not 31 + 25, which would leave a worker idle)."""
+    of at most 31 are 28 + 28, not 31 + 25, which would leave a worker idle), and in a number
+    of blocks that is a multiple of ``multiple`` (the workers) where ``total`` allows."""
     blocks = -(-total // max(1, most))
+    blocks = min(total, -(-blocks // multiple) * multiple)
     return -(-total // blocks)
 
 
@@ -67,7 +69,8 @@ def make_tiles(geom: ConvGeometry, batch: int, itemsize: int, widths=None) -> li
     budget = max(1, COLUMN_BYTES // (itemsize * geom.in_channels * math.prod(geom.kernel_size)))
     whole = tuple(slice(0, q) for q in out)
     if math.prod(widths) <= budget:
-        per = even_block_size(batch, budget // max(1, math.prod(widths)))
+        most = budget // max(1, math.prod(widths))
+        per = even_block_size(batch, most, numpy_threads.get_num_threads())
         return [_Tile(slice(b, min(batch, b + per)), whole) for b in range(0, batch, per)]
     a = next(j for j in range(geom.ndim) if math.prod(widths[j + 1 :]) <= budget)
     rows = even_block_size(out[a], budget // math.prod(widths[a + 1 :]))
