@@ -59,21 +59,24 @@ def even_block_size(total: int, most: int, multiple: int = 1) -> int:
 
 
 def make_tiles(geom: ConvGeometry, batch: int, itemsize: int, widths=None) -> list[_Tile]:
-    """Whole images per task when an image's columns fit ``COLUMN_BYTES``, else boxes of one
-    image: single indices on the leading axes, a block of rows on axis ``a``, whole later axes.
+    """Whole images per task when an image's columns fit ``COLUMN_BYTES`` (and there are
+    images for every worker), else boxes of one image: single indices on the leading axes, a
+    block of rows on axis ``a``, whole later axes. Blocks are of equal size, in a multiple of
+    the worker count where the sizes allow.
 
     ``widths``: the column positions computed per output index along each axis (default: the
     output size; the wide path computes over the padded width of the later axes)."""
     out = geom.out_size
     widths = out if widths is None else widths
     budget = max(1, COLUMN_BYTES // (itemsize * geom.in_channels * math.prod(geom.kernel_size)))
+    workers = numpy_threads.get_num_threads()
     whole = tuple(slice(0, q) for q in out)
-    if math.prod(widths) <= budget:
-        most = budget // max(1, math.prod(widths))
-        per = even_block_size(batch, most, numpy_threads.get_num_threads())
+    if math.prod(widths) <= budget and batch >= workers:
+        per = even_block_size(batch, budget // max(1, math.prod(widths)), workers)
         return [_Tile(slice(b, min(batch, b + per)), whole) for b in range(0, batch, per)]
     a = next(j for j in range(geom.ndim) if math.prod(widths[j + 1 :]) <= budget)
-    rows = even_block_size(out[a], budget // math.prod(widths[a + 1 :]))
+    boxes = batch * math.prod(out[:a])  # tiles before the rows of axis a are cut
+    rows = even_block_size(out[a], budget // math.prod(widths[a + 1 :]), -(-workers // boxes))
     return [
         _Tile(
             slice(b, b + 1),
