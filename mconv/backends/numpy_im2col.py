@@ -95,6 +95,23 @@ def _span(g: ConvGeometry, j: int, q: slice) -> tuple[int, int]:
     ) + 1
 
 
+def zero_padding(slab, g: ConvGeometry, firsts, counts):
+    """Zero the part of ``slab`` that lies in the padding; return (input slices, slab slices)
+    of the rest. Slab axis 2 + j holds padded indices [first_j, first_j + count_j) of axis j,
+    that is input indices shifted by the padding before; those outside [0, S_j) are zero."""
+    inside, dest = [], []
+    for j, (first, count, size, (lo, _)) in enumerate(zip(firsts, counts, g.in_size, g.padding)):
+        start = first - lo
+        real = slice(min(max(start, 0), start + count), max(min(start + count, size), start))
+        top, bottom = real.start - start, real.stop - start
+        axis = (slice(None),) * (2 + j)
+        slab[(*axis, slice(0, top))] = 0
+        slab[(*axis, slice(bottom, None))] = 0
+        inside.append(real)
+        dest.append(slice(top, bottom))
+    return tuple(inside), tuple(dest)
+
+
 class _Columns:
     """One worker's scratch: the padded slab and the columns of a tile."""
 
@@ -116,19 +133,10 @@ class _Columns:
         m, shape = tile.count, tile.shape
         spans = [_span(g, j, q) for j, q in enumerate(tile.box)]
         slab = self.slab[(slice(0, m), slice(None), *(slice(0, c) for _, c in spans))]
-        # slab axis j holds input indices [start, start + count); those outside [0, S_j) are zero
-        real = []
-        for j, ((first, count), size, (lo, _)) in enumerate(zip(spans, g.in_size, g.padding)):
-            start = first - lo
-            inside = slice(min(max(start, 0), start + count), max(min(start + count, size), start))
-            top, bottom = inside.start - start, inside.stop - start
-            axis = (slice(None),) * (2 + j)
-            slab[(*axis, slice(0, top))] = 0
-            slab[(*axis, slice(bottom, None))] = 0
-            real.append((inside, slice(top, bottom)))
-        src = x[(tile.images, slice(None), *(r for r, _ in real))]  # (m, C, *box)
+        inside, dest = zero_padding(slab, g, [f for f, _ in spans], [c for _, c in spans])
+        src = x[(tile.images, slice(None), *inside)]  # (m, C, *box)
         src = src.reshape(m, groups, cg, *src.shape[2:])
-        np.copyto(slab[(Ellipsis, *(d for _, d in real), slice(None))], np.moveaxis(src, 2, -1))
+        np.copyto(slab[(Ellipsis, *dest, slice(None))], np.moveaxis(src, 2, -1))
         st, item = slab.strides, slab.itemsize
         # view (m, G, *Q_t, *k, Cg): [b, grp, *q, *i, c] = slab[b, grp, *(q*stride + i*dilation), c]
         windows = as_strided(

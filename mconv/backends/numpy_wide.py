@@ -115,20 +115,8 @@ class _Scratch:
         flat = self.slab[:m, :, : box.length]  # (m, C, L)
         flat[..., math.prod(spans) :] = 0  # the tail the last wide positions read
         slab = flat[..., : math.prod(spans)].reshape(m, g.in_channels, *spans)
-        # slab axis j holds input indices [start - lo, start - lo + span); outside [0, S_j): zero
-        real = []
-        for j, (start, span, size, (lo, _)) in enumerate(
-            zip(box.starts, spans, g.in_size, g.padding)
-        ):
-            first = start - lo
-            inside = slice(min(max(first, 0), first + span), max(min(first + span, size), first))
-            top, bottom = inside.start - first, inside.stop - first
-            axis = (slice(None),) * (2 + j)
-            slab[(*axis, slice(0, top))] = 0
-            slab[(*axis, slice(bottom, None))] = 0
-            real.append((inside, slice(top, bottom)))
-        src = x[(tile.images, slice(None), *(r for r, _ in real))]  # (m, C, *box)
-        slab[(slice(None), slice(None), *(d for _, d in real))] = src
+        inside, dest = numpy_im2col.zero_padding(slab, g, box.starts, spans)
+        slab[(slice(None), slice(None), *dest)] = x[(tile.images, slice(None), *inside)]
         item = flat.itemsize
         st = flat.strides
         n = box.positions
