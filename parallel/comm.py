@@ -57,14 +57,14 @@ def _mpi():
 
 def _as_array(x: Any, name: str, op: str):
     """(array module, array) for a NumPy or CuPy array; NumPy scalars become 0-d arrays."""
+    if gpu.is_cupy(x):  # first: a stand-in for CuPy may subclass numpy.ndarray
+        import cupy
+
+        return cupy, x
     if isinstance(x, np.generic):
         x = np.asarray(x)
     if isinstance(x, np.ndarray):
         return np, x
-    if gpu.is_cupy(x):
-        import cupy
-
-        return cupy, x
     raise TypeError(f"{op}: {name} must be a numpy or cupy array, but got {type(x).__name__}")
 
 

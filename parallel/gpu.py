@@ -13,8 +13,15 @@ in this order (``choose_transport``):
    ``MPIX_Query_cuda_support``, or MVAPICH's ``MV2_USE_CUDA=1``);
 3. ``host`` — copy to host memory, use MPI, copy back.
 
-``MCONV_PARALLEL_GPU_TRANSPORT=nccl|cuda-aware-mpi|host`` forces a choice.
-Not yet exercised on GPU hardware: only the choice is tested (with fakes).
+NCCL also needs every rank of the communicator on a GPU of its own (it
+refuses two ranks on one device), so more ranks than GPUs on a host fall
+back to the next transport. ``MCONV_PARALLEL_GPU_TRANSPORT=nccl|cuda-aware-mpi|host``
+forces a choice.
+
+Tested in MPI jobs on a CPU stand-in for CuPy and NCCL that checks every
+pointer, count, dtype code and stream handed to it
+(tests/parallel/fake_gpu.py); tests/gpu/test_gpu_parallel.py runs the same
+checks on real GPUs, which no session has had yet.
 """
 
 from __future__ import annotations
@@ -38,12 +45,14 @@ is_cupy = _args.is_cupy  # told by the type's module, without importing CuPy
 def choose_transport(flags_per_rank, forced: str | None = None) -> str:
     """The first transport every rank can use.
 
-    ``flags_per_rank``: one ``{'nccl': bool, 'cuda-aware-mpi': bool}`` per rank.
+    ``flags_per_rank``: one ``{'nccl': bool, 'cuda-aware-mpi': bool, 'gpu': (host, device)}``
+    per rank. NCCL refuses a communicator in which two ranks use one GPU (more
+    ranks than GPUs on a host), so it needs every rank's ``gpu`` known and distinct.
 
-    >>> choose_transport([{"nccl": True, "cuda-aware-mpi": False}] * 2)
+    >>> choose_transport([{"nccl": True, "gpu": ("a", 0)}, {"nccl": True, "gpu": ("a", 1)}])
     'nccl'
-    >>> choose_transport([{"nccl": True, "cuda-aware-mpi": True},
-    ...                   {"nccl": False, "cuda-aware-mpi": True}])
+    >>> choose_transport([{"nccl": True, "cuda-aware-mpi": True, "gpu": ("a", 0)},
+    ...                   {"nccl": True, "cuda-aware-mpi": True, "gpu": ("a", 0)}])
     'cuda-aware-mpi'
     """
     if forced is not None:
@@ -52,8 +61,13 @@ def choose_transport(flags_per_rank, forced: str | None = None) -> str:
                 f"MCONV_PARALLEL_GPU_TRANSPORT must be one of {TRANSPORTS}, but got {forced!r}"
             )
         return forced
+    gpus = [flags.get("gpu") for flags in flags_per_rank]
+    usable = {
+        "nccl": None not in gpus and len(set(gpus)) == len(gpus),
+        "cuda-aware-mpi": True,
+    }
     for name in TRANSPORTS[:-1]:
-        if all(flags.get(name, False) for flags in flags_per_rank):
+        if usable[name] and all(flags.get(name, False) for flags in flags_per_rank):
             return name
     return "host"
 
@@ -74,17 +88,21 @@ def cuda_aware_mpi() -> bool:
         return False
 
 
-def local_flags() -> dict[str, bool]:
-    """What this rank can use; CuPy is imported only if it is installed."""
-    nccl = False
+def local_flags() -> dict:
+    """What this rank can use, and its GPU as (host, device id); CuPy is imported only if it
+    is installed."""
+    nccl, device = False, None
     if importlib.util.find_spec("cupy") is not None:
         try:
+            import cupy
             from cupy.cuda import nccl as nccl_module
+            from mpi4py import MPI
 
             nccl = bool(nccl_module.available)
+            device = (MPI.Get_processor_name(), int(cupy.cuda.runtime.getDevice()))
         except Exception:  # a broken CUDA install means: no NCCL
-            nccl = False
-    return {"nccl": nccl, "cuda-aware-mpi": cuda_aware_mpi()}
+            nccl, device = False, None
+    return {"nccl": nccl, "cuda-aware-mpi": cuda_aware_mpi(), "gpu": device}
 
 
 def bind_device(local_rank: int) -> int | None:
@@ -193,7 +211,16 @@ class NcclTransport:
             raise TypeError(f"NCCL reduces ints and fp32/fp64 only, but got dtype={array.dtype}")
         return self._types[array.dtype.char]
 
+    @staticmethod
+    def _as_real(*arrays):
+        """Complex buffers as their (real, imag) pairs: a sum is the sum of each part."""
+        if arrays[0].dtype.kind != "c":
+            return arrays
+        real = arrays[0].real.dtype
+        return tuple(a.view(real) for a in arrays)  # (2 * size,) from (size,)
+
     def allreduce(self, send, recv, op):
+        send, recv = self._as_real(send, recv)
         self._comm.allReduce(
             send.data.ptr, recv.data.ptr, send.size, self._type(send), self._ops[op], self._stream()
         )
@@ -219,6 +246,9 @@ class NcclTransport:
     def reduce_scatterv(self, send, recv, counts, op):
         import cupy
 
+        if send.dtype.kind == "c":
+            send, recv = self._as_real(send, recv)
+            counts = [2 * c for c in counts]
         block = max(counts)
         if any(c != block for c in counts):  # lay block r out at r*block, zero-padded
             padded = cupy.zeros(block * self.size, dtype=send.dtype)

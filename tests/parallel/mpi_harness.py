@@ -22,18 +22,19 @@ import numpy as np
 CHECKS: dict[str, tuple] = {}
 
 
-def check(sizes=(1, 2, 3, 4)):
-    """Register ``fn`` as a check for jobs of these sizes."""
+def check(sizes=(1, 2, 3, 4), registry: dict | None = None):
+    """Register ``fn`` as a check for jobs of these sizes (in ``registry``, default CHECKS)."""
 
     def register(fn):
-        CHECKS[fn.__name__] = (fn, tuple(sizes))
+        (CHECKS if registry is None else registry)[fn.__name__] = (fn, tuple(sizes))
         return fn
 
     return register
 
 
-def names_for(size: int) -> list[str]:
-    return [name for name, (_, sizes) in CHECKS.items() if size in sizes]
+def names_for(size: int, registry: dict | None = None) -> list[str]:
+    registry = CHECKS if registry is None else registry
+    return [name for name, (_, sizes) in registry.items() if size in sizes]
 
 
 TOL = {np.dtype(np.float64): 1e-12, np.dtype(np.float32): 2e-5, np.dtype(np.float16): 2e-2}
@@ -62,10 +63,9 @@ class Soft:
             return False
         if tol is None:
             tol = TOL.get(np.dtype(actual.dtype), 0.0)
-        scale = max(float(np.abs(expected.astype(np.float64)).max(initial=0.0)), 1e-300)
-        err = float(
-            np.abs(actual.astype(np.float64) - expected.astype(np.float64)).max(initial=0.0)
-        )
+        wide = np.complex128 if "c" in (actual.dtype.kind, expected.dtype.kind) else np.float64
+        scale = max(float(np.abs(expected.astype(wide)).max(initial=0.0)), 1e-300)
+        err = float(np.abs(actual.astype(wide) - expected.astype(wide)).max(initial=0.0))
         return self.true(
             err <= tol * scale, f"{what}: max abs error {err:.3e} > {tol:.0e} * {scale:.3e}"
         )
@@ -94,13 +94,13 @@ class Soft:
         return None
 
 
-def run(names: list[str], out_path: str | None) -> None:
+def run(names: list[str], out_path: str | None, registry: dict | None = None) -> None:
     import parallel
 
     comm = parallel.init()
     results = {}
     for name in names:
-        fn, _ = CHECKS[name]
+        fn, _ = (CHECKS if registry is None else registry)[name]
         t = Soft(comm.rank)
         try:
             fn(comm, t)

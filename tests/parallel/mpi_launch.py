@@ -10,6 +10,7 @@ test failure with the install command, never a skip.
 from __future__ import annotations
 
 import functools
+import json
 import importlib.util
 import os
 import shutil
@@ -89,3 +90,29 @@ def launch(ranks: int, argv: list[str], timeout: float, use_mpi4py_runner: bool 
         stdout, stderr = process.communicate()
         timed_out = True
     return Finished(process.returncode, stdout, stderr, time.monotonic() - start, timed_out)
+
+
+def check_results(tmp_path_factory, main: str):
+    """``results(ranks)``: (job, {check: failures} or None) of ``mpiexec -n ranks main OUT``,
+    one job per rank count, run on first use."""
+    jobs = {}
+
+    def results(ranks: int):
+        if ranks not in jobs:
+            out = tmp_path_factory.mktemp(f"ranks{ranks}") / "results.json"
+            job = launch(ranks, [HERE / main, out], timeout=300)
+            jobs[ranks] = (job, json.loads(out.read_text()) if out.exists() else None)
+        return jobs[ranks]
+
+    return results
+
+
+def assert_check_passed(job_results, ranks: int, name: str, main: str) -> None:
+    job, results = job_results(ranks)
+    if results is None or job.returncode != 0:
+        pytest.fail(
+            f"mpiexec -n {ranks} {main} ended with code {job.returncode}"
+            f"{' (timed out, killed)' if job.timed_out else ''} before reporting:\n{job.tail()}"
+        )
+    failures = results[name]
+    assert not failures, f"{len(failures)} failure(s):\n" + "\n".join(failures[:25])

@@ -7,14 +7,12 @@ a second); each check is then reported as its own test. A job that dies
 
 from __future__ import annotations
 
-import json
-
 import mpi_checks_comm  # noqa: F401  (registers checks)
 import mpi_checks_layers  # noqa: F401
 import mpi_checks_training  # noqa: F401
 import pytest
 from mpi_harness import names_for
-from mpi_launch import HERE, launch
+from mpi_launch import assert_check_passed, check_results
 
 RANKS = (1, 2, 3, 4)
 CASES = [(ranks, name) for ranks in RANKS for name in names_for(ranks)]
@@ -22,28 +20,12 @@ CASES = [(ranks, name) for ranks in RANKS for name in names_for(ranks)]
 
 @pytest.fixture(scope="module")
 def job_results(tmp_path_factory):
-    jobs = {}
-
-    def results(ranks: int):
-        if ranks not in jobs:
-            out = tmp_path_factory.mktemp(f"ranks{ranks}") / "results.json"
-            job = launch(ranks, [HERE / "mpi_main.py", out], timeout=300)
-            jobs[ranks] = (job, json.loads(out.read_text()) if out.exists() else None)
-        return jobs[ranks]
-
-    return results
+    return check_results(tmp_path_factory, "mpi_main.py")
 
 
 @pytest.mark.parametrize("ranks,name", CASES, ids=[f"{r}ranks-{n}" for r, n in CASES])
 def test_mpi_check(job_results, ranks, name):
-    job, results = job_results(ranks)
-    if results is None or job.returncode != 0:
-        pytest.fail(
-            f"mpiexec -n {ranks} mpi_main.py ended with code {job.returncode}"
-            f"{' (timed out, killed)' if job.timed_out else ''} before reporting:\n{job.tail()}"
-        )
-    failures = results[name]
-    assert not failures, f"{len(failures)} failure(s):\n" + "\n".join(failures[:25])
+    assert_check_passed(job_results, ranks, name, "mpi_main.py")
 
 
 def test_every_check_runs_somewhere():

@@ -1,7 +1,8 @@
 """What can be tested without MPI: the GPU transport choice (with fakes), device
 binding without CuPy, the sharding arithmetic, and the launcher's failure message.
 
-The GPU transports themselves need CuPy and GPUs; they are not exercised here.
+The GPU transports themselves run in MPI jobs on a CPU stand-in for CuPy and
+NCCL (test_parallel_gpu_fake.py), and on real GPUs in tests/gpu.
 """
 
 from __future__ import annotations
@@ -22,14 +23,23 @@ MPI_ONLY = {"nccl": False, "cuda-aware-mpi": True}
 NONE = {"nccl": False, "cuda-aware-mpi": False}
 
 
+def one_gpu_each(*flags):
+    """The flags of each rank, every rank on its own GPU of one host."""
+    return [dict(f, gpu=("host-a", i)) for i, f in enumerate(flags)]
+
+
 @pytest.mark.parametrize(
     "flags,expected",
     [
-        ([BOTH, BOTH], "nccl"),
-        ([NCCL_ONLY] * 3, "nccl"),
-        ([BOTH, MPI_ONLY], "cuda-aware-mpi"),  # every rank must be able to use it
-        ([BOTH, NCCL_ONLY, MPI_ONLY], "host"),
-        ([NONE], "host"),
+        (one_gpu_each(BOTH, BOTH), "nccl"),
+        (one_gpu_each(NCCL_ONLY, NCCL_ONLY, NCCL_ONLY), "nccl"),
+        (one_gpu_each(BOTH, MPI_ONLY), "cuda-aware-mpi"),  # every rank must be able to use it
+        (one_gpu_each(BOTH, NCCL_ONLY, MPI_ONLY), "host"),
+        ([dict(BOTH, gpu=("host-a", 0)), dict(BOTH, gpu=("host-a", 0))], "cuda-aware-mpi"),
+        ([dict(NCCL_ONLY, gpu=("host-a", 0)), dict(NCCL_ONLY, gpu=("host-a", 0))], "host"),
+        ([dict(NCCL_ONLY, gpu=("host-a", 0)), dict(NCCL_ONLY, gpu=("host-b", 0))], "nccl"),
+        ([dict(NCCL_ONLY, gpu=None)] * 2, "host"),  # GPU unknown: NCCL is not risked
+        (one_gpu_each(NONE), "host"),
         ([{}], "host"),
     ],
 )
@@ -56,10 +66,10 @@ class FakeMpiComm:
 @pytest.mark.parametrize(
     "flags,env,expected",
     [
-        ([BOTH, BOTH], None, "NcclTransport"),
-        ([BOTH, MPI_ONLY], None, "MpiTransport"),
-        ([NONE, BOTH], None, "HostStagingTransport"),
-        ([BOTH, BOTH], "host", "HostStagingTransport"),
+        (one_gpu_each(BOTH, BOTH), None, "NcclTransport"),
+        (one_gpu_each(BOTH, MPI_ONLY), None, "MpiTransport"),
+        (one_gpu_each(NONE, BOTH), None, "HostStagingTransport"),
+        (one_gpu_each(BOTH, BOTH), "host", "HostStagingTransport"),
     ],
 )
 def test_make_transport_builds_the_chosen_one(monkeypatch, flags, env, expected):
@@ -96,7 +106,7 @@ def test_without_cupy_nothing_binds_and_there_is_no_nccl(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
     monkeypatch.setenv("MCONV_CUDA_AWARE_MPI", "0")
     assert gpu.bind_device(0) is None
-    assert gpu.local_flags() == NONE
+    assert gpu.local_flags() == dict(NONE, gpu=None)
 
 
 def fake_cupy(count):

@@ -1,0 +1,301 @@
+"""The GPU side of ``parallel``: device binding, the transport choice, every collective
+through each transport (NCCL, CUDA-aware MPI, host staging) on each dtype, odd
+and uneven sizes and strided inputs, DataParallel's buckets on device arrays,
+and NCCL communicators of a 2x2 grid.
+
+Run under mpiexec by ``mpi_main_gpu.py``: in CI on the CPU stand-in for CuPy
+and NCCL (``fake_gpu``, 4 GPUs per host), which runs ``parallel`` unchanged
+and checks every pointer, count and stream it is handed; on a machine with
+CuPy and GPUs (``MCONV_TEST_REAL_GPU=1``, tests/gpu/test_gpu_parallel.py) on
+the real ones, with the transports that machine can use. The reference, as
+in ``mpi_checks_comm``, is every rank's input regenerated from its seed and
+reduced with plain NumPy.
+"""
+
+from __future__ import annotations
+
+import os
+
+import fake_gpu
+import numpy as np
+from mpi_checks_comm import REDUCE_TOL, data, reference_reduce
+from mpi_harness import check
+
+import parallel
+from mconv import nn
+from parallel import gpu
+
+GPU_CHECKS: dict[str, tuple] = {}
+DTYPES = (np.float16, np.float32, np.float64, np.int32, np.int64, np.uint8, np.complex64)
+
+
+def gpu_check(sizes=(1, 2, 3, 4)):
+    return check(sizes, registry=GPU_CHECKS)
+
+
+def cupy():
+    import cupy as module  # the fake unless mpi_main_gpu runs on real GPUs
+
+    return module
+
+
+def is_fake() -> bool:
+    return isinstance(cupy(), fake_gpu.FakeCupy)
+
+
+def one_gpu_per_rank(comm) -> bool:
+    """Whether init() bound every rank of this host to a GPU of its own."""
+    return comm.local_size <= cupy().cuda.runtime.getDeviceCount()
+
+
+def transports(comm) -> list[str]:
+    """The transports this machine can run: all three on the fake; on real GPUs NCCL needs a
+    GPU per rank, CUDA-aware MPI an MPI library that is."""
+    if is_fake():
+        return list(gpu.TRANSPORTS)
+    usable = {"nccl": one_gpu_per_rank(comm), "cuda-aware-mpi": gpu.cuda_aware_mpi()}
+    return [name for name in gpu.TRANSPORTS if usable.get(name, True)]
+
+
+def device(array):
+    return cupy().asarray(array)
+
+
+def value(rank, shape, dtype, seed):
+    """``data`` for every dtype; complex values have both parts."""
+    if np.dtype(dtype).kind == "c":
+        real = data(rank, shape, np.float32, seed)
+        return (real + 1j * data(rank, shape, np.float32, seed + 100)).astype(dtype)
+    return data(rank, shape, dtype, seed)
+
+
+def tolerance(dtype):
+    return REDUCE_TOL.get(np.dtype(dtype).type, 1e-6 if np.dtype(dtype).kind == "c" else 0.0)
+
+
+def on_device(t, result, dtype, what) -> bool:
+    return t.true(
+        gpu.is_cupy(result) and result.dtype == np.dtype(dtype),
+        f"{what}: got {type(result).__name__} {getattr(result, 'dtype', None)}, expected a "
+        f"device array of {np.dtype(dtype)}",
+    )
+
+
+def with_transport(comm, name: str | None, **env: str):
+    """A fresh communicator over comm's ranks whose GPU transport is built now (collectively),
+    forced to ``name`` (None: chosen), with ``env`` set while it is chosen."""
+    if name is not None:
+        env["MCONV_PARALLEL_GPU_TRANSPORT"] = name
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    try:
+        sub = comm.split(0)
+        sub.allreduce(cupy().zeros(1))
+    finally:
+        for key, old in saved.items():
+            if old is None:
+                del os.environ[key]
+            else:
+                os.environ[key] = old
+    return sub
+
+
+def traffic(name: str) -> int:
+    """How much the fake saw of transport ``name`` so far (calls, syncs, host copies); 0 on
+    real GPUs."""
+    if not is_fake():
+        return 0
+    cuda = cupy().cuda
+    return {
+        "nccl": len(cuda.nccl.calls),
+        "cuda-aware-mpi": cuda.get_current_stream().synchronized,
+        "host": fake_gpu.HOST_COPIES[0],
+    }[name]
+
+
+@gpu_check()
+def binding_and_transport_choice(comm, t):
+    cuda = cupy().cuda
+    count = cuda.runtime.getDeviceCount()
+    t.true(comm.device == comm.local_rank % count, f"bound device {comm.device} of {count}")
+    t.true(cuda.runtime.getDevice() == comm.device, "the bound device is current")
+    if one_gpu_per_rank(comm):
+        got = with_transport(comm, None).gpu_transport
+        t.true(got == "nccl", f"one GPU per rank: {got}, expected nccl")
+    cuda.Device(0).use()  # every rank on GPU 0 of this host: NCCL refuses that
+    shared = "nccl" if comm.size == 1 else "host"
+    got = with_transport(comm, None, MCONV_CUDA_AWARE_MPI="0").gpu_transport
+    t.true(got == shared, f"ranks sharing a GPU: {got}, expected {shared}")
+    if is_fake() or gpu.cuda_aware_mpi():  # a real MPI must be CUDA-aware to be told it is
+        got = with_transport(comm, None, MCONV_CUDA_AWARE_MPI="1").gpu_transport
+        expected = "nccl" if comm.size == 1 else "cuda-aware-mpi"
+        t.true(got == expected, f"shared GPU, CUDA-aware MPI: {got}, expected {expected}")
+    cuda.Device(comm.device).use()
+    if not is_fake():
+        return
+    cuda.nccl.available = comm.rank != comm.size - 1  # the last rank has no NCCL
+    try:
+        got = with_transport(comm, None, MCONV_CUDA_AWARE_MPI="0").gpu_transport
+        t.true(got == "host", f"NCCL missing on one rank: {got}")
+    finally:
+        cuda.nccl.available = True
+
+
+@gpu_check()
+def allreduce_on_every_transport(comm, t):
+    for name in transports(comm):
+        sub = with_transport(comm, name)
+        t.true(sub.gpu_transport == name, f"forced {name}: got {sub.gpu_transport}")
+        before = traffic(name)
+        for dtype in DTYPES:
+            kind = np.dtype(dtype).kind
+            ops = ("sum", "mean") if kind == "c" else parallel.REDUCE_OPS
+            for op in ops if kind in "fc" else ("sum", "max", "min"):
+                for shape in [(7,), (3, 5), (), (0, 3)]:
+                    arrays = [value(r, shape, dtype, 0) for r in range(comm.size)]
+                    got = sub.allreduce(device(arrays[comm.rank]), op)
+                    what = f"{name}: allreduce {op} {np.dtype(dtype)} {shape}"
+                    if on_device(t, got, dtype, what):
+                        t.close(got.get(), reference_reduce(arrays, op), what, tolerance(dtype))
+        for dtype in (np.float16, np.float32, np.float64):
+            bases = [value(r, (6, 10), dtype, 1) for r in range(comm.size)]
+            expected = reference_reduce([b[::2, 1::3] for b in bases], "sum")
+            mine = device(bases[comm.rank])[::2, 1::3]
+            what = f"{name}: strided allreduce {np.dtype(dtype)}"
+            got = sub.allreduce(mine)
+            if on_device(t, got, dtype, what):
+                t.close(got.get(), expected, what, tolerance(dtype))
+            copy = mine.copy()
+            back = sub.allreduce(copy, "mean", out=copy)
+            t.true(back is copy, f"{name}: allreduce(out=x) returns x")
+            t.close(copy.get(), expected / comm.size, f"{name}: in place", tolerance(dtype))
+        got = sub.allreduce(device(np.full(5, 40000, dtype=np.float16)), "mean")
+        t.equal(got.get(), np.full(5, 40000, np.float16), f"{name}: fp16 mean of 40000 (fp32 wire)")
+        if comm.size > 1 and is_fake():
+            t.true(traffic(name) > before, f"{name}: the fake saw no traffic")
+
+
+@gpu_check()
+def allgather_and_broadcast_on_every_transport(comm, t):
+    root = comm.size - 1
+    for name in transports(comm):
+        sub = with_transport(comm, name)
+        for dtype in (np.float16, np.float64, np.int64, np.uint8, np.bool_, np.complex64):
+            for axis in (0, 1, -1):
+                shapes = []
+                for r in range(comm.size):
+                    shape = [2, 3, 4]
+                    shape[axis] = r % 3  # uneven blocks; rank 0 (and 3) send nothing
+                    shapes.append(tuple(shape))
+                arrays = [value(r, shapes[r], dtype, 2) for r in range(comm.size)]
+                got = sub.allgather(device(arrays[comm.rank]), axis=axis)
+                what = f"{name}: allgather {np.dtype(dtype)} axis={axis}"
+                if on_device(t, got, dtype, what):
+                    t.equal(got.get(), np.concatenate(arrays, axis=axis), what)
+            bases = [value(r, (5, 8), dtype, 3) for r in range(comm.size)]
+            got = sub.allgather(device(bases[comm.rank])[1::2, ::-3], axis=1)
+            expected = np.concatenate([b[1::2, ::-3] for b in bases], axis=1)
+            t.equal(got.get(), expected, f"{name}: strided allgather {np.dtype(dtype)}")
+            source = value(root, (5, 7), dtype, 6)
+            mine = device(source)[::2, 1::2] if comm.rank == root else None
+            got = sub.broadcast(mine, root=root)
+            what = f"{name}: broadcast {np.dtype(dtype)}"
+            if on_device(t, got, dtype, what):
+                t.equal(got.get(), source[::2, 1::2], what)
+            buf = device(source if comm.rank == root else np.zeros_like(source))
+            sub.broadcast_into(buf, root=root)
+            t.equal(buf.get(), source, f"{name}: broadcast_into {np.dtype(dtype)}")
+
+
+@gpu_check()
+def reduce_scatter_and_alltoall_on_every_transport(comm, t):
+    n = 2 * comm.size + 1  # never divisible: NCCL's padded path
+    sizes = parallel.shard_sizes(n, comm.size)
+    for name in transports(comm):
+        sub = with_transport(comm, name)
+        for dtype in (np.float16, np.float32, np.float64, np.int32, np.complex64):
+            kind = np.dtype(dtype).kind
+            for op in {"f": ("sum", "mean", "max"), "i": ("sum", "min"), "c": ("sum",)}[kind]:
+                for axis, shape in [(0, (n, 3)), (1, (2, n, 3)), (-1, (3, 2 * comm.size))]:
+                    arrays = [value(r, shape, dtype, 4) for r in range(comm.size)]
+                    block = list(parallel.shard_range(shape[axis], sub))
+                    expected = np.take(reference_reduce(arrays, op), block, axis=axis)
+                    got = sub.reduce_scatter(device(arrays[comm.rank]), axis=axis, op=op)
+                    what = f"{name}: reduce_scatter {op} {np.dtype(dtype)} {shape} axis={axis}"
+                    if on_device(t, got, dtype, what):
+                        t.close(got.get(), expected, what, tolerance(dtype))
+        explicit = [n] if comm.size == 1 else [0] + [1] * (comm.size - 2) + [n - comm.size + 2]
+        arrays = [value(r, (3, n), np.float64, 5) for r in range(comm.size)]
+        start = sum(explicit[: comm.rank])
+        expected = reference_reduce(arrays, "sum")[:, start : start + explicit[comm.rank]]
+        got = sub.reduce_scatter(device(arrays[comm.rank]), axis=1, sizes=explicit)
+        t.close(got.get(), expected, f"{name}: reduce_scatter with an empty block")
+        for dtype in (np.float16, np.int64, np.bool_):
+            for split_axis, concat_axis in [(0, 0), (0, 1), (2, 0)]:
+                shape = [3, 4, 5]
+                shape[split_axis] = n
+                arrays = [value(r, tuple(shape), dtype, 7) for r in range(comm.size)]
+                cuts = np.cumsum(sizes)[:-1]
+                blocks = [np.split(a, cuts, axis=split_axis)[comm.rank] for a in arrays]
+                strided = device(arrays[comm.rank].T).T  # a transposed view of the same values
+                got = sub.alltoall(strided, split_axis, concat_axis)
+                what = f"{name}: alltoall {np.dtype(dtype)} {split_axis}->{concat_axis}"
+                if on_device(t, got, dtype, what):
+                    t.equal(got.get(), np.concatenate(blocks, axis=concat_axis), what)
+
+
+def small_model():
+    """Parameters of three dtypes (fp16, fp32, fp64) and one tensor that is None on rank 0."""
+    import mconv
+
+    mconv.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3), nn.Conv2d(4, 4, 1, groups=2), nn.Linear(3, 2))
+    for param in model[0].parameters():
+        param.data = param.data.astype(np.float16)
+    for param in model[2].parameters():
+        param.data = param.data.astype(np.float64)
+    return model
+
+
+@gpu_check()
+def data_parallel_on_device_arrays(comm, t):
+    expected_params = {name: p.data for name, p in small_model().named_parameters()}
+    for name in transports(comm):
+        sub = with_transport(comm, name)
+        model = small_model()
+        for param in model.parameters():  # every replica starts elsewhere ...
+            param.data = device(param.data + comm.rank)
+        dp = parallel.DataParallel(model, sub, bucket_mb=64 / 2**20)  # 64-byte buckets
+        t.true(len(dp.bucket_sizes) > 3, f"{name}: several buckets {dp.bucket_sizes}")
+        grads = {}
+        for k, (pname, param) in enumerate(sorted(model.named_parameters())):
+            per_rank = [value(r, param.shape, param.dtype, 10 + k) for r in range(comm.size)]
+            if pname == "1.bias":  # None on rank 0: counts as zeros there
+                per_rank[0] = np.zeros_like(per_rank[0])
+            grads[pname] = np.mean([g.astype(np.float64) for g in per_rank], axis=0)
+            param.grad = (
+                None if (pname == "1.bias" and comm.rank == 0) else device(per_rank[comm.rank])
+            )
+            on_device(t, param.data, param.dtype, f"{name}: {pname} stays on the device")
+            t.equal(param.data.get(), expected_params[pname], f"{name}: {pname} is rank 0's")
+        dp.allreduce_gradients()
+        for pname, param in model.named_parameters():
+            what = f"{name}: averaged {pname}.grad"
+            if on_device(t, param.grad, param.dtype, what):
+                t.close(param.grad.get(), grads[pname], what, tolerance(param.dtype))
+
+
+@gpu_check(sizes=(4,))
+def grid_communicators_on_nccl(comm, t):
+    if not one_gpu_per_rank(comm):
+        return
+    data_comm, group_comm = comm.grid(group_parallel=2)
+    replica, shard = divmod(comm.rank, 2)
+    got = group_comm.allgather(device(np.array([comm.rank])))
+    t.equal(got.get(), np.array([2 * replica, 2 * replica + 1]), "group_comm members")
+    got = data_comm.allreduce(device(np.array([comm.rank], np.float32)))
+    t.equal(got.get(), np.array([shard + shard + 2], np.float32), "data_comm sum")
+    t.true(
+        (group_comm.gpu_transport, data_comm.gpu_transport) == ("nccl", "nccl"),
+        f"grid transports {group_comm.gpu_transport}, {data_comm.gpu_transport}",
+    )
