@@ -9,13 +9,19 @@ in this order (``choose_transport``):
 1. ``nccl`` — ``cupy.cuda.nccl``, bootstrapped by broadcasting rank 0's
    unique id over MPI;
 2. ``cuda-aware-mpi`` — mpi4py on device pointers, when the MPI library is
-   CUDA-aware (``MCONV_CUDA_AWARE_MPI=1``, Open MPI's
-   ``MPIX_Query_cuda_support``, or MVAPICH's ``MV2_USE_CUDA=1``);
+   CUDA-aware (``MCONV_CUDA_AWARE_MPI=1``; else ``MPIX_Query_cuda_support()``,
+   which Open MPI and MPICH 4 provide, MVAPICH's ``MV2_USE_CUDA=1`` or Cray
+   MPICH's ``MPICH_GPU_SUPPORT_ENABLED=1``). Open MPI 4 answers from how it
+   was built, not how it runs: set ``MCONV_CUDA_AWARE_MPI=0`` where it says
+   yes but the transport (UCX without CUDA, say) cannot;
 3. ``host`` — copy to host memory, use MPI, copy back.
 
 NCCL also needs every rank of the communicator on a GPU of its own (it
-refuses two ranks on one device), so more ranks than GPUs on a host fall
-back to the next transport. ``MCONV_PARALLEL_GPU_TRANSPORT=nccl|cuda-aware-mpi|host``
+refuses two ranks on one device; GPUs are told apart by host and PCI bus id,
+which ``CUDA_VISIBLE_DEVICES`` does not renumber), so more ranks than GPUs
+on a host fall back to the next transport; and NCCL 2.7 or later, for
+alltoall's send/recv (zero-byte messages, which hang NCCL before 2.12.10,
+are never posted). ``MCONV_PARALLEL_GPU_TRANSPORT=nccl|cuda-aware-mpi|host``
 forces a choice.
 
 Tested in MPI jobs on a CPU stand-in for CuPy and NCCL that checks every
@@ -77,7 +83,7 @@ def cuda_aware_mpi() -> bool:
     forced = os.environ.get("MCONV_CUDA_AWARE_MPI")
     if forced is not None:
         return forced.strip().lower() in ("1", "true", "yes")
-    if os.environ.get("MV2_USE_CUDA") == "1":
+    if os.environ.get("MV2_USE_CUDA") == "1" or os.environ.get("MPICH_GPU_SUPPORT_ENABLED") == "1":
         return True
     try:
         from mpi4py import MPI
@@ -88,8 +94,11 @@ def cuda_aware_mpi() -> bool:
         return False
 
 
+NCCL_P2P_VERSION = 20700  # ncclSend/ncclRecv
+
+
 def local_flags() -> dict:
-    """What this rank can use, and its GPU as (host, device id); CuPy is imported only if it
+    """What this rank can use, and its GPU as (host, PCI bus id); CuPy is imported only if it
     is installed."""
     nccl, device = False, None
     if importlib.util.find_spec("cupy") is not None:
@@ -98,8 +107,8 @@ def local_flags() -> dict:
             from cupy.cuda import nccl as nccl_module
             from mpi4py import MPI
 
-            nccl = bool(nccl_module.available)
-            device = (MPI.Get_processor_name(), int(cupy.cuda.runtime.getDevice()))
+            nccl = bool(nccl_module.available) and nccl_module.get_version() >= NCCL_P2P_VERSION
+            device = (MPI.Get_processor_name(), cupy.cuda.Device().pci_bus_id)
         except Exception:  # a broken CUDA install means: no NCCL
             nccl, device = False, None
     return {"nccl": nccl, "cuda-aware-mpi": cuda_aware_mpi(), "gpu": device}
@@ -268,10 +277,15 @@ class NcclTransport:
         )
 
     def alltoallv(self, send, send_counts, recv, recv_counts):
+        """Grouped send/recv; empty blocks are skipped on both sides (counts agree)."""
         stream, uint8 = self._stream(), self._nccl.NCCL_UINT8
         self._nccl.groupStart()
-        for peer, (start, count) in enumerate(zip(displacements(send_counts), send_counts)):
-            self._comm.send(send.data.ptr + start, count, uint8, peer, stream)
-        for peer, (start, count) in enumerate(zip(displacements(recv_counts), recv_counts)):
-            self._comm.recv(recv.data.ptr + start, count, uint8, peer, stream)
-        self._nccl.groupEnd()
+        try:  # a group left open would defer every later NCCL call
+            for peer, (start, count) in enumerate(zip(displacements(send_counts), send_counts)):
+                if count:
+                    self._comm.send(send.data.ptr + start, count, uint8, peer, stream)
+            for peer, (start, count) in enumerate(zip(displacements(recv_counts), recv_counts)):
+                if count:
+                    self._comm.recv(recv.data.ptr + start, count, uint8, peer, stream)
+        finally:
+            self._nccl.groupEnd()

@@ -36,7 +36,7 @@ import numpy as np
 from layouts import save_safetensors
 from layouts.safetensors_format import read_safetensors, write_safetensors
 from mconv import _args
-from mconv.nn.module import Module
+from mconv.nn.module import Module, to_device
 
 from .comm import Communicator
 from .sharded import ShardedConv
@@ -217,7 +217,8 @@ def save_shard(model: Module, prefix: str, comm: Communicator) -> str:
                 "shape": list(layer.full_shapes[pname]),
             }
     path = shard_path(prefix, comm)
-    write_safetensors(dict(local), path, {"format": SHARD_FORMAT, "layout": json.dumps(layout)})
+    host = {name: to_device(array, "cpu") for name, array in local.items()}  # GPU -> host
+    write_safetensors(host, path, {"format": SHARD_FORMAT, "layout": json.dumps(layout)})
     return path
 
 

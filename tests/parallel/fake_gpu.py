@@ -12,7 +12,8 @@ would leave undefined or refuse:
 - every pointer plus count lies inside one live device array (a wrong count
   or byte offset fails instead of reading stray memory);
 - the stream is the current one, the dtype and op codes are NCCL's;
-- send/recv only inside ``groupStart()``/``groupEnd()``;
+- send/recv only inside ``groupStart()``/``groupEnd()``, and never of zero
+  bytes (which hang NCCL before 2.12.10);
 - two ranks of one communicator may not use the same GPU of one host
   (NCCL's "Duplicate GPU detected").
 
@@ -122,6 +123,10 @@ def _cuda_module(device_count: int) -> types.ModuleType:
         def __init__(self, index=None):
             self.id = cuda.current_device if index is None else index
 
+        @property
+        def pci_bus_id(self):
+            return f"0000:{self.id + 0x17:02x}:00.0"
+
         def use(self):
             if not 0 <= self.id < cuda.device_count:
                 raise ValueError(f"no device {self.id} (count {cuda.device_count})")
@@ -138,6 +143,7 @@ def _nccl_module(cuda) -> types.ModuleType:
 
     nccl = types.ModuleType("cupy.cuda.nccl")
     nccl.available = True
+    nccl.get_version = lambda: 21805
     nccl.calls = []  # (method name, count) of every call
     types_ = {0: np.int8, 1: np.uint8, 2: np.int32, 3: np.uint32, 4: np.int64, 5: np.uint64,
               6: np.float16, 7: np.float32, 8: np.float64}  # fmt: skip
@@ -184,7 +190,7 @@ def _nccl_module(cuda) -> types.ModuleType:
             if (self.mpi.Get_size(), self.mpi.Get_rank()) != (ndev, rank):
                 raise NcclError(f"ndev={ndev}, rank={rank} disagree with the ranks that joined")
             self.rank, self.size = rank, ndev
-            gpus = self.mpi.allgather((MPI.Get_processor_name(), cuda.current_device))
+            gpus = self.mpi.allgather((MPI.Get_processor_name(), cuda.Device().pci_bus_id))
             if len(set(gpus)) < len(gpus):
                 raise NcclError(f"invalid usage: Duplicate GPU detected ({gpus})")
 
@@ -229,6 +235,8 @@ def _nccl_module(cuda) -> types.ModuleType:
                 raise NcclError(f"{kind} outside groupStart/groupEnd would block")
             if not 0 <= peer < self.size:
                 raise NcclError(f"{kind}: peer {peer} of {self.size}")
+            if count == 0:
+                raise NcclError(f"{kind} of 0 elements (hangs NCCL before 2.12.10)")
             group.append((kind, self.mpi, self._typed(buf, count, datatype), peer))
 
         def send(self, sendbuf, count, datatype, peer, stream):

@@ -139,6 +139,13 @@ def binding_and_transport_choice(comm, t):
         t.true(got == "host", f"NCCL missing on one rank: {got}")
     finally:
         cuda.nccl.available = True
+    version = cuda.nccl.get_version
+    cuda.nccl.get_version = lambda: 20603  # no send/recv before NCCL 2.7
+    try:
+        got = with_transport(comm, None, MCONV_CUDA_AWARE_MPI="0").gpu_transport
+        t.true(got == "host", f"NCCL 2.6: {got}")
+    finally:
+        cuda.nccl.get_version = version
 
 
 @gpu_check()
@@ -210,7 +217,6 @@ def allgather_and_broadcast_on_every_transport(comm, t):
 @gpu_check()
 def reduce_scatter_and_alltoall_on_every_transport(comm, t):
     n = 2 * comm.size + 1  # never divisible: NCCL's padded path
-    sizes = parallel.shard_sizes(n, comm.size)
     for name in transports(comm):
         sub = with_transport(comm, name)
         for dtype in (np.float16, np.float32, np.float64, np.int32, np.complex64):
@@ -231,15 +237,15 @@ def reduce_scatter_and_alltoall_on_every_transport(comm, t):
         got = sub.reduce_scatter(device(arrays[comm.rank]), axis=1, sizes=explicit)
         t.close(got.get(), expected, f"{name}: reduce_scatter with an empty block")
         for dtype in (np.float16, np.int64, np.bool_):
-            for split_axis, concat_axis in [(0, 0), (0, 1), (2, 0)]:
-                shape = [3, 4, 5]
-                shape[split_axis] = n
+            for split_axis, concat_axis, m in [(0, 0, n), (0, 1, n), (2, 0, n), (1, 1, 1)]:
+                shape = [3, 4, 5]  # m = 1: every rank but rank 0 gets an empty block
+                shape[split_axis] = m
+                cuts = np.cumsum(parallel.shard_sizes(m, comm.size))[:-1]
                 arrays = [value(r, tuple(shape), dtype, 7) for r in range(comm.size)]
-                cuts = np.cumsum(sizes)[:-1]
                 blocks = [np.split(a, cuts, axis=split_axis)[comm.rank] for a in arrays]
                 strided = device(arrays[comm.rank].T).T  # a transposed view of the same values
                 got = sub.alltoall(strided, split_axis, concat_axis)
-                what = f"{name}: alltoall {np.dtype(dtype)} {split_axis}->{concat_axis}"
+                what = f"{name}: alltoall {np.dtype(dtype)} {split_axis}->{concat_axis} of {m}"
                 if on_device(t, got, dtype, what):
                     t.equal(got.get(), np.concatenate(blocks, axis=concat_axis), what)
 

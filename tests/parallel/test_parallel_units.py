@@ -92,10 +92,11 @@ def test_make_transport_builds_the_chosen_one(monkeypatch, flags, env, expected)
         ({"MCONV_CUDA_AWARE_MPI": "1"}, True),
         ({"MCONV_CUDA_AWARE_MPI": "0", "MV2_USE_CUDA": "1"}, False),
         ({"MV2_USE_CUDA": "1"}, True),
+        ({"MPICH_GPU_SUPPORT_ENABLED": "1"}, True),
     ],
 )
 def test_cuda_aware_mpi_detection_from_the_environment(monkeypatch, env, expected):
-    for name in ("MCONV_CUDA_AWARE_MPI", "MV2_USE_CUDA"):
+    for name in ("MCONV_CUDA_AWARE_MPI", "MV2_USE_CUDA", "MPICH_GPU_SUPPORT_ENABLED"):
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
