@@ -17,6 +17,11 @@ would leave undefined or refuse:
 - two ranks of one communicator may not use the same GPU of one host
   (NCCL's "Duplicate GPU detected").
 
+With ``kernels=True`` the module also has ``RawModule`` and cuBLAS from the
+kernel tests' stand-in (tests/kernels/fake_cupy.py: the CUDA kernels built
+for the host, GEMMs in NumPy), so ``mconv``'s CuPy backend, and with it the
+parallel layers, run on these arrays too.
+
 Only CUDA and NCCL are replaced: ``parallel`` runs unchanged. A fake
 communicator is built by splitting ``COMM_WORLD``, so every rank of the job
 must build its NCCL communicators at the same time (true of the checks that
@@ -30,11 +35,13 @@ import importlib.machinery
 import sys
 import types
 import weakref
+from pathlib import Path
 
 import numpy as np
 
 _LIVE: dict[int, weakref.ref] = {}  # id -> every live device array, to resolve raw pointers
 HOST_COPIES = [0]  # ndarray.set() calls (host -> device copies)
+_CURRENT = [0]  # the current device
 
 
 class ndarray(np.ndarray):  # noqa: N801 - CuPy's name
@@ -43,6 +50,11 @@ class ndarray(np.ndarray):  # noqa: N801 - CuPy's name
     def __array_finalize__(self, obj):
         key = id(self)
         _LIVE[key] = weakref.ref(self, lambda _, key=key: _LIVE.pop(key, None))
+        self._device = getattr(obj, "_device", _CURRENT[0])  # a view stays where its base is
+
+    @property
+    def device(self):
+        return types.SimpleNamespace(id=self._device)
 
     def __array_function__(self, func, types_, args, kwargs):
         """NumPy functions on device arrays return device arrays (CuPy's NEP 18 dispatch)."""
@@ -73,6 +85,23 @@ def on_device(result):
     if isinstance(result, np.ndarray) and not isinstance(result, ndarray):
         return result.view(ndarray)
     return result
+
+
+def resolve(ptr: int, dtype) -> tuple[np.ndarray, int]:
+    """The largest live device array of ``dtype`` holding ``ptr``, flat, and the element
+    offset of ``ptr`` in it (what the cuBLAS stand-in needs)."""
+    best = None
+    for ref in list(_LIVE.values()):
+        array = ref()
+        if array is None or array.dtype != dtype or not array.flags.c_contiguous:
+            continue
+        start = array.ctypes.data
+        if start <= ptr < start + max(array.nbytes, 1) and (best is None or array.size > best.size):
+            best = array
+    if best is None:
+        raise AssertionError(f"pointer {ptr:#x} of {np.dtype(dtype)} is in no device array")
+    flat = best.view(np.ndarray).reshape(-1)  # (best.size,)
+    return flat, (ptr - best.ctypes.data) // best.itemsize
 
 
 def memory(ptr: int, nbytes: int) -> np.ndarray:
@@ -109,19 +138,22 @@ class _Runtime:
         return self._cuda.device_count
 
     def getDevice(self):  # noqa: N802
-        return self._cuda.current_device
+        return _CURRENT[0]
 
 
 def _cuda_module(device_count: int) -> types.ModuleType:
     cuda = types.ModuleType("cupy.cuda")
-    cuda.device_count, cuda.current_device = device_count, 0
+    cuda.device_count = device_count
     cuda.runtime = _Runtime(cuda)
     stream = _Stream()
     cuda.get_current_stream = lambda: stream
+    cuda.device = types.SimpleNamespace(get_cublas_handle=lambda: 7)  # fake_cupy's handle
 
     class Device:
+        mem_info = (2**30, 2**31)  # (free, total) bytes
+
         def __init__(self, index=None):
-            self.id = cuda.current_device if index is None else index
+            self.id = _CURRENT[0] if index is None else index
 
         @property
         def pci_bus_id(self):
@@ -130,7 +162,16 @@ def _cuda_module(device_count: int) -> types.ModuleType:
         def use(self):
             if not 0 <= self.id < cuda.device_count:
                 raise ValueError(f"no device {self.id} (count {cuda.device_count})")
-            cuda.current_device = self.id
+            _CURRENT[0] = self.id
+
+        def __enter__(self):
+            self._previous = _CURRENT[0]
+            self.use()
+            return self
+
+        def __exit__(self, *exc):
+            _CURRENT[0] = self._previous
+            return False
 
     cuda.Device = Device
     cuda.nccl = _nccl_module(cuda)
@@ -252,13 +293,16 @@ def _nccl_module(cuda) -> types.ModuleType:
 
 # -- cupy ------------------------------------------------------------------------------------
 class FakeCupy(types.ModuleType):
-    """``cupy``: NumPy's functions with device-array results, plus ``asnumpy`` and ``cuda``."""
+    """``cupy``: NumPy's functions with device-array results, plus ``asnumpy`` and ``cuda``
+    (and, with kernels, ``RawModule``)."""
 
-    def __init__(self, device_count: int):
+    def __init__(self, device_count: int, kernel_lib=None):
         super().__init__("cupy")
         self.__spec__ = importlib.machinery.ModuleSpec("cupy", None)
         self.ndarray = ndarray
         self.cuda = _cuda_module(device_count)
+        self.lib, self.compiled, self.launched = kernel_lib, [], []
+        self.resolve = resolve
 
     def __getattr__(self, name):
         value = getattr(np, name)
@@ -273,9 +317,36 @@ class FakeCupy(types.ModuleType):
     def asnumpy(a):
         return a.get() if isinstance(a, ndarray) else np.asarray(a)
 
+    def RawModule(self, code, options, name_expressions):  # noqa: N802 - CuPy's name
+        if self.lib is None:
+            raise RuntimeError("fake_gpu was installed without kernels")
+        return _kernel_stand_in().FakeCupy.RawModule(self, code, options, name_expressions)
 
-def install(device_count: int) -> FakeCupy:
-    """Put the fake in ``sys.modules`` as cupy, cupy.cuda and cupy.cuda.nccl."""
-    cupy = FakeCupy(device_count)
+
+def _kernel_stand_in():
+    """tests/kernels/fake_cupy.py, made to launch kernels on this module's arrays."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "kernels"))
+    import fake_cupy
+
+    fake_cupy.ndarray = ndarray  # its launcher checks and converts arguments of this type
+    return fake_cupy
+
+
+def install(device_count: int, kernels: bool = False) -> FakeCupy:
+    """Put the fake in ``sys.modules`` as cupy, cupy.cuda and cupy.cuda.nccl (and, with
+    ``kernels``, cuBLAS as cupy_backends.cuda.libs.cublas; the host build of the kernels
+    is made, or taken from its cache, here)."""
+    lib = None
+    if kernels:
+        from mconv.kernels import host
+
+        lib = host.load()
+    cupy = FakeCupy(device_count, lib)
     sys.modules.update({"cupy": cupy, "cupy.cuda": cupy.cuda, "cupy.cuda.nccl": cupy.cuda.nccl})
+    if kernels:
+        cublas = _kernel_stand_in().fake_cublas(cupy)
+        for name in ("cupy_backends", "cupy_backends.cuda", "cupy_backends.cuda.libs"):
+            sys.modules[name] = types.ModuleType(name)
+        sys.modules["cupy_backends.cuda.libs"].cublas = cublas
+        sys.modules["cupy_backends.cuda.libs.cublas"] = cublas
     return cupy

@@ -1,7 +1,8 @@
 """The GPU side of ``parallel``: device binding, the transport choice, every collective
 through each transport (NCCL, CUDA-aware MPI, host staging) on each dtype, odd
 and uneven sizes and strided inputs, DataParallel's buckets on device arrays,
-and NCCL communicators of a 2x2 grid.
+NCCL communicators of a 2x2 grid, and the group-, column- and row-parallel
+layers on device arrays.
 
 Run under mpiexec by ``mpi_main_gpu.py``: in CI on the CPU stand-in for CuPy
 and NCCL (``fake_gpu``, 4 GPUs per host), which runs ``parallel`` unchanged
@@ -19,6 +20,7 @@ import os
 import fake_gpu
 import numpy as np
 from mpi_checks_comm import REDUCE_TOL, data, reference_reduce
+from mpi_checks_layers import DENSE_CASES, FLAG_COMBOS, GROUP_CASES, build, compare_layer
 from mpi_harness import check
 
 import parallel
@@ -305,3 +307,42 @@ def grid_communicators_on_nccl(comm, t):
         (group_comm.gpu_transport, data_comm.gpu_transport) == ("nccl", "nccl"),
         f"grid transports {group_comm.gpu_transport}, {data_comm.gpu_transport}",
     )
+
+
+def has_kernels() -> bool:
+    """Real CuPy, or the fake with the host build of the kernels behind RawModule."""
+    return not is_fake() or cupy().lib is not None
+
+
+@gpu_check()
+def parallel_layers_on_device(comm, t):
+    """Group-, column- and row-parallel layers on device arrays (mconv's CuPy backend, the
+    chosen transport) against the serial layers on the host: forward, dx, dW, db, SGD."""
+    if not t.true(has_kernels(), "the GPU job has no kernels"):
+        return
+    rng = np.random.default_rng(5)
+    cases = [(case, flags) for case in GROUP_CASES for flags in (FLAG_COMBOS[0], FLAG_COMBOS[3])]
+    for case, flags in cases:
+        serial_cls, parallel_cls, args, kwargs, shape, output_size = case
+        serial, layer = build(comm, serial_cls, parallel_cls, args, kwargs, flags)
+        what = f"on device: {parallel_cls.__name__} {flags}"
+        x = rng.standard_normal(shape)
+        compare_layer(comm, t, serial, layer, x, what, 2, output_size, device="cuda")
+    for serial_cls, parallel_cls, args, kwargs, shape in DENSE_CASES:
+        flag = "gather_output" if "Column" in parallel_cls.__name__ else "input_is_sharded"
+        for value in (False, True):
+            serial, layer = build(comm, serial_cls, parallel_cls, args, kwargs, {flag: value})
+            what = f"on device: {parallel_cls.__name__} {flag}={value}"
+            compare_layer(
+                comm, t, serial, layer, rng.standard_normal(shape), what, 2, device="cuda"
+            )
+    for dtype in (np.float32, np.float16):
+        for cls, channels, groups in [
+            (parallel.GroupParallelConv2d, 24, 12),  # 2 channels a group: the GEMM path
+            (parallel.RowParallelConv2d, 12, 1),
+        ]:
+            kwargs = dict(padding=1, groups=groups, dtype=dtype)
+            serial, layer = build(comm, nn.Conv2d, cls, (channels, 12, 3), kwargs, {})
+            x = rng.standard_normal((2, channels, 5, 5)).astype(dtype)
+            what = f"on device: {cls.__name__} {np.dtype(dtype)}"
+            compare_layer(comm, t, serial, layer, x, what, 2, device="cuda")

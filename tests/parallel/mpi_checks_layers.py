@@ -30,9 +30,13 @@ def build(comm, serial_cls, parallel_cls, args, kwargs, flags, seed=0):
     return serial, layer
 
 
-def compare_layer(comm, t, serial, layer, x, what, steps=3, output_size=None):
-    """Forward, backward and ``steps`` SGD steps of ``layer`` against ``serial``."""
+def compare_layer(comm, t, serial, layer, x, what, steps=3, output_size=None, device=None):
+    """Forward, backward and ``steps`` SGD steps of ``layer`` against ``serial``; with
+    ``device`` ('cuda'), ``layer`` and its inputs live there, ``serial`` on the host."""
     call = {} if output_size is None else {"output_size": output_size}
+    put = (lambda a: a) if device is None else to_device_of(device)
+    if device is not None:
+        layer.to(device)
     axis = 1 if x.ndim == len(serial.kernel_size) + 2 else 0
     sharded_in = getattr(layer, "input_is_sharded", False)
     sharded_out = not getattr(layer, "gather_output", True)
@@ -49,13 +53,13 @@ def compare_layer(comm, t, serial, layer, x, what, steps=3, output_size=None):
     for step in range(steps):
         xs = (x + 0.1 * step).astype(x.dtype)
         y_s = serial(xs, **call)
-        y_p = layer(block(xs, comm, axis) if sharded_in else xs, **call)
+        y_p = layer(put(block(xs, comm, axis) if sharded_in else xs), **call)
         t.close(y_p, block(y_s, comm, axis) if sharded_out else y_s, f"{what}: y (step {step})")
         dy = rng.standard_normal(y_s.shape).astype(x.dtype)
         opt_s.zero_grad()
         opt_p.zero_grad()
         dx_s = serial.backward(dy)
-        dx_p = layer.backward(block(dy, comm, axis) if sharded_out else dy)
+        dx_p = layer.backward(put(block(dy, comm, axis) if sharded_out else dy))
         t.close(dx_p, block(dx_s, comm, axis) if sharded_in else dx_s, f"{what}: dx (step {step})")
         for name, axis_w in layer.shard_axes.items():
             full = getattr(serial, name)
@@ -67,6 +71,12 @@ def compare_layer(comm, t, serial, layer, x, what, steps=3, output_size=None):
     gathered = parallel.gather_state_dict(nn.Sequential(layer), comm, root=None)
     for name, value in nn.Sequential(serial).state_dict().items():
         t.close(gathered[name], value, f"{what}: {name} after {steps} steps")
+
+
+def to_device_of(device):
+    from mconv.nn.module import check_device, to_device
+
+    return lambda array: to_device(array, check_device(device))
 
 
 FLAG_COMBOS = [

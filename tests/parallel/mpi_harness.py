@@ -37,6 +37,11 @@ def names_for(size: int, registry: dict | None = None) -> list[str]:
     return [name for name, (_, sizes) in registry.items() if size in sizes]
 
 
+def host(array):
+    """A NumPy array of ``array``'s values (a device array is copied to the host)."""
+    return array.get() if type(array).__module__.split(".")[0] == "cupy" else np.asarray(array)
+
+
 TOL = {np.dtype(np.float64): 1e-12, np.dtype(np.float32): 2e-5, np.dtype(np.float16): 2e-2}
 
 
@@ -57,7 +62,7 @@ class Soft:
 
     def close(self, actual, expected, what: str, tol: float | None = None) -> bool:
         """max |actual - expected| <= tol * max|expected| (tol from the dtype unless given)."""
-        actual, expected = np.asarray(actual), np.asarray(expected)
+        actual, expected = host(actual), host(expected)
         if actual.shape != expected.shape:
             self.fail(f"{what}: shape {actual.shape} != expected {expected.shape}")
             return False
@@ -71,7 +76,7 @@ class Soft:
         )
 
     def equal(self, actual, expected, what: str) -> bool:
-        actual, expected = np.asarray(actual), np.asarray(expected)
+        actual, expected = host(actual), host(expected)
         ok = actual.shape == expected.shape and actual.dtype == expected.dtype
         ok = ok and bool(np.array_equal(actual, expected, equal_nan=actual.dtype.kind == "f"))
         return self.true(

@@ -1,5 +1,6 @@
-"""parallel's GPU transports in real ``mpiexec`` jobs of 1-4 ranks, on the CPU stand-in for
-CuPy and NCCL (``fake_gpu``; the checks are in ``mpi_checks_gpu``).
+"""parallel on GPUs in real ``mpiexec`` jobs of 1-4 ranks, on the CPU stand-in for CuPy and
+NCCL (``fake_gpu``, with the host build of the CUDA kernels; the checks are in
+``mpi_checks_gpu``): the transports, DataParallel and the parallel layers.
 
 One job per rank count, as in test_parallel_mpi; each check is reported as
 its own test. On real GPUs the same collectives are run by tests/gpu.
@@ -12,11 +13,14 @@ from mpi_checks_gpu import GPU_CHECKS
 from mpi_harness import names_for
 from mpi_launch import assert_check_passed, check_results
 
+from mconv.kernels import host
+
 CASES = [(ranks, name) for ranks in (1, 2, 3, 4) for name in names_for(ranks, GPU_CHECKS)]
 
 
 @pytest.fixture(scope="module")
 def job_results(tmp_path_factory):
+    host.build()  # the kernels' host build, once, before the ranks look for it in the cache
     return check_results(tmp_path_factory, "mpi_main_gpu.py")
 
 
