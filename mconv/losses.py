@@ -11,16 +11,19 @@ from __future__ import annotations
 import numpy as np
 
 from . import _args
+from .padding import array_module
 
 
 def cross_entropy(logits, target, reduction: str = "mean"):
     """Softmax cross-entropy of ``logits`` (B, K) against class indices ``target`` (B,).
 
     Returns ``(loss, dlogits)``; ``reduction`` is ``'mean'`` or ``'sum'``, as in PyTorch.
+    On a GPU both live on the logits' device (``target`` may be on the host).
     """
     _args.check_array(logits, "logits", "cross_entropy")
     reduction = _args.choice(reduction, ("mean", "sum"), "reduction")
-    target = np.asarray(target)
+    xp = array_module(logits)
+    target = xp.asarray(target)  # class indices on the logits' device
     if logits.ndim != 2:
         raise ValueError(
             f"cross_entropy: logits must be (batch, classes), but got logits of size "
@@ -44,10 +47,10 @@ def cross_entropy(logits, target, reduction: str = "mean"):
         )
     z = logits.astype(np.float64) if logits.dtype == np.float64 else logits.astype(np.float32)
     z = z - z.max(axis=1, keepdims=True)
-    log_probs = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
-    rows = np.arange(logits.shape[0])
+    log_probs = z - xp.log(xp.exp(z).sum(axis=1, keepdims=True))
+    rows = xp.arange(logits.shape[0])
     loss = -log_probs[rows, target].sum()
-    grad = np.exp(log_probs)
+    grad = xp.exp(log_probs)
     grad[rows, target] -= 1.0
     if reduction == "mean":
         scale = 1.0 / max(logits.shape[0], 1)

@@ -2,8 +2,8 @@
 
 from .conv import Conv1d, Conv2d, Conv3d, ConvTranspose1d, ConvTranspose2d, ConvTranspose3d
 from .init import manual_seed
-from .layers import (AvgPool, AvgPool2d, Flatten, GlobalAvgPool, Linear, MaxPool, MaxPool2d,
-                     ReLU, Sequential)  # fmt: skip
+from .layers import (AvgPool, AvgPool1d, AvgPool2d, AvgPool3d, Flatten, GlobalAvgPool, Linear,
+                     MaxPool, MaxPool1d, MaxPool2d, MaxPool3d, ReLU, Sequential)  # fmt: skip
 from .module import IncompatibleKeys, Module, Parameter
 from .tripy import Conv, ConvTranspose
 
@@ -11,6 +11,6 @@ __all__ = [
     "Module", "Parameter", "IncompatibleKeys", "manual_seed",
     "Conv", "Conv1d", "Conv2d", "Conv3d",
     "ConvTranspose", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d",
-    "Sequential", "ReLU", "Flatten", "Linear", "GlobalAvgPool", "AvgPool", "AvgPool2d",
-    "MaxPool", "MaxPool2d",
+    "Sequential", "ReLU", "Flatten", "Linear", "GlobalAvgPool",
+    "AvgPool", "AvgPool1d", "AvgPool2d", "AvgPool3d", "MaxPool", "MaxPool1d", "MaxPool2d", "MaxPool3d",
 ]  # fmt: skip

@@ -11,11 +11,11 @@ Flatten, Linear, pools. Each caches in ``forward`` what ``backward`` needs.
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Any
 
 import numpy as np
-from numpy.lib.stride_tricks import as_strided
 
 from .. import _args
 from .. import functional as F
@@ -245,55 +245,64 @@ class AvgPool(_PoolNd):
 
 
 class MaxPool(_PoolNd):
-    """N-d max pool; padded positions never win. The gradient goes to the first maximum."""
+    """N-d max pool; padded positions never win and NaN does (as in PyTorch). The gradient
+    goes to the first maximum of each window (row-major). Runs on either device: one strided
+    slice of the padded input per kernel tap, and no scatter."""
+
+    def _taps(self, out):
+        """For each kernel tap (row-major), the index of the padded input it reads in every
+        window: ``padded[index]`` is ``(B, C, *out)``."""
+        for offset in itertools.product(*(range(k) for k in self.kernel_size)):
+            yield (
+                Ellipsis,
+                *(slice(o, o + st * (q - 1) + 1, st) for o, st, q in zip(offset, self.stride, out)),
+            )
 
     def forward(self, x):
         _args.check_array(x, "input", type(self).__name__)
-        n = len(self.kernel_size)
+        xp, n = array_module(x), len(self.kernel_size)
         batched = x if x.ndim == n + 2 else x[None]
-        lead = batched.shape[:2]
         padded = batched
         if any(self.padding):  # pad with -inf so that padding never wins
             sizes = tuple(s + 2 * p for s, p in zip(batched.shape[2:], self.padding))
-            padded = np.full((*lead, *sizes), -np.inf, dtype=batched.dtype)
-            padded[
-                (Ellipsis, *(slice(p, p + s) for p, s in zip(self.padding, batched.shape[2:])))
-            ] = batched
-        padded = np.ascontiguousarray(padded)
+            padded = xp.full((*batched.shape[:2], *sizes), -xp.inf, dtype=batched.dtype)
+            interior = zip(self.padding, batched.shape[2:])
+            padded[(Ellipsis, *(slice(p, p + s) for p, s in interior))] = batched
         out = tuple(
             (s - k) // st + 1 for s, k, st in zip(padded.shape[2:], self.kernel_size, self.stride)
         )
-        strides = padded.strides
-        # view (B, C, *Q, *k) of every pooling window
-        windows = as_strided(
-            padded,
-            (*lead, *out, *self.kernel_size),
-            (*strides[:2], *(s * st for s, st in zip(strides[2:], self.stride)), *strides[2:]),
-            writeable=False,
-        )
-        flat = windows.reshape(*lead, *out, math.prod(self.kernel_size))  # (B, C, *Q, K)
-        arg = flat.argmax(axis=-1)  # (B, C, *Q)
-        y = np.take_along_axis(flat, arg[..., None], axis=-1)[..., 0]
-        self._cache = (x.shape, padded.shape, arg, out)
+        taps = self._taps(out)
+        y = padded[next(taps)].copy()  # (B, C, *out)
+        for index in taps:
+            xp.maximum(y, padded[index], out=y)  # NaN propagates
+        self._cache = (x.shape, padded, y, out)  # backward finds each window's first maximum
         return y if x.ndim == n + 2 else y[0]
 
     def backward(self, grad_output):
-        shape, padded_shape, arg, out = _cached(self)
-        n = len(self.kernel_size)
+        shape, padded, y, out = _cached(self)
+        xp, n = array_module(grad_output), len(self.kernel_size)
         dy = grad_output if grad_output.ndim == n + 2 else grad_output[None]
-        # input coordinate of each window's winner: q*stride + unravel(arg)
-        offsets = np.unravel_index(arg, self.kernel_size)
-        grids = np.meshgrid(*(np.arange(q) for q in out), indexing="ij")
-        coords = tuple(g * st + o for g, st, o in zip(grids, self.stride, offsets))
-        lead = np.meshgrid(np.arange(dy.shape[0]), np.arange(dy.shape[1]), indexing="ij")
-        index = (
-            tuple(np.broadcast_to(a.reshape(a.shape + (1,) * n), arg.shape) for a in lead) + coords
-        )
-        dx = np.zeros(padded_shape, dtype=accumulator_dtype(dy.dtype))
-        np.add.at(dx, index, dy)
+        dy = dy.astype(accumulator_dtype(dy.dtype))
+        dx = xp.zeros(padded.shape, dtype=dy.dtype)
+        nan = xp.isnan(y) if bool(xp.isnan(y).any()) else None
+        open_ = xp.ones(y.shape, dtype=bool)  # windows whose maximum is not found yet
+        for index in self._taps(out):  # one tap's windows never share an input
+            value = padded[index]
+            hit = value == y
+            if nan is not None:
+                hit |= nan & xp.isnan(value)
+            hit &= open_
+            open_ &= ~hit
+            dx[index] += xp.where(hit, dy, 0)
         dx = dx[(Ellipsis, *(slice(p, p + s) for p, s in zip(self.padding, shape[-n:])))]
         dx = dx.astype(grad_output.dtype)
         return dx if len(shape) == n + 2 else dx[0]
+
+
+class AvgPool1d(AvgPool):
+    """1-d :class:`AvgPool`."""
+
+    _rank = 1
 
 
 class AvgPool2d(AvgPool):
@@ -302,7 +311,25 @@ class AvgPool2d(AvgPool):
     _rank = 2
 
 
+class AvgPool3d(AvgPool):
+    """3-d :class:`AvgPool`."""
+
+    _rank = 3
+
+
+class MaxPool1d(MaxPool):
+    """1-d :class:`MaxPool`."""
+
+    _rank = 1
+
+
 class MaxPool2d(MaxPool):
     """2-d :class:`MaxPool`."""
 
     _rank = 2
+
+
+class MaxPool3d(MaxPool):
+    """3-d :class:`MaxPool`."""
+
+    _rank = 3
