@@ -4,13 +4,16 @@
     mpiexec -n 2 python -m mpi4py examples/train_digits.py --data-parallel      # batch split over 2 ranks
     mpiexec -n 4 python -m mpi4py examples/train_digits.py --group-parallel 2   # 2 replicas x 2 shards
     python examples/train_digits.py                                             # one process
+    mpiexec -n 2 python -m mpi4py examples/train_digits.py --device cuda        # a GPU per rank (CuPy)
 
 The ranks form a grid P = (P/K data replicas) x (K group shards), K =
 ``--group-parallel`` (default gcd(P, 4)). Within a replica the first conv is
 column-parallel (its 16 output channels split), the two grouped convs
 (4 groups) are group-parallel on those shards (no communication between the
 three), the last one gathers its output, and the linear head is replicated.
-DataParallel averages gradients over the replicas. Every rank draws the
+DataParallel averages gradients over the replicas. With ``--device cuda``
+each rank trains on its GPU (``parallel.init()`` binds GPU local_rank) and
+the collectives go through NCCL where it can. Every rank draws the
 same initialisation and the same batches, so any grid trains the same model
 as one process (the loss curves agree to rounding; compare with --curve).
 
@@ -59,6 +62,7 @@ def parse_args(world_size: int) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=0.005)
     p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="'cpu' or 'cuda' (this rank's GPU, via CuPy)")
     p.add_argument("--out", help="folder for the safetensors files (default: a temporary one)")
     p.add_argument("--curve", help="write the loss curve and accuracies here as JSON")
     args = p.parse_args()
@@ -121,10 +125,25 @@ def serial_model(dtype) -> nn.Sequential:
     )
 
 
-def accuracy(model, x, y, data_comm) -> float:
+def on_device(array, device: str):
+    """A host array on ``device`` ('cpu': itself)."""
+    if device == "cpu":
+        return array
+    import cupy
+
+    return cupy.asarray(array)
+
+
+def on_host(array):
+    """A NumPy array of a NumPy or CuPy array's values."""
+    return array.get() if hasattr(array, "get") else np.asarray(array)
+
+
+def accuracy(model, x, y, data_comm, device="cpu") -> float:
     """Each replica scores its block of the test set; the counts are summed."""
     rows = parallel.shard_range(len(x), data_comm)
-    correct = np.sum(model(x[rows.start : rows.stop]).argmax(axis=1) == y[rows.start : rows.stop])
+    logits = on_host(model(on_device(x[rows.start : rows.stop], device)))
+    correct = np.sum(logits.argmax(axis=1) == y[rows.start : rows.stop])
     total = data_comm.allreduce(np.array([correct, len(rows)], dtype=np.int64))
     return float(total[0] / total[1])
 
@@ -140,7 +159,7 @@ def main() -> int:
         images, digits.target, test_size=0.25, random_state=0, stratify=digits.target
     )
     mconv.manual_seed(args.seed)  # the same draws on every rank: shards of one serial init
-    net = build_model(group_comm, dtype)
+    net = build_model(group_comm, dtype).to(args.device)
     model = parallel.DataParallel(net, data_comm)
     opt = optim.Adam(model.parameters(), lr=args.lr)
     rng = np.random.default_rng(args.seed)  # the same batches on every rank
@@ -152,6 +171,7 @@ def main() -> int:
         print(
             f"{world.size} rank(s): {data_comm.size} data replica(s) x {group_comm.size} group shard(s); "
             f"{len(x_train)} train / {len(x_test)} test digits, global batch {batch}, {args.dtype}"
+            f" on {args.device}"
         )
     start = time.perf_counter()
     bar = tqdm(total=args.epochs * steps, unit="step", disable=world.rank != 0, file=sys.stdout)
@@ -159,14 +179,15 @@ def main() -> int:
         order = rng.permutation(len(x_train))
         for step in range(steps):
             rows = order[step * batch : (step + 1) * batch][mine.start : mine.stop]
-            loss, dlogits = losses.cross_entropy(model(x_train[rows]), y_train[rows])
+            logits = model(on_device(x_train[rows], args.device))
+            loss, dlogits = losses.cross_entropy(logits, y_train[rows])
             opt.zero_grad()
             model.backward(dlogits)
             opt.step()
-            curve.append(float(data_comm.allreduce(np.array([loss], np.float64), "mean")[0]))
+            curve.append(float(data_comm.allreduce(np.array([float(loss)]), "mean")[0]))
             bar.set_postfix(epoch=epoch + 1, loss=f"{curve[-1]:.4f}", refresh=False)
             bar.update()
-        accuracies.append(accuracy(model, x_test, y_test, data_comm))
+        accuracies.append(accuracy(model, x_test, y_test, data_comm, args.device))
         if world.rank == 0:
             bar.write(
                 f"epoch {epoch + 1:2d}  loss {np.mean(curve[-steps:]):.4f}  test accuracy {accuracies[-1]:.2%}"
@@ -177,6 +198,9 @@ def main() -> int:
         print(
             f"final test accuracy {accuracies[-1]:.2%} after {args.epochs} epochs in {seconds:.1f} s"
         )
+        used = sorted({c.gpu_transport for c in (data_comm, group_comm) if c.gpu_transport})
+        if used:
+            print(f"collectives on {args.device} arrays went through: {', '.join(used)}")
     ok = check_saved_model(
         world, data_comm, group_comm, net, args, dtype, x_test, y_test, accuracies[-1]
     )
@@ -188,6 +212,7 @@ def main() -> int:
                     "accuracy": accuracies,
                     "ranks": world.size,
                     "group_parallel": group_comm.size,
+                    "device": args.device,
                     "seconds": seconds,
                 },
                 f,
@@ -204,6 +229,7 @@ def check_saved_model(world, data_comm, group_comm, net, args, dtype, x_test, y_
     os.makedirs(folder, exist_ok=True)
     full_path = os.path.join(folder, "digits.safetensors")
     state = parallel.gather_state_dict(net, world, root=0)  # full arrays on rank 0 only
+    state = {name: on_host(array) for name, array in state.items()}
     if world.rank == 0:
         parallel.save_full(state, full_path, metadata={"model": "examples/train_digits.py"})
     parallel.save_shard(net, os.path.join(folder, "digits-shard"), world)
@@ -223,9 +249,9 @@ def check_saved_model(world, data_comm, group_comm, net, args, dtype, x_test, y_
             f"a serial mconv.nn model loaded from it scores {serial_acc:.2%}"
         )
     mconv.manual_seed(args.seed + 1)  # a different init, overwritten by the file
-    fresh = build_model(group_comm, dtype)
+    fresh = build_model(group_comm, dtype).to(args.device)
     parallel.scatter_state_dict(fresh, layouts.load_checkpoint(full_path).tensors, world, root=None)
-    reloaded = accuracy(fresh, x_test, y_test, data_comm)
+    reloaded = accuracy(fresh, x_test, y_test, data_comm, args.device)
     ok = bool(world.allreduce(np.array([ok and reloaded == expected], np.int64), "min")[0])
     if world.rank == 0:
         print(

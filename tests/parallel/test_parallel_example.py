@@ -1,9 +1,10 @@
 """examples/train_digits.py under mpiexec: any grid trains the serial model's curve.
 
 float64 runs of 2 epochs on 1 rank, 2 ranks (group-parallel, the default),
-2 ranks data-parallel and 4 ranks as a 2x2 grid give the same loss curve
-and test accuracies; the default run on 2 ranks reaches >= 95% and its
-saved safetensors reload to the same accuracy.
+2 ranks data-parallel, 4 ranks as a 2x2 grid, and 2 ranks with --device cuda
+on the GPU stand-in give the same loss curve and test accuracies; the
+default run on 2 ranks reaches >= 95% and its saved safetensors reload to
+the same accuracy.
 """
 
 from __future__ import annotations
@@ -13,14 +14,18 @@ import re
 
 import numpy as np
 import pytest
-from mpi_launch import ROOT, launch
+from mpi_launch import HERE, ROOT, launch
+
+from mconv.kernels import host
 
 SCRIPT = ROOT / "examples" / "train_digits.py"
 
 
-def run(tmp_path, ranks, *flags):
+def run(tmp_path, ranks, *flags, stand_in=False):
+    """The example on ``ranks`` ranks (``stand_in``: on the GPU stand-in, fake_gpu)."""
     curve = tmp_path / f"curve-{ranks}-{'-'.join(map(str, flags)).replace('/', '_')}.json"
-    job = launch(ranks, [SCRIPT, *flags, "--curve", curve], timeout=240)
+    script = [HERE / "fake_gpu_run.py", SCRIPT] if stand_in else [SCRIPT]
+    job = launch(ranks, [*script, *flags, "--curve", curve], timeout=240)
     assert job.returncode == 0 and not job.timed_out, job.tail()
     return job, json.loads(curve.read_text())
 
@@ -50,3 +55,17 @@ def test_default_run_on_two_ranks_reaches_95_percent(tmp_path):
     assert (tmp_path / "ckpt" / "digits.safetensors").exists()
     assert found["accuracy"][-1] * 100 == pytest.approx(accuracy, abs=0.01)
     print(f"train_digits.py on 2 ranks: {accuracy:.2f}% in {found['seconds']:.1f} s of training")
+
+
+def test_two_ranks_on_gpus_train_the_same_curve(tmp_path, one_rank):
+    """--device cuda on the GPU stand-in: the model, batches and collectives on device arrays
+    (mconv's CuPy backend over the host-built kernels, NCCL's stand-in)."""
+    host.build()
+    job, found = run(
+        tmp_path, 2, "--epochs", "2", "--dtype", "float64", "--device", "cuda", stand_in=True
+    )
+    assert found["device"] == "cuda" and "on cuda" in job.stdout
+    assert "collectives on cuda arrays went through: nccl" in job.stdout
+    np.testing.assert_allclose(found["loss"], one_rank["loss"], rtol=1e-9, atol=1e-12)
+    assert found["accuracy"] == one_rank["accuracy"]
+    assert "(same)" in job.stdout and "merged shards equal it: True" in job.stdout
