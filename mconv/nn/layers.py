@@ -286,14 +286,17 @@ class MaxPool(_PoolNd):
         dx = xp.zeros(padded.shape, dtype=dy.dtype)
         nan = xp.isnan(y) if bool(xp.isnan(y).any()) else None
         open_ = xp.ones(y.shape, dtype=bool)  # windows whose maximum is not found yet
+        hit = xp.empty(y.shape, dtype=bool)
+        share = xp.empty(y.shape, dtype=dy.dtype)  # what this tap's inputs receive
         for index in self._taps(out):  # one tap's windows never share an input
             value = padded[index]
-            hit = value == y
+            xp.equal(value, y, out=hit)
             if nan is not None:
                 hit |= nan & xp.isnan(value)
             hit &= open_
-            open_ &= ~hit
-            dx[index] += xp.where(hit, dy, 0)
+            xp.greater(open_, hit, out=open_)  # open and not hit
+            xp.multiply(dy, hit, out=share)
+            dx[index] += share
         dx = dx[(Ellipsis, *(slice(p, p + s) for p, s in zip(self.padding, shape[-n:])))]
         dx = dx.astype(grad_output.dtype)
         return dx if len(shape) == n + 2 else dx[0]
