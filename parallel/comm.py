@@ -84,6 +84,8 @@ def _wire_dtype(dtype, op: str, name: str) -> np.dtype:
     dtype = np.dtype(dtype)
     if dtype == np.float16:
         return np.dtype(np.float32)
+    if dtype.kind in "iu" and dtype.itemsize == 2 and op != "mean":  # NCCL has no 16-bit ints;
+        return np.dtype(dtype.kind + "4")  # sums wrap the same once cast back
     if dtype.kind == "f" or (dtype.kind == "c" and op in ("sum", "mean")):
         return dtype
     if dtype.kind in "iu" and op != "mean":
@@ -214,9 +216,14 @@ class Communicator:
         moved = xp.moveaxis(x, axis, 0)  # (x.shape[axis], *other axes)
         if sizes is not None:
             sizes = self._check_sizes(sizes, "sizes", "allgather")
+            if sizes[self.rank] != moved.shape[0]:
+                raise ValueError(
+                    f"allgather: sizes[{self.rank}] must be this rank's x.shape[axis]="
+                    f"{moved.shape[0]}, but got sizes={sizes}"
+                )
         if check:
-            meta = (moved.shape[1:], x.dtype.name, moved.shape[0])
-            what = "arrays of one dtype whose shapes agree outside axis"
+            meta = (axis, moved.shape[1:], x.dtype.str, moved.shape[0])
+            what = "one axis and arrays of one dtype whose shapes agree outside it"
             found = [m[-1] for m in self._check_alike("allgather", meta, what)]
             if sizes is not None and sizes != found:
                 raise ValueError(f"allgather: sizes={sizes} disagrees with the arrays' {found}")
@@ -250,13 +257,15 @@ class Communicator:
             if sizes is None
             else self._check_sizes(sizes, "sizes", "reduce_scatter")
         )
+        if check:  # first, so that a bad argument raises on every rank, not one
+            self._check_alike(
+                "reduce_scatter",
+                (axis, x.shape, x.dtype.str, sizes, 0),
+                "one axis, one sizes and arrays of one shape and dtype",
+            )
         if sum(sizes) != n:
             raise ValueError(
                 f"reduce_scatter: sizes must add up to x.shape[axis]={n}, but got sizes={sizes}"
-            )
-        if check:
-            self._check_alike(
-                "reduce_scatter", (x.shape, x.dtype.name, sizes, 0), "arrays of one shape and dtype"
             )
         moved = xp.moveaxis(x, axis, 0)  # (n, *other axes)
         per_row = math.prod(moved.shape[1:])
@@ -274,10 +283,20 @@ class Communicator:
         """Root's array on every rank (root gets ``x`` itself; other ranks may pass None)."""
         root = self._check_root(root)
         meta = None
-        if self.rank == root:
-            xp, x = _as_array(x, "x", "broadcast")
-            meta = (x.shape, x.dtype.str, xp.__name__)
-        shape, dtype, module = self.mpi.bcast(meta, root=root)
+        if self.rank == root:  # root's argument errors are sent, so that every rank raises
+            try:
+                xp, x = _as_array(x, "x", "broadcast")
+                if x.dtype.hasobject:
+                    raise TypeError(
+                        "broadcast: x must not hold Python objects, but got dtype=object"
+                    )
+                meta = (x.shape, x.dtype, xp.__name__)
+            except (TypeError, ValueError) as err:
+                meta = err
+        meta = self.mpi.bcast(meta, root=root)
+        if isinstance(meta, Exception):
+            raise type(meta)(f"{meta} (on root {root})")
+        shape, dtype, module = meta
         if self.rank == root:
             buf = xp.ascontiguousarray(x)
         else:
@@ -313,7 +332,9 @@ class Communicator:
         )
         if check:
             self._check_alike(
-                "alltoall", (x.shape, x.dtype.name, 0), "arrays of one shape and dtype"
+                "alltoall",
+                (split_axis, concat_axis, x.shape, x.dtype.str, 0),
+                "one split_axis, one concat_axis and arrays of one shape and dtype",
             )
         sizes = shard_sizes(x.shape[split_axis], self.size)
         moved = xp.moveaxis(x, split_axis, 0)  # (n, *other axes)

@@ -9,9 +9,12 @@ serial training on the global batch (up to the order of fp additions).
 
 Gradients travel in buckets: flat buffers of at most ``bucket_mb`` MiB
 (one dtype each; fp16 buckets are fp32 on the wire), filled in sorted
-parameter-name order, one allreduce per bucket. A parameter whose grad is
-None on a rank counts as zeros there; after ``backward`` every parameter
-has a grad.
+parameter-name order, one allreduce per bucket (and one small allreduce of
+which parameters have a grad). A parameter whose grad is None on some
+ranks counts as zeros there; one whose grad is None on every rank (unused,
+or frozen) keeps None, so optimizers skip it as they would serially. The
+buckets follow the parameters: after ``model.to(dtype)`` or ``.to('cuda')``
+they are rebuilt (on every rank; ranks that disagree raise).
 
 >>> import numpy as np, mconv, parallel
 >>> from mconv import nn
@@ -26,6 +29,7 @@ has a grad.
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Any
 
 import numpy as np
@@ -85,9 +89,10 @@ class DataParallel(Module):
             raise TypeError(
                 f"DataParallel: bucket_mb must be a number, but got bucket_mb={bucket_mb!r}"
             )
-        if not bucket_mb > 0:
+        if not (bucket_mb > 0 and math.isfinite(bucket_mb)):
             raise ValueError(
-                f"DataParallel: bucket_mb must be > 0, but got bucket_mb={bucket_mb!r}"
+                f"DataParallel: bucket_mb must be a finite number > 0, but got "
+                f"bucket_mb={bucket_mb!r}"
             )
         named = sorted(module.named_parameters(), key=lambda item: item[0])
         signature = [(name, tuple(p.shape), np.dtype(p.dtype).name) for name, p in named]
@@ -96,7 +101,8 @@ class DataParallel(Module):
         self.comm = comm
         self.bucket_mb = bucket_mb
         self.require_sync = True
-        self._buckets = self._make_buckets([p for _, p in named], int(bucket_mb * 2**20))
+        self._params = [p for _, p in named]
+        self._layout, self._buckets = None, []
         self.broadcast_parameters(root=0)
 
     @staticmethod
@@ -115,16 +121,26 @@ class DataParallel(Module):
             bucket.add(param)
         return buckets
 
+    def _current_buckets(self) -> list[_Bucket]:
+        """The buckets for the parameters' current dtypes and devices (rebuilt when those
+        changed: collective)."""
+        layout = [(np.dtype(p.dtype).str, _array_module(p.data).__name__) for p in self._params]
+        if layout != self._layout:
+            self.comm.check_same(layout, "DataParallel: the parameters' dtypes and devices")
+            self._buckets = self._make_buckets(self._params, int(self.bucket_mb * 2**20))
+            self._layout = layout
+        return self._buckets
+
     @property
     def bucket_sizes(self) -> list[int]:
-        """Elements per bucket, in the order they are reduced."""
-        return [bucket.size for bucket in self._buckets]
+        """Elements per bucket, in the order they are reduced (local: not collective)."""
+        return [b.size for b in self._make_buckets(self._params, int(self.bucket_mb * 2**20))]
 
     def broadcast_parameters(self, root: int = 0) -> None:
         """Overwrite every replica's parameters with ``root``'s."""
         if self.comm.size == 1:
             return
-        for bucket in self._buckets:
+        for bucket in self._current_buckets():
             flat = bucket.xp.empty(bucket.size, dtype=bucket.dtype)
             for param, offset, size in bucket.entries:
                 flat[offset : offset + size] = param.data.reshape(-1)  # (size,)
@@ -133,8 +149,14 @@ class DataParallel(Module):
                 param.data[...] = flat[offset : offset + size].reshape(param.shape)  # param.shape
 
     def allreduce_gradients(self) -> None:
-        """Average every parameter's grad over ``comm`` (None counts as zeros)."""
-        for bucket in self._buckets:
+        """Average every parameter's grad over ``comm`` (None counts as zeros; None on every
+        rank stays None)."""
+        buckets = self._current_buckets()
+        has_grad = np.array([p.grad is not None for p in self._params], dtype=np.uint8)
+        if self.comm.size > 1:
+            has_grad = self.comm.allreduce(has_grad, "max")
+        used = {id(p) for p, flag in zip(self._params, has_grad) if flag}
+        for bucket in buckets:
             flat = bucket.xp.zeros(bucket.size, dtype=bucket.wire)
             for param, offset, size in bucket.entries:
                 if param.grad is not None:
@@ -142,8 +164,9 @@ class DataParallel(Module):
             if self.comm.size > 1:
                 self.comm.allreduce(flat, "mean", out=flat)
             for param, offset, size in bucket.entries:
-                grad = flat[offset : offset + size].reshape(param.shape)  # param.shape
-                param.grad = grad.astype(bucket.dtype)  # a copy: the buffer is not kept
+                if id(param) in used:
+                    grad = flat[offset : offset + size].reshape(param.shape)  # param.shape
+                    param.grad = grad.astype(bucket.dtype)  # a copy: the buffer is not kept
 
     @contextlib.contextmanager
     def no_sync(self):
@@ -165,4 +188,6 @@ class DataParallel(Module):
         return grad_input
 
     def extra_repr(self) -> str:
-        return f"ranks={self.comm.size}, buckets={len(self._buckets)}, bucket_mb={self.bucket_mb}"
+        return (
+            f"ranks={self.comm.size}, buckets={len(self.bucket_sizes)}, bucket_mb={self.bucket_mb}"
+        )

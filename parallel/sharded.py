@@ -33,6 +33,13 @@ def _flag(value: Any, name: str) -> bool:
     return value
 
 
+def _comparable(key: str, value: Any) -> str:
+    """What must agree across ranks: every argument, except which GPU (each rank its own)."""
+    if key == "device" and isinstance(value, str) and value.startswith("cuda"):
+        return "'cuda'"
+    return repr(value)
+
+
 class ShardedConv(Module):
     """Base class; subclasses set ``_serial`` (an ``mconv.nn`` conv class) and ``shard_axes``."""
 
@@ -50,7 +57,7 @@ class ShardedConv(Module):
         bound = inspect.signature(self._serial).bind(*args, **kwargs)
         bound.apply_defaults()
         flags = {key: _flag(value, key) for key, value in flags.items()}
-        config = tuple((key, repr(value)) for key, value in bound.arguments.items())
+        config = tuple((key, _comparable(key, value)) for key, value in bound.arguments.items())
         comm.check_same((name,) + config + tuple(flags.items()), f"{name}'s configuration")
         self.comm = comm
         for key, value in flags.items():

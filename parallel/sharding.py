@@ -27,8 +27,10 @@ def shard_sizes(n: int, parts: int) -> list[int]:
 
 def shard_range(n: int, comm: Any = None, *, rank: int | None = None, size: int | None = None):
     """The items of block ``rank`` of ``n`` (``comm``'s rank and size unless given)."""
-    rank = comm.rank if rank is None else rank
-    size = comm.size if size is None else size
+    size = _args.check_int(comm.size if size is None else size, "size", minimum=1)
+    rank = _args.check_int(comm.rank if rank is None else rank, "rank", minimum=0)
+    if rank >= size:
+        raise ValueError(f"shard_range: rank must lie in [0, {size}), but got rank={rank}")
     sizes = shard_sizes(n, size)
     start = sum(sizes[:rank])
     return range(start, start + sizes[rank])

@@ -36,7 +36,7 @@ import numpy as np
 from layouts import save_safetensors
 from layouts.safetensors_format import read_safetensors, write_safetensors
 from mconv import _args
-from mconv.nn.module import Module, to_device
+from mconv.nn.module import IncompatibleKeys, Module, to_device
 
 from .comm import Communicator
 from .sharded import ShardedConv
@@ -66,13 +66,18 @@ def _root(root: Any, comm: Communicator, op: str) -> int | None:
 
 def shard_specs(model: Module) -> dict[str, tuple[ShardedConv, str, int | None]]:
     """State-dict name -> (parallel layer, its parameter name, split axis or None)."""
-    specs = {}
-    for prefix, module in model.named_modules():
+    by_param = {}  # a layer shared under several names holds the same Parameters
+    for module in model.modules():
         if isinstance(module, ShardedConv):
             for name, axis in module.shard_axes.items():
-                if module._parameters.get(name) is not None:
-                    specs[f"{prefix}.{name}" if prefix else name] = (module, name, axis)
-    return specs
+                param = module._parameters.get(name)
+                if param is not None:
+                    by_param[id(param)] = (module, name, axis)
+    return {
+        name: by_param[id(param)]
+        for name, param in model._parameter_slots()
+        if id(param) in by_param
+    }
 
 
 def _block(array, layer: ShardedConv, axis: int | None):
@@ -167,15 +172,15 @@ def scatter_state_dict(
     root = _root(root, comm, "scatter_state_dict")
     specs = shard_specs(model)
     shapes = _full_shapes(model, specs)
-    problem, present = None, None
+    problem, present, unexpected = None, None, None
     if root is None or comm.rank == root:
         problem = _problems(full_state_dict, shapes, strict)
         if problem is None:
             present = [name for name in shapes if name in full_state_dict]
+            unexpected = [name for name in full_state_dict.keys() if name not in shapes]
+    mine = (problem, present, unexpected)
     header = (
-        (problem, present)
-        if root is None
-        else comm.broadcast_object((problem, present) if comm.rank == root else None, root)
+        mine if root is None else comm.broadcast_object(mine if comm.rank == root else None, root)
     )
     if header[0] is not None:
         kind, message = header[0]
@@ -188,7 +193,8 @@ def scatter_state_dict(
             array = comm.broadcast(full_state_dict[name] if comm.rank == root else None, root)
         layer, _, axis = specs.get(name, (None, None, None))
         local[name] = _block(array, layer, axis) if layer else array.copy()
-    return model.load_state_dict(local, strict=strict)
+    missing, _ = model.load_state_dict(local, strict=strict)
+    return IncompatibleKeys(missing, header[2])
 
 
 # -- per-rank safetensors files -------------------------------------------------------------

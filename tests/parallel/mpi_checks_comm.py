@@ -253,3 +253,62 @@ def init_grid_and_split(comm, t):
     t.raises(TypeError, lambda: comm.grid(group_parallel="2"), "grid str", match="group_parallel")
     halves = comm.split(comm.rank % 2)
     t.true(halves.size == len(range(comm.rank % 2, comm.size, 2)), "split sizes")
+
+
+@check(sizes=(2, 3, 4))
+def argument_disagreements_raise_on_every_rank(comm, t):
+    """What used to return garbage or leave ranks waiting (each case raises on every rank)."""
+    x = data(comm.rank, (4, 2 * comm.size), np.float64, seed=8)
+    axis = 1 if comm.rank == 1 else 0
+    for op, call in [
+        ("allgather", lambda: comm.allgather(x, axis=axis)),
+        ("reduce_scatter", lambda: comm.reduce_scatter(np.ones((4, 4 * comm.size)), axis=axis)),
+        ("alltoall", lambda: comm.alltoall(np.ones((4, 4)), 0, axis)),
+    ]:
+        t.raises(ValueError, call, f"{op} with axis differing on rank 1", match="rank 1")
+    bad = [2 * comm.size + 1] + [0] * (comm.size - 1) if comm.rank == 0 else None
+    sizes = bad or shard_sizes_of(2 * comm.size, comm)
+    t.raises(
+        ValueError,
+        lambda: comm.reduce_scatter(np.ones((2, 2 * comm.size)), axis=1, sizes=sizes),
+        "reduce_scatter sizes bad on rank 0 only",
+    )
+    mine = np.ones((3, 2))
+    t.raises(
+        ValueError,
+        lambda: comm.allgather(mine, axis=0, sizes=[2] * comm.size, check=False),
+        "allgather sizes[rank] != x.shape[axis]",
+        match=r"sizes\[\d\] must be this rank's x.shape\[axis\]=3",
+    )
+    root = comm.size - 1
+    for what, value in [("a list", [1.0, 2.0]), ("objects", np.array([None, 1], dtype=object))]:
+        t.raises(
+            TypeError,
+            lambda value=value: comm.broadcast(value if comm.rank == root else None, root=root),
+            f"broadcast of {what} from root raises everywhere",
+            match=f"on root {root}",
+        )
+    t.equal(comm.allreduce(np.ones(2)), np.full(2, float(comm.size)), "still usable")
+
+
+def shard_sizes_of(n, comm):
+    return parallel.shard_sizes(n, comm.size)
+
+
+@check()
+def structured_and_16_bit_arrays(comm, t):
+    kind = np.dtype([("a", "<f4"), ("b", "<i4")])
+    source = np.array([(1.5, 2), (3.5, -4)], dtype=kind)
+    got = comm.broadcast(source if comm.rank == 0 else None)
+    t.true(got.dtype == kind and got.tolist() == source.tolist(), f"structured: {got.dtype}")
+    for dtype in (np.int16, np.uint16):
+        arrays = [data(r, (5, 2 * comm.size), dtype, seed=9) for r in range(comm.size)]
+        for op in ("sum", "max"):
+            expected = reference_reduce(arrays, op).astype(dtype)
+            got = comm.allreduce(arrays[comm.rank], op)
+            t.equal(got, expected, f"allreduce {op} {np.dtype(dtype)}")
+            got = comm.reduce_scatter(arrays[comm.rank], axis=1, op=op)
+            block = list(parallel.shard_range(2 * comm.size, comm))
+            t.equal(got, expected[:, block], f"reduce_scatter {op} {np.dtype(dtype)}")
+    wraps = comm.allreduce(np.full(3, 30000, dtype=np.int16))  # wraps as int16 arithmetic does
+    t.equal(wraps, (np.full(3, 30000, np.int64) * comm.size).astype(np.int16), "int16 wraps")

@@ -307,3 +307,68 @@ def doctests_of_the_parallel_package(comm, t):
             result.failed == 0, f"doctests of {name}: {result.failed} of {result.attempted} failed"
         )
         t.true(result.attempted > 0, f"{name} has doctests")
+
+
+@check()
+def data_parallel_unused_parameters_and_changed_dtype(comm, t):
+    """A parameter no rank used keeps grad None (weight decay and momentum leave it, as
+    serially); after ``model.to(float64)`` the buckets follow the parameters."""
+    x, y = batch_data(np.float32, seed=2)
+
+    def body_and_unused_head():
+        mconv.manual_seed(3)
+        return nn.Sequential(serial_model(np.float32), nn.Linear(72, 5))
+
+    serial = body_and_unused_head()
+    model = parallel.DataParallel(body_and_unused_head(), comm)
+    for net, xs, ys, sync in [
+        (serial, x, y, None),
+        (model.module, x[rows(comm)], y[rows(comm)], model),
+    ]:
+        opt = optim.SGD(net.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1)
+        for _ in range(2):
+            _, d = losses.cross_entropy(net[0](xs), ys)
+            opt.zero_grad()
+            net[0].backward(d)
+            if sync is not None:
+                sync.allreduce_gradients()
+            opt.step()
+    for (name, p), (_, q) in zip(model.module.named_parameters(), serial.named_parameters()):
+        t.close(p.data, q.data, f"unused head, weight decay: {name}", 1e-5)
+    t.true(model.module[1].weight.grad is None, "the unused head's grad stays None")
+    model.to(np.float64)
+    x64, y64 = batch_data(np.float64, seed=4)
+    _, d = losses.cross_entropy(model.module[0](x64[rows(comm)]), y64[rows(comm)])
+    model.module[0].backward(d)
+    model.allreduce_gradients()
+    grads = {p.grad.dtype for p in model.module[0].parameters()}
+    t.true(grads == {np.dtype(np.float64)}, f"grads after to(float64): {grads}")
+    t.raises(
+        ValueError,
+        lambda: parallel.DataParallel(serial, comm, bucket_mb=float("inf")),
+        "bucket_mb=inf",
+        match="bucket_mb=inf",
+    )
+
+
+@check()
+def state_of_a_shared_layer_and_unexpected_keys(comm, t):
+    """A parallel layer used twice (one set of Parameters under two names) gathers and
+    scatters as the serial model would; strict=False reports root's unexpected keys."""
+    mconv.manual_seed(5)
+    layer = parallel.GroupParallelConv2d(12, 12, 1, groups=12, comm=comm)
+    model = nn.Sequential(layer, nn.ReLU(), layer)
+    mconv.manual_seed(5)
+    serial_layer = nn.Conv2d(12, 12, 1, groups=12)
+    full = parallel.gather_state_dict(model, comm, root=None)
+    for name in ("0.weight", "2.weight", "0.bias", "2.bias"):
+        expected = getattr(serial_layer, name.split(".")[1]).data
+        t.close(full[name], expected, f"gathered {name} of the shared layer", 0.0)
+    scaled = {name: 2 * value for name, value in full.items()}
+    scaled["0.extra"] = np.ones(1)
+    missing, unexpected = parallel.scatter_state_dict(
+        model, scaled if comm.rank == 0 else None, comm, strict=False
+    )
+    t.true((missing, unexpected) == ([], ["0.extra"]), f"keys: {(missing, unexpected)}")
+    block = list(parallel.shard_range(12, comm))
+    t.close(layer.weight.data, 2 * serial_layer.weight.data[block], "scattered shard", 0.0)
