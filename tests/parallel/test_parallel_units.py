@@ -170,3 +170,17 @@ def test_missing_mpiexec_is_a_failure_not_a_skip(monkeypatch, tmp_path):
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(pytest.fail.Exception, match="mpiexec not found .* pip install"):
         mpi_launch.mpiexec.__wrapped__()
+
+
+@pytest.mark.parametrize(
+    "kwargs,kind,match",
+    [
+        (dict(rank=-1, size=4), ValueError, "rank"),
+        (dict(rank=4, size=4), ValueError, r"rank must lie in \[0, 4\), but got rank=4"),
+        (dict(rank=True, size=4), TypeError, "rank"),
+        (dict(rank=0, size=0), ValueError, "size"),
+    ],
+)
+def test_shard_range_refuses_bad_ranks(kwargs, kind, match):
+    with pytest.raises(kind, match=match):
+        sharding.shard_range(8, **kwargs)
