@@ -100,6 +100,7 @@ class DataParallel(Module):
         self.module = module
         self.comm = comm
         self.bucket_mb = bucket_mb
+        self._bucket_bytes = int(bucket_mb * 2**20)
         self.require_sync = True
         self._params = [p for _, p in named]
         self._layout, self._buckets = None, []
@@ -127,14 +128,14 @@ class DataParallel(Module):
         layout = [(np.dtype(p.dtype).str, _array_module(p.data).__name__) for p in self._params]
         if layout != self._layout:
             self.comm.check_same(layout, "DataParallel: the parameters' dtypes and devices")
-            self._buckets = self._make_buckets(self._params, int(self.bucket_mb * 2**20))
+            self._buckets = self._make_buckets(self._params, self._bucket_bytes)
             self._layout = layout
         return self._buckets
 
     @property
     def bucket_sizes(self) -> list[int]:
         """Elements per bucket, in the order they are reduced (local: not collective)."""
-        return [b.size for b in self._make_buckets(self._params, int(self.bucket_mb * 2**20))]
+        return [b.size for b in self._make_buckets(self._params, self._bucket_bytes)]
 
     def broadcast_parameters(self, root: int = 0) -> None:
         """Overwrite every replica's parameters with ``root``'s."""

@@ -284,7 +284,8 @@ class MaxPool(_PoolNd):
         dy = grad_output if grad_output.ndim == n + 2 else grad_output[None]
         dy = dy.astype(accumulator_dtype(dy.dtype))
         dx = xp.zeros(padded.shape, dtype=dy.dtype)
-        nan = xp.isnan(y) if bool(xp.isnan(y).any()) else None
+        nan = xp.isnan(y)
+        nan = nan if bool(nan.any()) else None
         open_ = xp.ones(y.shape, dtype=bool)  # windows whose maximum is not found yet
         hit = xp.empty(y.shape, dtype=bool)
         share = xp.empty(y.shape, dtype=dy.dtype)  # what this tap's inputs receive

@@ -31,6 +31,7 @@ rank has).
 
 from __future__ import annotations
 
+import functools
 import importlib.machinery
 import sys
 import types
@@ -87,19 +88,23 @@ def on_device(result):
     return result
 
 
+def _holding(ptr: int, nbytes: int):
+    """Every live contiguous device array whose memory holds ``nbytes`` at ``ptr``."""
+    for ref in list(_LIVE.values()):
+        array = ref()
+        if array is not None and array.flags.c_contiguous:
+            start = array.ctypes.data
+            if start <= ptr and ptr + nbytes <= start + array.nbytes:
+                yield array
+
+
 def resolve(ptr: int, dtype) -> tuple[np.ndarray, int]:
     """The largest live device array of ``dtype`` holding ``ptr``, flat, and the element
     offset of ``ptr`` in it (what the cuBLAS stand-in needs)."""
-    best = None
-    for ref in list(_LIVE.values()):
-        array = ref()
-        if array is None or array.dtype != dtype or not array.flags.c_contiguous:
-            continue
-        start = array.ctypes.data
-        if start <= ptr < start + max(array.nbytes, 1) and (best is None or array.size > best.size):
-            best = array
-    if best is None:
+    arrays = [a for a in _holding(ptr, np.dtype(dtype).itemsize) if a.dtype == dtype]
+    if not arrays:
         raise AssertionError(f"pointer {ptr:#x} of {np.dtype(dtype)} is in no device array")
+    best = max(arrays, key=lambda a: a.size)
     flat = best.view(np.ndarray).reshape(-1)  # (best.size,)
     return flat, (ptr - best.ctypes.data) // best.itemsize
 
@@ -108,14 +113,10 @@ def memory(ptr: int, nbytes: int) -> np.ndarray:
     """A uint8 view of ``nbytes`` at device pointer ``ptr``, inside one live device array."""
     if nbytes == 0:
         return np.empty(0, dtype=np.uint8)
-    for ref in list(_LIVE.values()):
-        array = ref()
-        if array is None or not array.flags.c_contiguous:
-            continue
+    for array in _holding(ptr, nbytes):
         start = array.ctypes.data
-        if start <= ptr and ptr + nbytes <= start + array.nbytes:
-            raw = array.view(np.ndarray).reshape(-1).view(np.uint8)  # (array.nbytes,)
-            return raw[ptr - start : ptr - start + nbytes]
+        raw = array.view(np.ndarray).reshape(-1).view(np.uint8)  # (array.nbytes,)
+        return raw[ptr - start : ptr - start + nbytes]
     raise AssertionError(f"{nbytes} bytes at {ptr:#x} lie in no device array")
 
 
@@ -323,8 +324,9 @@ class FakeCupy(types.ModuleType):
         return _kernel_stand_in().FakeCupy.RawModule(self, code, options, name_expressions)
 
 
+@functools.cache
 def _kernel_stand_in():
-    """tests/kernels/fake_cupy.py, made to launch kernels on this module's arrays."""
+    """tests/kernels/fake_cupy.py, made to launch kernels on this module's arrays (once)."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "kernels"))
     import fake_cupy
 

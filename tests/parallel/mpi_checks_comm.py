@@ -267,7 +267,7 @@ def argument_disagreements_raise_on_every_rank(comm, t):
     ]:
         t.raises(ValueError, call, f"{op} with axis differing on rank 1", match="rank 1")
     bad = [2 * comm.size + 1] + [0] * (comm.size - 1) if comm.rank == 0 else None
-    sizes = bad or shard_sizes_of(2 * comm.size, comm)
+    sizes = bad or parallel.shard_sizes(2 * comm.size, comm.size)
     t.raises(
         ValueError,
         lambda: comm.reduce_scatter(np.ones((2, 2 * comm.size)), axis=1, sizes=sizes),
@@ -289,10 +289,6 @@ def argument_disagreements_raise_on_every_rank(comm, t):
             match=f"on root {root}",
         )
     t.equal(comm.allreduce(np.ones(2)), np.full(2, float(comm.size)), "still usable")
-
-
-def shard_sizes_of(n, comm):
-    return parallel.shard_sizes(n, comm.size)
 
 
 @check()

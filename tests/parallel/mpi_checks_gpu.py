@@ -355,12 +355,8 @@ def each_rank_builds_on_its_own_gpu(comm, t):
     """device='cuda:<this rank's GPU>' differs between ranks and is still one configuration."""
     if not t.true(has_kernels(), "the GPU job has no kernels"):
         return
-    device = f"cuda:{comm.device}"
-    layer = parallel.GroupParallelConv2d(12, 12, 1, groups=12, comm=comm, device=device)
+    mine = f"cuda:{comm.device}"
+    layer = parallel.GroupParallelConv2d(12, 12, 1, groups=12, comm=comm, device=mine)
     t.true(layer.weight.data.device.id == comm.device, f"weight on GPU {layer.weight.data.device}")
-    y = layer(device_of_rank(np.ones((2, 12, 3, 3), np.float32)))
+    y = layer(device(np.ones((2, 12, 3, 3), np.float32)))  # on the current GPU: this rank's
     t.true(gpu.is_cupy(y) and y.shape == (2, 12, 3, 3), f"output {type(y).__name__}{y.shape}")
-
-
-def device_of_rank(array):
-    return cupy().asarray(array)  # the current device: this rank's, bound by init()

@@ -213,17 +213,20 @@ def column_and_row_parallel_match_serial(comm, t):
             compare_layer(comm, t, serial, layer, x, f"{cls.__name__} {np.dtype(dtype)}", steps=2)
 
 
+COLLECTIVES = (
+    "allreduce",
+    "allgather",
+    "reduce_scatter",
+    "alltoall",
+    "broadcast",
+    "broadcast_into",
+)
+
+
 def count_collectives(comm):
     """Replace comm's collectives by counting wrappers; returns the counts (restore: ``del``)."""
     counts = {}
-    for name in (
-        "allreduce",
-        "allgather",
-        "reduce_scatter",
-        "alltoall",
-        "broadcast",
-        "broadcast_into",
-    ):
+    for name in COLLECTIVES:
         method = getattr(comm, name)
 
         def counted(*args, _name=name, _method=method, **kwargs):
@@ -235,14 +238,7 @@ def count_collectives(comm):
 
 
 def uncount(comm):
-    for name in (
-        "allreduce",
-        "allgather",
-        "reduce_scatter",
-        "alltoall",
-        "broadcast",
-        "broadcast_into",
-    ):
+    for name in COLLECTIVES:
         del comm.__dict__[name]
 
 

@@ -19,6 +19,8 @@ import traceback
 
 import numpy as np
 
+from mconv._args import is_cupy
+
 CHECKS: dict[str, tuple] = {}
 
 
@@ -39,7 +41,7 @@ def names_for(size: int, registry: dict | None = None) -> list[str]:
 
 def host(array):
     """A NumPy array of ``array``'s values (a device array is copied to the host)."""
-    return array.get() if type(array).__module__.split(".")[0] == "cupy" else np.asarray(array)
+    return array.get() if is_cupy(array) else np.asarray(array)
 
 
 TOL = {np.dtype(np.float64): 1e-12, np.dtype(np.float32): 2e-5, np.dtype(np.float16): 2e-2}
