@@ -121,6 +121,16 @@ def is_cupy(value: Any) -> bool:
     return type(value).__module__.split(".")[0] == "cupy"
 
 
+def array_module(x: Any):
+    """The array module of ``x``: ``cupy`` for a CuPy array (imported only then), else
+    ``numpy``. The one place device code asks which functions to call."""
+    if is_cupy(x):
+        import cupy  # noqa: PLC0415 - only reached for CuPy arrays
+
+        return cupy
+    return np
+
+
 def is_ndarray(value: Any) -> bool:
     """A NumPy or CuPy array."""
     return isinstance(value, np.ndarray) or is_cupy(value)

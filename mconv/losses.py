@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import _args
-from .padding import array_module
+from ._args import array_module
 
 
 def cross_entropy(logits, target, reduction: str = "mean"):

@@ -16,6 +16,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from ._args import array_module
 from .nn.module import Parameter
 
 
@@ -123,9 +124,10 @@ class Adam(Optimizer):
         grad = param.grad
         if self.weight_decay:
             grad = grad + self.weight_decay * param.data
+        xp = array_module(param.data)
         if not state:
             state.update(
-                step=0, exp_avg=np.zeros_like(param.data), exp_avg_sq=np.zeros_like(param.data)
+                step=0, exp_avg=xp.zeros_like(param.data), exp_avg_sq=xp.zeros_like(param.data)
             )
         state["step"] += 1
         m, v, t = state["exp_avg"], state["exp_avg_sq"], state["step"]
@@ -134,5 +136,5 @@ class Adam(Optimizer):
         v *= beta2
         v += (1.0 - beta2) * grad * grad
         step_size = self.lr / (1.0 - beta1**t)
-        denom = np.sqrt(v) / math.sqrt(1.0 - beta2**t) + self.eps
+        denom = xp.sqrt(v) / math.sqrt(1.0 - beta2**t) + self.eps
         param.data -= (step_size * m / denom).astype(param.data.dtype, copy=False)

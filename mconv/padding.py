@@ -20,18 +20,9 @@ from typing import Any, Sequence
 import numpy as np
 
 from . import _args
-from ._args import shape_str
+from ._args import array_module, shape_str
 
 Pairs = Sequence[tuple[int, int]]
-
-
-def array_module(x: Any):
-    """numpy for NumPy arrays, cupy for CuPy arrays (CuPy imported only then)."""
-    if isinstance(x, np.ndarray):
-        return np
-    import cupy  # noqa: PLC0415 - only reached for CuPy arrays
-
-    return cupy.get_array_module(x)
 
 
 def _source_index(size: int, before: int, after: int, mode: str) -> np.ndarray:

@@ -57,10 +57,8 @@ def _mpi():
 
 def _as_array(x: Any, name: str, op: str):
     """(array module, array) for a NumPy or CuPy array; NumPy scalars become 0-d arrays."""
-    if gpu.is_cupy(x):  # first: a stand-in for CuPy may subclass numpy.ndarray
-        import cupy
-
-        return cupy, x
+    if gpu.is_cupy(x):
+        return _args.array_module(x), x
     if isinstance(x, np.generic):
         x = np.asarray(x)
     if isinstance(x, np.ndarray):

@@ -34,18 +34,10 @@ from typing import Any
 
 import numpy as np
 
+from mconv._args import array_module
 from mconv.nn.module import Module
 
-from . import gpu
 from .comm import Communicator
-
-
-def _array_module(array):
-    if gpu.is_cupy(array):
-        import cupy
-
-        return cupy
-    return np
 
 
 class _Bucket:
@@ -113,7 +105,7 @@ class DataParallel(Module):
         buckets: list[_Bucket] = []
         open_bucket: dict[tuple, _Bucket] = {}
         for param in params:
-            xp = _array_module(param.data)
+            xp = array_module(param.data)
             key = (np.dtype(param.dtype), xp.__name__)
             bucket = open_bucket.get(key)
             if bucket is None or (bucket.size and bucket.nbytes_with(param) > limit):
@@ -125,7 +117,7 @@ class DataParallel(Module):
     def _current_buckets(self) -> list[_Bucket]:
         """The buckets for the parameters' current dtypes and devices (rebuilt when those
         changed: collective)."""
-        layout = [(np.dtype(p.dtype).str, _array_module(p.data).__name__) for p in self._params]
+        layout = [(np.dtype(p.dtype).str, array_module(p.data).__name__) for p in self._params]
         if layout != self._layout:
             self.comm.check_same(layout, "DataParallel: the parameters' dtypes and devices")
             self._buckets = self._make_buckets(self._params, self._bucket_bytes)

@@ -94,7 +94,19 @@ def cuda_aware_mpi() -> bool:
         return False
 
 
-NCCL_P2P_VERSION = 20700  # ncclSend/ncclRecv
+NCCL_P2P_VERSION = (2, 7)  # ncclSend/ncclRecv
+
+
+def nccl_version(code: int) -> tuple[int, int, int]:
+    """(major, minor, patch) of ``ncclGetVersion``'s code, which NCCL writes as
+    X*1000+Y*100+Z up to 2.8 and X*10000+Y*100+Z from 2.9 on.
+
+    >>> nccl_version(2708), nccl_version(21805)
+    ((2, 7, 8), (2, 18, 5))
+    """
+    major = code // 10000 if code >= 10000 else code // 1000
+    rest = code % 10000 if code >= 10000 else code % 1000
+    return major, rest // 100, rest % 100
 
 
 def local_flags() -> dict:
@@ -107,7 +119,9 @@ def local_flags() -> dict:
             from cupy.cuda import nccl as nccl_module
             from mpi4py import MPI
 
-            nccl = bool(nccl_module.available) and nccl_module.get_version() >= NCCL_P2P_VERSION
+            nccl = bool(nccl_module.available) and (
+                nccl_version(nccl_module.get_version())[:2] >= NCCL_P2P_VERSION
+            )
             device = (MPI.Get_processor_name(), cupy.cuda.Device().pci_bus_id)
         except Exception:  # a broken CUDA install means: no NCCL
             nccl, device = False, None
@@ -183,14 +197,18 @@ class HostStagingTransport:
 
 
 class NcclTransport:
-    """NCCL on the current stream; uneven blocks are padded to the largest one."""
+    """NCCL on the current stream of the communicator's GPU (the one current when it was
+    built); uneven blocks are padded to the largest one. Buffers on another GPU are refused:
+    NCCL would read and write them as memory of its own device."""
 
     name = "nccl"
 
     def __init__(self, mpi_comm):
+        import cupy
         from cupy.cuda import nccl
 
         self._nccl = nccl
+        self.device = cupy.cuda.runtime.getDevice()
         self.rank, self.size = mpi_comm.Get_rank(), mpi_comm.Get_size()
         uid = nccl.get_unique_id() if self.rank == 0 else None
         uid = mpi_comm.bcast(uid, root=0)
@@ -209,11 +227,18 @@ class NcclTransport:
             "d": nccl.NCCL_FLOAT64,
         }
 
-    @staticmethod
-    def _stream() -> int:
+    def _stream(self, *buffers) -> int:
+        """The stream to run on, after checking that every buffer is on this GPU."""
         import cupy
 
-        return cupy.cuda.get_current_stream().ptr
+        for buf in buffers:
+            if buf.device.id != self.device:
+                raise ValueError(
+                    f"NCCL: this rank's communicator is on cuda:{self.device}, but got an array "
+                    f"on cuda:{buf.device.id}; move it there (Module.to / cupy.asarray under "
+                    f"cupy.cuda.Device({self.device}))"
+                )
+        return cupy.cuda.get_current_stream(self.device).ptr
 
     def _type(self, array):
         if array.dtype.char not in self._types:
@@ -230,24 +255,24 @@ class NcclTransport:
 
     def allreduce(self, send, recv, op):
         send, recv = self._as_real(send, recv)
+        stream = self._stream(send, recv)
         self._comm.allReduce(
-            send.data.ptr, recv.data.ptr, send.size, self._type(send), self._ops[op], self._stream()
+            send.data.ptr, recv.data.ptr, send.size, self._type(send), self._ops[op], stream
         )
 
     def allgatherv(self, send, recv, counts):
         import cupy
 
         block = max(counts)
+        stream = self._stream(send, recv)
         if all(c == block for c in counts):
-            self._comm.allGather(
-                send.data.ptr, recv.data.ptr, block, self._nccl.NCCL_UINT8, self._stream()
-            )
+            self._comm.allGather(send.data.ptr, recv.data.ptr, block, self._nccl.NCCL_UINT8, stream)
             return
         padded = cupy.zeros(block, dtype=cupy.uint8)
         padded[: send.size] = send
         gathered = cupy.empty(block * self.size, dtype=cupy.uint8)
         self._comm.allGather(
-            padded.data.ptr, gathered.data.ptr, block, self._nccl.NCCL_UINT8, self._stream()
+            padded.data.ptr, gathered.data.ptr, block, self._nccl.NCCL_UINT8, stream
         )
         for r, (start, count) in enumerate(zip(displacements(counts), counts)):
             recv[start : start + count] = gathered[r * block : r * block + count]
@@ -255,6 +280,7 @@ class NcclTransport:
     def reduce_scatterv(self, send, recv, counts, op):
         import cupy
 
+        stream = self._stream(send, recv)
         if send.dtype.kind == "c":
             send, recv = self._as_real(send, recv)
             counts = [2 * c for c in counts]
@@ -266,19 +292,19 @@ class NcclTransport:
             send = padded
         out = recv if recv.size == block else cupy.empty(block, dtype=recv.dtype)
         self._comm.reduceScatter(
-            send.data.ptr, out.data.ptr, block, self._type(send), self._ops[op], self._stream()
+            send.data.ptr, out.data.ptr, block, self._type(send), self._ops[op], stream
         )
         if out is not recv:
             recv[...] = out[: recv.size]
 
     def bcast(self, buf, root):
         self._comm.broadcast(
-            buf.data.ptr, buf.data.ptr, buf.size, self._nccl.NCCL_UINT8, root, self._stream()
+            buf.data.ptr, buf.data.ptr, buf.size, self._nccl.NCCL_UINT8, root, self._stream(buf)
         )
 
     def alltoallv(self, send, send_counts, recv, recv_counts):
         """Grouped send/recv; empty blocks are skipped on both sides (counts agree)."""
-        stream, uint8 = self._stream(), self._nccl.NCCL_UINT8
+        stream, uint8 = self._stream(send, recv), self._nccl.NCCL_UINT8
         self._nccl.groupStart()
         try:  # a group left open would defer every later NCCL call
             for peer, (start, count) in enumerate(zip(displacements(send_counts), send_counts)):

@@ -7,9 +7,10 @@ alltoallv) receive ``uint8`` views and counts in bytes; reductions receive
 the wire dtype (fp16 already widened to fp32) and counts in elements.
 
 ``MpiTransport`` serves NumPy arrays, and CuPy arrays when the MPI library
-is CUDA-aware (``synchronize=True`` then waits for the current CUDA stream
-before each call). The NCCL and host-staging transports for CuPy live in
-``parallel.gpu``.
+is CUDA-aware (``synchronize=True`` then waits, before each call, for the
+current stream of every device the buffers live on: MPI reads and writes
+device memory outside CUDA's stream order). The NCCL and host-staging
+transports for CuPy live in ``parallel.gpu``.
 """
 
 from __future__ import annotations
@@ -37,36 +38,37 @@ class MpiTransport:
         if synchronize:
             self.name = "cuda-aware-mpi"
 
-    def _sync(self) -> None:
+    def _sync(self, *buffers) -> None:
         if self._synchronize:
             import cupy
 
-            cupy.cuda.get_current_stream().synchronize()
+            for device in sorted({b.device.id for b in buffers}):
+                cupy.cuda.get_current_stream(device).synchronize()
 
     def allreduce(self, send, recv, op: str) -> None:
         """recv = op over ranks of send (``recv is send`` reduces in place)."""
-        self._sync()
+        self._sync(send, recv)
         source = self._MPI.IN_PLACE if recv is send else send
         self.mpi.Allreduce(source, recv, op=self._ops[op])
 
     def allgatherv(self, send, recv, counts) -> None:
         """recv = the ranks' send blocks (``counts[r]`` bytes each) in rank order."""
-        self._sync()
+        self._sync(send, recv)
         byte = self._MPI.BYTE
         self.mpi.Allgatherv([send, byte], [recv, (list(counts), displacements(counts)), byte])
 
     def reduce_scatterv(self, send, recv, counts, op: str) -> None:
         """recv = block ``rank`` (``counts[rank]`` elements) of op over ranks of send."""
-        self._sync()
+        self._sync(send, recv)
         self.mpi.Reduce_scatter(send, recv, recvcounts=list(counts), op=self._ops[op])
 
     def bcast(self, buf, root: int) -> None:
-        self._sync()
+        self._sync(buf)
         self.mpi.Bcast([buf, self._MPI.BYTE], root=root)
 
     def alltoallv(self, send, send_counts, recv, recv_counts) -> None:
         """Block j of send (``send_counts[j]`` bytes) goes to rank j; blocks arrive in rank order."""
-        self._sync()
+        self._sync(send, recv)
         byte = self._MPI.BYTE
         self.mpi.Alltoallv(
             [send, (list(send_counts), displacements(send_counts)), byte],

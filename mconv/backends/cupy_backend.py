@@ -32,6 +32,9 @@ name = "cupy"
 
 # cudaDataType_t (library_types.h)
 _CUDA_DTYPES = {"float16": 2, "float32": 0, "float64": 1}
+# cublasMath_t flag (cublas_api.h; CuPy does not name it): reductions across split-K partial
+# sums in the compute type, never in a narrower output type (PyTorch sets it too)
+DISALLOW_REDUCED_PRECISION_REDUCTION = 16
 _DEVICE = re.compile(r"cuda(?::(\d+))?")
 _backends: dict[int, KernelBackend] = {}
 
@@ -116,17 +119,13 @@ class CupyExecutor:
                     options=tuple(kernels.nvrtc_options()),
                     name_expressions=kernels.name_expressions(),
                 )
-            self._functions[key] = self._module.get_function(kernel.expression(types))
+            try:  # RawModule compiles on first use
+                self._functions[key] = self._module.get_function(kernel.expression(types))
+            except Exception as error:
+                if kernels.cuda_include_dirs() or "cuda_fp16" not in str(error):
+                    raise
+                raise RuntimeError(f"{kernels.MISSING_HEADERS}: {error}") from error
         return self._functions[key]
-
-    def params(self, values):
-        """An int64 parameter array, cached per value (no host-to-device copy per call)."""
-        key = tuple(int(v) for v in values)
-        if key not in self._params:
-            if len(self._params) > 1024:
-                self._params.clear()
-            self._params[key] = self.xp.asarray(np.asarray(key, dtype=np.int64))
-        return self._params[key]
 
     def launch(self, name: str, types: tuple[str, ...], total: int, *args) -> None:
         if total == 0:
@@ -138,8 +137,22 @@ class CupyExecutor:
         grid, block = plan.launch_config(total)
         self._function(kernel, types)((grid,), (block,), converted)
 
+    def params(self, values):
+        """An int64 parameter array, cached per value (no host-to-device copy per call). CuPy
+        copies host data asynchronously on the current stream, so the copy is waited for once:
+        a cached array may be read by kernels on any stream later."""
+        key = tuple(int(v) for v in values)
+        if key not in self._params:
+            if len(self._params) > 1024:
+                self._params.clear()
+            self._params[key] = self.xp.asarray(np.asarray(key, dtype=np.int64))
+            self.xp.cuda.get_current_stream().synchronize()
+        return self._params[key]
+
     def gemm(self, call: plan.GemmCall, a, b, c) -> None:
-        """cublasGemmStridedBatchedEx on the current stream (cuBLAS sets it per call)."""
+        """cublasGemmStridedBatchedEx on the current stream (cuBLAS sets it per call), with
+        reduced-precision reductions disallowed on the shared handle for the call (its math
+        mode is restored after)."""
         from cupy_backends.cuda.libs import cublas  # noqa: PLC0415 - with CuPy only
 
         wide = a.dtype == np.float64
@@ -148,6 +161,15 @@ class CupyExecutor:
         alpha, beta = np.array(1.0, dtype=scale), np.array(call.beta, dtype=scale)
         handle = self.xp.cuda.device.get_cublas_handle()
         cublas.setPointerMode(handle, cublas.CUBLAS_POINTER_MODE_HOST)
+        mode = cublas.getMathMode(handle)
+        cublas.setMathMode(handle, mode | DISALLOW_REDUCED_PRECISION_REDUCTION)
+        try:
+            self._gemm_ex(cublas, handle, call, a, b, c, alpha, beta, compute)
+        finally:
+            cublas.setMathMode(handle, mode)
+
+    @staticmethod
+    def _gemm_ex(cublas, handle, call, a, b, c, alpha, beta, compute) -> None:
         ops = (cublas.CUBLAS_OP_N, cublas.CUBLAS_OP_T)
         cublas.gemmStridedBatchedEx(
             handle, ops[call.transa], ops[call.transb], call.m, call.n, call.k,

@@ -123,13 +123,14 @@ def source_hash() -> str:
 def cuda_include_dirs() -> list[str]:
     """Directories holding ``cuda_fp16.h`` (needed by NVRTC), most specific first.
 
-    ``$MCONV_CUDA_INCLUDE``, ``$CUDA_PATH/include``, the ``nvidia-cuda-runtime``
-    wheels (CUDA 12: ``nvidia/cuda_runtime/include``, CUDA 13:
+    ``$MCONV_CUDA_INCLUDE``, ``$CUDA_PATH/include``, ``$CONDA_PREFIX/include``, the
+    ``nvidia-cuda-runtime`` wheels (CUDA 12: ``nvidia/cuda_runtime/include``, CUDA 13:
     ``nvidia/cu13/include``), then ``/usr/local/cuda/include``.
     """
     candidates = [os.environ.get("MCONV_CUDA_INCLUDE", "")]
-    if os.environ.get("CUDA_PATH"):
-        candidates.append(os.path.join(os.environ["CUDA_PATH"], "include"))
+    for prefix in ("CUDA_PATH", "CONDA_PREFIX"):
+        if os.environ.get(prefix):
+            candidates.append(os.path.join(os.environ[prefix], "include"))
     for entry in sys.path:
         for sub in ("nvidia/cuda_runtime/include", "nvidia/cu13/include", "nvidia/cu12/include"):
             candidates.append(os.path.join(entry or ".", sub))
@@ -143,18 +144,25 @@ def cuda_include_dirs() -> list[str]:
     return found
 
 
-def nvrtc_options(arch: str | None = None) -> list[str]:
+#: What to do when the kernels do not compile for want of ``cuda_fp16.h``.
+MISSING_HEADERS = (
+    "mconv's CUDA kernels need cuda_fp16.h: install the CUDA runtime headers "
+    "(pip install nvidia-cuda-runtime-cu12, included in 'mconv[cuda12]') or set "
+    "MCONV_CUDA_INCLUDE to a directory holding cuda_fp16.h"
+)
+
+
+def nvrtc_options(arch: str | None = None, require_headers: bool = False) -> list[str]:
     """NVRTC options for the kernels (``arch`` like ``'sm_90'``; None lets CuPy choose).
 
-    Raises ``RuntimeError`` when no ``cuda_fp16.h`` can be found."""
+    ``-I`` names the first of ``cuda_include_dirs()``. When there is none, CuPy may still
+    find the headers itself (its RawModule adds the CUDA toolkit's include path), so the
+    options go without; ``require_headers=True`` (a bare NVRTC, which has no such search)
+    raises ``RuntimeError`` instead."""
     include = cuda_include_dirs()
-    if not include:
-        raise RuntimeError(
-            "mconv's CUDA kernels need cuda_fp16.h: install the CUDA runtime headers "
-            "(pip install nvidia-cuda-runtime-cu12, included in 'mconv[cuda12]') or set "
-            "MCONV_CUDA_INCLUDE to a directory holding cuda_fp16.h; none found"
-        )
-    options = ["--std=c++17", f"-I{include[0]}"]
+    if not include and require_headers:
+        raise RuntimeError(f"{MISSING_HEADERS}; none found")
+    options = ["--std=c++17", *(f"-I{path}" for path in include[:1])]
     if arch is not None:
         options.insert(0, f"-arch={arch}")
     return options

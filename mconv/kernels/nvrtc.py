@@ -78,7 +78,7 @@ def compile_kernels(
     lib = _load(library)
     code = source() if code is None else code
     names = name_expressions() if names is None else names
-    options = nvrtc_options(arch) if options is None else options
+    options = nvrtc_options(arch, require_headers=True) if options is None else options
 
     def check(result: int, what: str, log: str = "") -> None:
         if result != 0:

@@ -15,12 +15,11 @@ import itertools
 import math
 from typing import Any
 
-import numpy as np
 
 from .. import _args
+from .._args import array_module
 from .. import functional as F
 from ..backends.numpy_backend import accumulator_dtype
-from ..padding import array_module
 from . import init
 from .module import Module, Parameter, check_device, float_dtype, to_device
 
@@ -71,10 +70,11 @@ class ReLU(Module):
 
     def forward(self, x):
         self._cache = x > 0
-        return np.where(self._cache, x, np.zeros((), dtype=x.dtype))
+        return array_module(x).where(self._cache, x, x.dtype.type(0))
 
     def backward(self, grad_output):
-        return np.where(_cached(self), grad_output, np.zeros((), dtype=grad_output.dtype))
+        dtype = grad_output.dtype
+        return array_module(grad_output).where(_cached(self), grad_output, dtype.type(0))
 
 
 class Flatten(Module):
@@ -185,7 +185,7 @@ class GlobalAvgPool(Module):
         shape = _cached(self)
         scale = 1.0 / math.prod(shape[2:])
         grad = grad_output.reshape(*grad_output.shape, *(1,) * (len(shape) - 2)) * scale
-        return np.broadcast_to(grad, shape).astype(grad_output.dtype)
+        return array_module(grad).broadcast_to(grad, shape).astype(grad_output.dtype)
 
 
 class _PoolNd(Module):

@@ -5,7 +5,7 @@ NCCL communicators of a 2x2 grid, and the group-, column- and row-parallel
 layers on device arrays.
 
 Run under mpiexec by ``mpi_main_gpu.py``: in CI on the CPU stand-in for CuPy
-and NCCL (``fake_gpu``, 4 GPUs per host), which runs ``parallel`` unchanged
+and NCCL (tests/cupy_stand_in, 4 GPUs per host), which runs ``parallel`` unchanged
 and checks every pointer, count and stream it is handed; on a machine with
 CuPy and GPUs (``MCONV_TEST_REAL_GPU=1``, tests/gpu/test_gpu_parallel.py) on
 the real ones, with the transports that machine can use. The reference, as
@@ -17,11 +17,10 @@ from __future__ import annotations
 
 import os
 
-import fake_gpu
 import numpy as np
 from mpi_checks_comm import REDUCE_TOL, data, reference_reduce
 from mpi_checks_layers import DENSE_CASES, FLAG_COMBOS, GROUP_CASES, build, compare_layer
-from mpi_harness import check
+from mpi_harness import check, stand_in
 
 import parallel
 from mconv import nn
@@ -42,7 +41,7 @@ def cupy():
 
 
 def is_fake() -> bool:
-    return isinstance(cupy(), fake_gpu.FakeCupy)
+    return isinstance(cupy(), stand_in().FakeCupy)
 
 
 def one_gpu_per_rank(comm) -> bool:
@@ -111,7 +110,7 @@ def traffic(name: str) -> int:
     return {
         "nccl": len(cuda.nccl.calls),
         "cuda-aware-mpi": cuda.get_current_stream().synchronized,
-        "host": fake_gpu.HOST_COPIES[0],
+        "host": cupy().state.host_copies,
     }[name]
 
 
@@ -142,12 +141,13 @@ def binding_and_transport_choice(comm, t):
     finally:
         cuda.nccl.available = True
     version = cuda.nccl.get_version
-    cuda.nccl.get_version = lambda: 20603  # no send/recv before NCCL 2.7
-    try:
-        got = with_transport(comm, None, MCONV_CUDA_AWARE_MPI="0").gpu_transport
-        t.true(got == "host", f"NCCL 2.6: {got}")
-    finally:
-        cuda.nccl.get_version = version
+    for release, expected in [((2, 6, 4), "host"), ((2, 7, 8), "nccl"), ((2, 8, 4), "nccl")]:
+        cuda.nccl.get_version = lambda: stand_in().version_code(*release)  # noqa: B023
+        try:  # no send/recv before NCCL 2.7; 2.7 and 2.8 count in thousands
+            got = with_transport(comm, None, MCONV_CUDA_AWARE_MPI="0").gpu_transport
+            t.true(got == expected, f"NCCL {release} ({cuda.nccl.get_version()}): {got}")
+        finally:
+            cuda.nccl.get_version = version
 
 
 @gpu_check()

@@ -22,9 +22,9 @@ SCRIPT = ROOT / "examples" / "train_digits.py"
 
 
 def run(tmp_path, ranks, *flags, stand_in=False):
-    """The example on ``ranks`` ranks (``stand_in``: on the GPU stand-in, fake_gpu)."""
+    """The example on ``ranks`` ranks (``stand_in``: on the CuPy stand-in)."""
     curve = tmp_path / f"curve-{ranks}-{'-'.join(map(str, flags)).replace('/', '_')}.json"
-    script = [HERE / "fake_gpu_run.py", SCRIPT] if stand_in else [SCRIPT]
+    script = [HERE / "stand_in_run.py", SCRIPT] if stand_in else [SCRIPT]
     job = launch(ranks, [*script, *flags, "--curve", curve], timeout=240)
     assert job.returncode == 0 and not job.timed_out, job.tail()
     return job, json.loads(curve.read_text())

@@ -1,5 +1,5 @@
 """parallel on GPUs in real ``mpiexec`` jobs of 1-4 ranks, on the CPU stand-in for CuPy and
-NCCL (``fake_gpu``, with the host build of the CUDA kernels; the checks are in
+NCCL (tests/cupy_stand_in, with the host build of the CUDA kernels; the checks are in
 ``mpi_checks_gpu``): the transports, DataParallel and the parallel layers.
 
 One job per rank count, as in test_parallel_mpi; each check is reported as

@@ -1,6 +1,7 @@
-"""mconv.backends.cupy_backend itself, unchanged, on a CPU stand-in for CuPy
-(fake_cupy: host-built kernels behind RawModule, NumPy behind cuBLAS), against
-the NumPy backend; plus device placement and the errors without CuPy or a GPU.
+"""mconv.backends.cupy_backend itself, unchanged, on the strict CPU stand-in for CuPy
+(tests/cupy_stand_in: host-built kernels behind RawModule, NumPy behind cuBLAS, writes
+queued on streams), against the NumPy backend; plus device placement and the errors
+without CuPy or a GPU.
 """
 
 import subprocess
@@ -9,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-import fake_cupy
+import cupy_stand_in
 from mconv import functional as F
 from mconv import nn
 from mconv.backends import cupy_backend, get_backend
@@ -17,12 +18,12 @@ from mconv.geometry import conv_geometry
 
 
 @pytest.fixture
-def fake(monkeypatch, host_lib):
-    return fake_cupy.install(monkeypatch, host_lib)
+def fake(stand_in):
+    return stand_in
 
 
 def _close(got, want, tol):
-    got = np.asarray(got.view(np.ndarray) if isinstance(got, fake_cupy.ndarray) else got)
+    got = got.get() if isinstance(got, cupy_stand_in.ndarray) else np.asarray(got)
     scale = max(float(np.abs(want).max(initial=0)), 1e-300)
     assert got.shape == want.shape
     assert float(np.abs(got.astype(np.float64) - want).max(initial=0)) <= tol * scale
@@ -56,7 +57,7 @@ def test_conv_on_the_cupy_backend_matches_numpy(fake, monkeypatch, kw, dtype, mo
            *F.conv_backward(*(a.astype(dtype).astype(np.float64) for a in (dy, x, w)),
                             has_bias=True, **kw))  # fmt: skip
     for mine, theirs in zip(got, ref):
-        assert isinstance(mine, fake_cupy.ndarray) and mine.dtype == dtype  # stays on the GPU
+        assert isinstance(mine, cupy_stand_in.ndarray) and mine.dtype == dtype  # stays on the GPU
         _close(mine, theirs, {np.float64: 1e-12, np.float32: 1e-5, np.float16: 2e-3}[dtype])
     assert len(fake.compiled) == 1  # one RawModule per device, compiled once
     options = fake.compiled[0]["options"]
@@ -65,8 +66,8 @@ def test_conv_on_the_cupy_backend_matches_numpy(fake, monkeypatch, kw, dtype, mo
     if groups != 4:
         assert gemms, "the GEMM path goes through cublasGemmStridedBatchedEx"
         if dtype == np.float16:  # fp16 operands; fp32 results under compute_mode='float32'
-            assert {(a, b_) for _, _, a, b_, _ in gemms} == {(2, 2)}
-            results = {c for *_, c in gemms}  # default: fp16, but dW sums its chunks in fp32
+            assert {(a, b_) for _, _, a, b_, _, _ in gemms} == {(2, 2)}
+            results = {c for *_, c, _ in gemms}  # default: fp16, but dW sums its chunks in fp32
             assert results == ({0} if mode == "float32" else {0, 2})
     else:
         assert not gemms and {n for n, *_ in fake.launched} >= {"depthwise_forward"}
@@ -93,8 +94,8 @@ def test_module_to_cuda_and_back(fake):
     want = net(x)
     want_dx = net.backward(np.ones_like(want))
     assert net.to("cuda") is net
-    assert all(isinstance(p.data, fake_cupy.ndarray) for p in net.parameters())
-    assert all(isinstance(p.grad, fake_cupy.ndarray) for p in net.parameters())
+    assert all(isinstance(p.data, cupy_stand_in.ndarray) for p in net.parameters())
+    assert all(isinstance(p.grad, cupy_stand_in.ndarray) for p in net.parameters())
     assert net[0].device == "cuda:0"
     net.zero_grad()
     y = net(fake.asarray(x))
@@ -102,7 +103,7 @@ def test_module_to_cuda_and_back(fake):
     _close(y, want, 1e-5)
     _close(dx, want_dx, 1e-5)
     net.load_state_dict(cpu)  # NumPy values copied onto the device
-    assert isinstance(net[0].weight.data, fake_cupy.ndarray)
+    assert isinstance(net[0].weight.data, cupy_stand_in.ndarray)
     net.to("cpu")
     assert all(type(p.data) is np.ndarray for p in net.parameters())
     np.testing.assert_array_equal(net[0].weight.data, cpu["0.weight"])
@@ -112,11 +113,11 @@ def test_layers_created_on_a_device(fake):
     conv = nn.ConvTranspose2d(2, 4, 3, stride=2, device="cuda:0")
     linear = nn.Linear(3, 2, device="cuda")
     for p in (*conv.parameters(), *linear.parameters()):
-        assert isinstance(p.data, fake_cupy.ndarray)
+        assert isinstance(p.data, cupy_stand_in.ndarray)
     conv.reset_parameters()
-    assert isinstance(conv.weight.data, fake_cupy.ndarray)
-    with pytest.raises(ValueError, match=r"device 'cuda:1' does not exist: CuPy sees 1 CUDA"):
-        nn.Conv2d(1, 1, 3, device="cuda:1")
+    assert isinstance(conv.weight.data, cupy_stand_in.ndarray)
+    with pytest.raises(ValueError, match=r"device 'cuda:2' does not exist: CuPy sees 2 CUDA"):
+        nn.Conv2d(1, 1, 3, device="cuda:2")
     with pytest.raises(ValueError, match=r"'cpu', 'cuda' or 'cuda:<index>', but got device='gpu'"):
         nn.Conv2d(1, 1, 3, device="gpu")
 
@@ -130,8 +131,8 @@ def test_without_cupy_cuda_devices_are_refused(monkeypatch):
         nn.Linear(1, 1).to("cuda:0")
 
 
-def test_cupy_without_a_gpu(monkeypatch, host_lib):
-    fake = fake_cupy.install(monkeypatch, host_lib)
+def test_cupy_without_a_gpu(stand_in):
+    fake = stand_in
 
     def no_device():
         raise RuntimeError("cudaErrorNoDevice: no CUDA-capable device is detected")
