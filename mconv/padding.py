@@ -26,12 +26,13 @@ Pairs = Sequence[tuple[int, int]]
 
 
 def _source_index(size: int, before: int, after: int, mode: str) -> np.ndarray:
+    # host: a small index vector, copied to the input's device by the caller (xp.asarray)
     j = np.arange(-before, size + after)
     if mode == "reflect":
-        return np.where(j < 0, -j, np.where(j >= size, 2 * (size - 1) - j, j))
+        return np.where(j < 0, -j, np.where(j >= size, 2 * (size - 1) - j, j))  # host: indices
     if mode == "replicate":
-        return np.clip(j, 0, size - 1)
-    return np.mod(j, size)  # circular
+        return np.clip(j, 0, size - 1)  # host: indices
+    return np.mod(j, size)  # host: indices (circular)
 
 
 def _axis_slice(ndim: int, axis: int, index: Any) -> tuple:

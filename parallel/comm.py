@@ -60,7 +60,7 @@ def _as_array(x: Any, name: str, op: str):
     if gpu.is_cupy(x):
         return _args.array_module(x), x
     if isinstance(x, np.generic):
-        x = np.asarray(x)
+        x = np.asarray(x)  # host: a NumPy scalar
     if isinstance(x, np.ndarray):
         return np, x
     raise TypeError(f"{op}: {name} must be a numpy or cupy array, but got {type(x).__name__}")

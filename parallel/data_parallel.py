@@ -145,7 +145,7 @@ class DataParallel(Module):
         """Average every parameter's grad over ``comm`` (None counts as zeros; None on every
         rank stays None)."""
         buckets = self._current_buckets()
-        has_grad = np.array([p.grad is not None for p in self._params], dtype=np.uint8)
+        has_grad = np.array([p.grad is not None for p in self._params], dtype=np.uint8)  # host
         if self.comm.size > 1:
             has_grad = self.comm.allreduce(has_grad, "max")
         used = {id(p) for p, flag in zip(self._params, has_grad) if flag}

@@ -168,7 +168,7 @@ class HostStagingTransport:
     def _call(method, send, recv, *args) -> None:
         import cupy
 
-        host_recv = np.empty(recv.shape, dtype=recv.dtype)
+        host_recv = np.empty(recv.shape, dtype=recv.dtype)  # host: staging
         method(cupy.asnumpy(send), host_recv, *args)
         recv.set(host_recv)
 
@@ -191,7 +191,7 @@ class HostStagingTransport:
     def alltoallv(self, send, send_counts, recv, recv_counts):
         import cupy
 
-        host_recv = np.empty(recv.shape, dtype=recv.dtype)
+        host_recv = np.empty(recv.shape, dtype=recv.dtype)  # host: staging
         self._host.alltoallv(cupy.asnumpy(send), send_counts, host_recv, recv_counts)
         recv.set(host_recv)
 

@@ -261,7 +261,9 @@ def merge_shards(paths: list, out: str | None = None) -> OrderedDict:
                 f"merge_shards: {name} needs shards 0..{spec['parts'] - 1}, but got shards {found}"
             )
         blocks = [pieces[name][i] for i in found]
-        full[name] = blocks[0] if spec["axis"] is None else np.concatenate(blocks, spec["axis"])
+        full[name] = (  # host: shards read from files
+            blocks[0] if spec["axis"] is None else np.concatenate(blocks, spec["axis"])
+        )
         if list(full[name].shape) != spec["shape"]:
             raise ValueError(
                 f"merge_shards: {name} joins to shape {list(full[name].shape)}, but its files say {spec['shape']}"

@@ -20,7 +20,7 @@ import numpy as np
 
 def displacements(counts) -> list[int]:
     """Exclusive prefix sum: where each rank's block starts."""
-    return [int(v) for v in np.concatenate(([0], np.cumsum(counts)[:-1]))]
+    return [int(v) for v in np.concatenate(([0], np.cumsum(counts)[:-1]))]  # host: counts
 
 
 class MpiTransport:

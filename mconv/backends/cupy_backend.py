@@ -131,7 +131,7 @@ class CupyExecutor:
         if total == 0:
             return
         kernel = kernels.KERNELS_BY_NAME[name]
-        converted = tuple(
+        converted = tuple(  # host: scalars passed by value as long long
             arg if "*" in decl else np.int64(arg) for decl, arg in zip(kernel.params, args)
         )
         grid, block = plan.launch_config(total)
@@ -145,7 +145,8 @@ class CupyExecutor:
         if key not in self._params:
             if len(self._params) > 1024:
                 self._params.clear()
-            self._params[key] = self.xp.asarray(np.asarray(key, dtype=np.int64))
+            host = np.asarray(key, dtype=np.int64)  # host: copied to the device once
+            self._params[key] = self.xp.asarray(host)
             self.xp.cuda.get_current_stream().synchronize()
         return self._params[key]
 
@@ -158,6 +159,7 @@ class CupyExecutor:
         wide = a.dtype == np.float64
         compute = cublas.CUBLAS_COMPUTE_64F if wide else cublas.CUBLAS_COMPUTE_32F
         scale = np.float64 if wide else np.float32
+        # host: alpha and beta are read through host pointers (CUBLAS_POINTER_MODE_HOST)
         alpha, beta = np.array(1.0, dtype=scale), np.array(call.beta, dtype=scale)
         handle = self.xp.cuda.device.get_cublas_handle()
         cublas.setPointerMode(handle, cublas.CUBLAS_POINTER_MODE_HOST)

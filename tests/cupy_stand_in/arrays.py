@@ -40,7 +40,6 @@ def unsupported(value) -> TypeError:
 
 
 # -- ndarray -----------------------------------------------------------------------------------
-_VIEWS = {"reshape", "transpose", "view", "swapaxes", "squeeze", "ravel", "T", "real", "imag"}
 _NOT_IN_CUPY = {"ctypes", "__array_interface__", "tofile", "dump", "dumps", "tobytes", "sort",
                 "partition", "put", "resize", "itemset", "setflags", "byteswap", "__array__"}  # fmt: skip
 
@@ -184,15 +183,14 @@ class ndarray(NDArrayOperatorsMixin):  # noqa: N801 - CuPy's name
                 current_stream().enqueue(o._buf, functools.partial(np.copyto, o._a, value))
             return outs if len(outs) > 1 else outs[0]
 
-        return run(compute, inputs, kwargs, what=f"{ufunc.__name__}", arrays=outs)
+        return run(compute, inputs, kwargs, what=ufunc.__name__, arrays=outs, writes=bool(outs))
 
     def __array_function__(self, func, types_, args, kwargs):
         """NumPy functions on device arrays run CuPy's function of that name (NEP 18)."""
         return getattr(module(), func.__name__)(*args, **kwargs)
 
     def __getitem__(self, key):
-        return run(lambda a, k: a[k], (self, _index(key)), {}, what="indexing",
-                    device_check=False)  # fmt: skip
+        return run(lambda a, k: a[k], (self, _index(key)), {}, what="indexing")
 
     def __setitem__(self, key, value):
         if isinstance(value, (list, tuple)) or (
@@ -204,7 +202,7 @@ class ndarray(NDArrayOperatorsMixin):  # noqa: N801 - CuPy's name
             v = np.array(v)  # the value as it is now, written when the stream runs
             current_stream().enqueue(self._buf, lambda: a.__setitem__(k, v))
 
-        run(assign, (self, _index(key), value), {}, what="item assignment")
+        run(assign, (self, _index(key), value), {}, what="item assignment", writes=True)
 
     def fill(self, value):
         self[...] = value
@@ -222,14 +220,14 @@ class ndarray(NDArrayOperatorsMixin):  # noqa: N801 - CuPy's name
             raise AttributeError(f"cupy.ndarray (stand-in) has no attribute {name!r}")
         attr = getattr(self._a, name)
         if not callable(attr):
-            return run(lambda a: getattr(a, name), (self,), {}, what=name, device_check=False)
+            return run(lambda a: getattr(a, name), (self,), {}, what=name)
 
         def method(*args, **kwargs):
             if name == "view" and any(isinstance(t, type) and issubclass(t, np.ndarray)
                                       for t in (*args, *kwargs.values())):  # fmt: skip
                 raise TypeError("a device array has no host view: use .get()")
             return run(lambda a, *r, **kw: getattr(a, name)(*r, **kw), (self, *args), kwargs,
-                        what=f"ndarray.{name}", device_check=name not in _VIEWS)  # fmt: skip
+                        what=f"ndarray.{name}")  # fmt: skip
 
         return method
 
@@ -273,45 +271,65 @@ def _to_host(value, host_arrays: bool = False):
     return value
 
 
-def run(compute, args, kwargs, what: str, arrays=(), device_check: bool = True):
-    """One device operation on the current stream of the current device: checks the devices,
-    lets the stream catch up, refuses races and NumPy operands, computes, and wraps results
-    (views stay views of their allocation; new arrays are new allocations on the current
-    device whose values are queued on the stream)."""
-    st = state()
+def run(compute, args, kwargs, what: str, arrays=(), writes: bool = False):
+    """One device operation on the current stream of the current device.
+
+    The stream catches up, then ``compute`` runs on the host memory of the operands
+    (NumPy operands refused). Results that are operands or views of them are wrapped as
+    such; new arrays become new allocations on the current device, their values queued on
+    the stream. Where the operation is a kernel (it ``writes``, or makes a new array), every
+    device operand must be on the current device and have no write queued on another
+    stream: CuPy returns views and no-op casts without a kernel, and checks nothing then."""
     stream = current_stream()
     operands = [v for v in _flatten((*args, *kwargs.values(), *arrays)) if isinstance(v, ndarray)]
-    if device_check:
-        for a in operands:
-            if a._buf.device != st.device:
-                raise ValueError(
-                    f"The device where the array resides ({a._buf.device}) is different from "
-                    f"the current device ({st.device}). Peer access is unavailable between "
-                    "these devices."
-                )
+    if writes:
+        _check_kernel(operands, stream, what)
     stream.run()
-    for a in operands:
-        a._buf.check_no_race(stream, what)
     result = compute(*_to_host(tuple(args)), **_to_host(dict(kwargs)))
     owners = {id(a._buf.mem): a._buf for a in operands}
     same = {id(a._a): a for a in operands}  # CuPy returns an operand itself, not a new view
-    return _wrap_result(result, owners, same, stream)
+    made: list = []
+    wrapped = _wrap_result(result, owners, same, made)
+    if made and not writes:
+        _check_kernel(operands, stream, what)
+    for new in made:  # the kernel's results reach memory when the stream runs
+        stream.enqueue(new._buf, functools.partial(np.copyto, new._buf.mem, new._value))
+    return wrapped
 
 
-def _wrap_result(result, owners: dict, same: dict, stream: Stream):
+def _check_kernel(operands, stream, what: str) -> None:
+    st = state()
+    for a in operands:
+        if a._buf.device != st.device:
+            raise ValueError(
+                f"The device where the array resides ({a._buf.device}) is different from "
+                f"the current device ({st.device}). Peer access is unavailable between these "
+                "devices."
+            )
+        a._buf.check_no_race(stream, what)
+
+
+def _wrap_result(result, owners: dict, same: dict, made: list):
     if isinstance(result, ndarray):
         return result
     if id(result) in same:
         return same[id(result)]
-    if isinstance(result, tuple):
-        return tuple(_wrap_result(r, owners, same, stream) for r in result)
-    if isinstance(result, list):
-        return [_wrap_result(r, owners, same, stream) for r in result]
+    if isinstance(result, (tuple, list)):
+        return type(result)(_wrap_result(r, owners, same, made) for r in result)
     if isinstance(result, np.generic):  # CuPy's reductions return 0-d device arrays
         result = np.asarray(result)
     if isinstance(result, np.ndarray):
         owner = owners.get(id(_root(result)))
         if owner is not None:
             return ndarray._wrap(result, owner)  # a view of an operand's memory
-        return new_array(result, stream)
+        mem = poisoned(None, None, like=result)
+        made.append(_Made(ndarray._wrap(mem, Buffer(mem, state().device)), result))
+        return made[-1].array
     return result
+
+
+class _Made:
+    """A new array of an operation, and the value it gets when the stream runs."""
+
+    def __init__(self, array: ndarray, value: np.ndarray):
+        self.array, self._buf, self._value = array, array._buf, value

@@ -63,6 +63,6 @@ class RawModule:
                     current_stream().enqueue(arg._buf, functools.partial(np.copyto, arg._a,
                                                                          scratch))  # fmt: skip
 
-            run(execute, tuple(args), {}, what=expression, arrays=arrays)
+            run(execute, tuple(args), {}, what=expression, arrays=arrays, writes=True)
 
         return launch
