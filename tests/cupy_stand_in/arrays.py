@@ -89,8 +89,9 @@ class ndarray(NDArrayOperatorsMixin):  # noqa: N801 - CuPy's name
     def get(self, stream=None) -> np.ndarray:
         """Device -> host on the current stream of this array's device, then wait for it."""
         stream = stream or current_stream(self._buf.device)
-        stream.run()
+        stream.catch_up()
         self._buf.check_no_race(stream, "get()")
+        stream.synchronize()
         return np.array(self._a)
 
     def set(self, arr, stream=None) -> None:
@@ -211,7 +212,7 @@ class ndarray(NDArrayOperatorsMixin):  # noqa: N801 - CuPy's name
         """A copy on the current device (from another device: a peer copy after the source's
         stream has run)."""
         if self._buf.device != state().device:
-            current_stream(self._buf.device).run()
+            current_stream(self._buf.device).synchronize()
             return new_array(np.array(self._a, order=order))
         return run(lambda a: np.array(a, order=order), (self,), {}, what="copy")
 
@@ -284,7 +285,7 @@ def run(compute, args, kwargs, what: str, arrays=(), writes: bool = False):
     operands = [v for v in _flatten((*args, *kwargs.values(), *arrays)) if isinstance(v, ndarray)]
     if writes:
         _check_kernel(operands, stream, what)
-    stream.run()
+    stream.catch_up()
     result = compute(*_to_host(tuple(args)), **_to_host(dict(kwargs)))
     owners = {id(a._buf.mem): a._buf for a in operands}
     same = {id(a._a): a for a in operands}  # CuPy returns an operand itself, not a new view

@@ -55,7 +55,7 @@ def make_cublas(state: State) -> types.ModuleType:
                              stride_a, stride_b, stride_c, batch,
                              scale.from_address(beta).value)  # fmt: skip
         stream = current_stream()
-        stream.run()
+        stream.catch_up()
         operands = []
         for ptr, dtype, rows, cols, ld, stride in (
             (a, dtypes[0], *((k, m) if transa else (m, k)), lda, stride_a),

@@ -47,28 +47,54 @@ def state() -> State:
 
 
 class Stream:
-    """A CUDA stream: a queue of device writes, run in order when the stream runs."""
+    """A CUDA stream: a queue of device writes, run in order when the stream catches up.
+
+    Its writes are *unsynchronised* until the host waits for the stream
+    (``synchronize()``, ``Device.synchronize()``, ``ndarray.get()``): until then another
+    stream may not use the memory, but for CUDA's one implicit order between the legacy
+    null stream and blocking (not ``non_blocking``) streams of a device."""
 
     def __init__(self, null: bool = False, non_blocking: bool = False, device: int | None = None):
         self.device_id = state().device if device is None else device
         self.ptr = 0 if null else next(_pointers)
-        self.pending: list = []  # (buffer, write) in stream order
+        self.null, self.non_blocking = null, non_blocking
+        self.pending: list = []  # writes, in stream order
+        self.dirty: weakref.WeakSet = weakref.WeakSet()  # written since the host last waited
         self.synchronized = 0  # synchronize() calls, for tests
         self._previous: list = []
 
     def enqueue(self, buffer: Buffer, write) -> None:
-        buffer.pending[self] = buffer.pending.get(self, 0) + 1
-        self.pending.append((buffer, write))
+        buffer.writers.add(self)
+        self.dirty.add(buffer)
+        self.pending.append(write)
 
     def run(self) -> None:
         """Everything queued so far reaches memory (the stream has caught up)."""
         while self.pending:
-            buffer, write = self.pending.pop(0)
-            write()
-            buffer.pending[self] -= 1
+            self.pending.pop(0)()
+
+    def catch_up(self) -> None:
+        """Before work on this stream: its queue runs, and so does the queue CUDA orders
+        before it (the null stream's for a blocking stream, every blocking stream's for the
+        null stream)."""
+        for other in streams_of(self.device_id):
+            if other is not self and self.ordered_after(other):
+                other.run()
+        self.run()
+
+    def ordered_after(self, other: Stream) -> bool:
+        """Whether work issued now on this stream waits for ``other``'s earlier work."""
+        return (
+            other is self
+            or (self.null and not other.non_blocking)
+            or (other.null and not self.non_blocking)
+        )
 
     def synchronize(self) -> None:
         self.run()
+        for buffer in self.dirty:
+            buffer.writers.discard(self)
+        self.dirty.clear()
         self.synchronized += 1
 
     def use(self) -> Stream:
@@ -106,12 +132,13 @@ def module():
 
 
 class Buffer:
-    """One device allocation: its memory (a NumPy array) and the queued writes to it."""
+    """One device allocation: its memory (a NumPy array) and the streams whose writes to it
+    the host has not waited for."""
 
-    __slots__ = ("mem", "device", "pending", "__weakref__")
+    __slots__ = ("mem", "device", "writers", "__weakref__")
 
     def __init__(self, mem: np.ndarray, device: int):
-        self.mem, self.device, self.pending = mem, device, {}
+        self.mem, self.device, self.writers = mem, device, set()
         state().buffers[id(self)] = self
 
     @property
@@ -119,11 +146,11 @@ class Buffer:
         return self.mem.ctypes.data
 
     def check_no_race(self, stream: Stream, what: str) -> None:
-        for other, count in self.pending.items():
-            if count and other is not stream:
+        for other in self.writers:
+            if not stream.ordered_after(other):
                 raise RaceError(
-                    f"{what} on {stream} uses device memory that {other} has not written yet: "
-                    "synchronize that stream first"
+                    f"{what} on {stream} uses device memory written on {other}, which nothing "
+                    "orders before it: synchronize that stream first"
                 )
 
 

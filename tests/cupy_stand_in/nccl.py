@@ -106,7 +106,7 @@ def make_nccl(state: State) -> types.ModuleType:
             if op is not None and op not in op_names:
                 raise NcclError(f"{name}: op {op!r}")
             stream = self._stream(name, stream_ptr)
-            stream.run()  # what was queued before on this stream has happened
+            stream.catch_up()  # what was queued before on this stream has happened
             return stream
 
         def _reduce_op(self, op):

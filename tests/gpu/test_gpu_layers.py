@@ -20,8 +20,10 @@ pytestmark = gpu_env.requires_gpu
 LAYERS = [
     (lambda: nn.Conv1d(3, 4, 3, stride=2, padding=1, padding_mode="circular"), (2, 3, 9)),
     (lambda: nn.Conv2d(4, 6, 3, groups=2, dilation=2, padding="same"), (2, 4, 7, 6)),
-    (lambda: nn.Conv3d(2, 4, 2, conv_mode="convolution", padding_mode="replicate",
-                       padding=1), (1, 2, 4, 5, 3)),  # fmt: skip
+    (
+        lambda: nn.Conv3d(2, 4, 2, conv_mode="convolution", padding_mode="replicate", padding=1),
+        (1, 2, 4, 5, 3),
+    ),  # fmt: skip
     (lambda: nn.ConvTranspose1d(3, 4, 3, stride=2, output_padding=1), (2, 3, 5)),
     (lambda: nn.ConvTranspose2d(4, 4, 3, stride=2, groups=4, padding=1), (2, 4, 4, 5)),
     (lambda: nn.ConvTranspose3d(2, 2, 2, stride=(1, 2, 1)), (1, 2, 3, 3, 2)),
@@ -37,8 +39,12 @@ LAYERS = [
     (lambda: nn.MaxPool1d(3, stride=2, padding=1), (2, 3, 9)),
     (lambda: nn.MaxPool2d(3, stride=2, padding=1), (2, 3, 7, 6)),
     (lambda: nn.MaxPool3d(2), (1, 2, 4, 4, 2)),
-    (lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
-                           nn.Linear(16, 2)), (2, 3, 6, 6)),  # fmt: skip
+    (
+        lambda: nn.Sequential(
+            nn.Conv2d(3, 4, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(16, 2)
+        ),
+        (2, 3, 6, 6),
+    ),  # fmt: skip
 ]
 
 

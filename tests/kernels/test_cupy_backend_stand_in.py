@@ -155,3 +155,61 @@ def test_mconv_works_without_cupy():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[[[2.0, 2.0, 2.0]]]"
+
+
+@pytest.mark.parametrize("mode", ["default", "float32"])
+def test_gemms_disallow_reduced_precision_reductions_and_restore_the_mode(fake, mode):
+    """cuBLAS may reduce split-K partial sums in an fp16 output type unless told not to; the
+    handle is CuPy's (shared), so its math mode is put back after each GEMM."""
+    cublas = fake.cublas
+    handle = fake.cuda.device.get_cublas_handle()
+    cublas.setMathMode(handle, cublas.CUBLAS_TENSOR_OP_MATH)  # another library's choice
+    x = fake.asarray(np.ones((2, 3, 6, 6), dtype=np.float16))
+    w = fake.asarray(np.ones((4, 3, 3, 3), dtype=np.float16))
+    F.conv_backward(F.conv(x, w, compute_mode=mode), x, w, has_bias=True, compute_mode=mode)
+    gemms = [c for c in cublas.calls if c[0] == "gemm"]
+    assert gemms and all(math == 1 | 16 for *_, math in gemms)
+    assert cublas.getMathMode(handle) == cublas.CUBLAS_TENSOR_OP_MATH
+
+
+def test_cached_parameters_are_ready_for_any_stream(fake):
+    """Kernel parameters are copied to the device once and cached: a kernel on another
+    stream must not read them before that copy is done."""
+    rng = np.random.default_rng(0)
+    x, w = rng.standard_normal((1, 2, 5, 5)), rng.standard_normal((3, 2, 3, 3))
+    xd, wd = fake.asarray(x), fake.asarray(w)
+    fake.cuda.Device().synchronize()
+    first, second = fake.cuda.Stream(), fake.cuda.Stream()
+    with first:  # first use: the parameters are copied on this stream
+        F.conv(xd, wd, padding=1)
+    with second:
+        y = F.conv(xd, wd, padding=1)
+    second.synchronize()
+    _close(y.get(), F.conv(x, w, padding=1), 1e-12)
+
+
+def test_kernels_compile_without_headers_of_our_own(fake, monkeypatch):
+    """Where mconv finds no cuda_fp16.h, CuPy may (its RawModule adds the toolkit's include
+    path): the options go without -I; NVRTC alone needs them."""
+    from mconv import kernels
+
+    monkeypatch.setattr(kernels, "cuda_include_dirs", lambda: [])
+    assert kernels.nvrtc_options() == ["--std=c++17"]
+    with pytest.raises(RuntimeError, match="need cuda_fp16.h"):
+        kernels.nvrtc_options("sm_90", require_headers=True)
+    y = F.conv(fake.asarray(np.ones((1, 1, 4))), fake.asarray(np.ones((1, 1, 2))))
+    assert y.get().tolist() == [[[2.0, 2.0, 2.0]]]
+    assert not any(o.startswith("-I") for o in fake.compiled[-1]["options"])
+
+
+def test_a_compile_failure_for_want_of_headers_says_how_to_install_them(fake, monkeypatch):
+    from mconv import kernels
+
+    monkeypatch.setattr(kernels, "cuda_include_dirs", lambda: [])
+
+    def fail(self, expression):
+        raise RuntimeError('catastrophic error: cannot open source file "cuda_fp16.h"')
+
+    monkeypatch.setattr(fake.RawModule, "get_function", fail)
+    with pytest.raises(RuntimeError, match=r"pip install nvidia-cuda-runtime-cu12.*cuda_fp16"):
+        F.conv(fake.asarray(np.ones((1, 1, 4))), fake.asarray(np.ones((1, 1, 2))))

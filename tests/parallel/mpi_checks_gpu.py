@@ -360,3 +360,42 @@ def each_rank_builds_on_its_own_gpu(comm, t):
     t.true(layer.weight.data.device.id == comm.device, f"weight on GPU {layer.weight.data.device}")
     y = layer(device(np.ones((2, 12, 3, 3), np.float32)))  # on the current GPU: this rank's
     t.true(gpu.is_cupy(y) and y.shape == (2, 12, 3, 3), f"output {type(y).__name__}{y.shape}")
+
+
+@gpu_check()
+def nccl_refuses_buffers_of_another_gpu(comm, t):
+    """NCCL would read and write another GPU's memory as its own: refused on every rank."""
+    cuda = cupy().cuda
+    if not one_gpu_per_rank(comm) or cuda.runtime.getDeviceCount() < 2:
+        return
+    sub = with_transport(comm, "nccl")
+    other = (comm.device + 1) % cuda.runtime.getDeviceCount()
+    with cuda.Device(other):
+        x = cupy().ones(4)
+        t.raises(ValueError, lambda: sub.allreduce(x), "allreduce of another GPU's array",
+                 match=rf"communicator is on cuda:{comm.device}, but got an array on "
+                       rf"cuda:{other}")  # fmt: skip
+    got = sub.allreduce(device(np.ones(4)))  # and the communicator still works
+    t.equal(got.get(), np.full(4, float(comm.size)), "allreduce after the refusal")
+
+
+@gpu_check()
+def cuda_aware_mpi_waits_for_the_buffers_gpu(comm, t):
+    """MPI reads device memory outside CUDA's stream order: before each call the transport
+    waits for the current stream of the buffers' GPU, which need not be the current GPU."""
+    from parallel.transport import MpiTransport
+
+    cuda = cupy().cuda
+    if not (is_fake() or gpu.cuda_aware_mpi()) or cuda.runtime.getDeviceCount() < 2:
+        return
+    transport = MpiTransport(comm.mpi, synchronize=True)
+    other = (comm.device + 1) % cuda.runtime.getDeviceCount()
+    with cuda.Device(other):
+        send = cupy().arange(5, dtype=np.float64) * (comm.rank + 1)  # queued on its stream
+        recv = cupy().zeros(5)
+        cuda.get_current_stream().synchronize()  # recv's zeros are written
+        send = send + 0  # and send is written again, not waited for
+    transport.allreduce(send, recv, "sum")  # the current GPU is comm.device
+    with cuda.Device(other):
+        expected = np.arange(5.0) * sum(range(1, comm.size + 1))
+        t.equal(recv.get(), expected, "CUDA-aware MPI on another GPU's arrays")
