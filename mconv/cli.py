@@ -1,6 +1,6 @@
 """The ``mconv`` command line.
 
-    mconv demo [--steps N]                      train a small CNN on a synthetic task
+    mconv demo [--steps N] [--device D]         train a small CNN on a synthetic task
     mconv convert SRC DST [--from F] [--to F] [--dtype D] [--groups NAME=G] [--kind NAME=K]
     mconv inspect FILE [--from F]               format, layout and a table of tensors
     mconv version
@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser("demo", help="train a small CNN on a synthetic task")
     demo.add_argument("--steps", type=int, default=60, help="training steps (default 60)")
+    demo.add_argument("--device", default="cpu", help="'cpu' (default), 'cuda' or 'cuda:<i>'")
     convert = commands.add_parser("convert", help="convert a checkpoint to safetensors or .pkl")
     convert.add_argument("src")
     convert.add_argument("dst", help="output path ending in .safetensors or .pkl")
@@ -76,8 +77,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.steps < 1:
             parser.error(f"--steps must be >= 1, but got --steps={args.steps}")
         from .demo import main as demo_main
+        from .nn.module import check_device
 
-        return demo_main(args.steps)
+        try:
+            device = check_device(args.device)
+        except ValueError as error:
+            parser.error(str(error))
+        return demo_main(args.steps, device)
     overrides = _overrides(args, parser) if args.command == "convert" else {}
     for fields in overrides.values():
         if fields.get("kind", "conv") not in KINDS:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import losses, nn, optim
+from .nn.module import to_device
 
 
 def make_bars(count: int, rng: np.random.Generator, size: int = 8):
@@ -45,17 +46,17 @@ def small_cnn() -> nn.Module:
 
 
 def train_small_cnn(
-    steps: int = 60, seed: int = 0, batch: int = 32, lr: float = 0.01
+    steps: int = 60, seed: int = 0, batch: int = 32, lr: float = 0.01, device: str = "cpu"
 ) -> list[float]:
-    """Train with Adam; return the loss of every step."""
+    """Train with Adam on ``device`` ('cpu', 'cuda' or 'cuda:i'); return every step's loss."""
     nn.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    model = small_cnn()
+    model = small_cnn().to(device)
     opt = optim.Adam(model.parameters(), lr=lr)
     history = []
     for _ in range(steps):
         x, y = make_bars(batch, rng)
-        loss, dlogits = losses.cross_entropy(model(x), y)
+        loss, dlogits = losses.cross_entropy(model(to_device(x, device)), y)
         opt.zero_grad()
         model.backward(dlogits)
         opt.step()
@@ -63,9 +64,9 @@ def train_small_cnn(
     return history
 
 
-def main(steps: int = 60) -> int:
+def main(steps: int = 60, device: str = "cpu") -> int:
     print(small_cnn())
-    history = train_small_cnn(steps)
+    history = train_small_cnn(steps, device=device)
     for step in range(0, steps, max(steps // 6, 1)):
         print(f"step {step:3d}  loss {history[step]:.4f}")
     print(f"step {steps - 1:3d}  loss {history[-1]:.4f}")

@@ -83,6 +83,9 @@ def test_cli_demo_and_version():
     assert version.returncode == 0 and version.stdout.strip()
     bad = subprocess.run(run + ["demo", "--steps", "0"], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "--steps must be >= 1" in bad.stderr
+    gpu = subprocess.run(run + ["demo", "--device", "gpu"], capture_output=True, text=True,
+                         timeout=60)  # fmt: skip
+    assert gpu.returncode == 2 and "but got device='gpu'" in gpu.stderr
 
 
 @pytest.mark.parametrize("script", sorted(p.name for p in (ROOT / "examples").glob("*.py")))

@@ -157,3 +157,11 @@ def test_state_dict_round_trip_through_the_gpu():
     net.to("float64").to("cpu")
     for name, value in net.state_dict().items():
         np.testing.assert_allclose(value, before[name], rtol=1e-6)
+
+
+def test_the_demo_trains_on_the_gpu_as_on_the_cpu():
+    from mconv.demo import train_small_cnn
+
+    cpu = train_small_cnn(steps=4, seed=1)
+    gpu = train_small_cnn(steps=4, seed=1, device="cuda")
+    np.testing.assert_allclose(gpu, cpu, rtol=1e-4)
