@@ -24,10 +24,11 @@ alltoall's send/recv (zero-byte messages, which hang NCCL before 2.12.10,
 are never posted). ``MCONV_PARALLEL_GPU_TRANSPORT=nccl|cuda-aware-mpi|host``
 forces a choice.
 
-Tested in MPI jobs on a CPU stand-in for CuPy and NCCL that checks every
-pointer, count, dtype code and stream handed to it
-(tests/parallel/fake_gpu.py); tests/gpu/test_gpu_parallel.py runs the same
-checks on real GPUs, which no session has had yet.
+Tested in MPI jobs on a strict CPU stand-in for CuPy and NCCL that checks
+every pointer, count, dtype code, device and stream handed to it and queues
+NCCL's results on the stream (tests/cupy_stand_in);
+tests/gpu/test_gpu_parallel.py runs the same checks on real GPUs, which no
+session has had yet.
 """
 
 from __future__ import annotations
