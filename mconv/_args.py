@@ -75,15 +75,20 @@ def choice(value: Any, allowed: tuple[str, ...], name: str) -> str:
     return value
 
 
-def padding_pairs(padding: Any, n: int, name: str = "padding") -> tuple[tuple[int, int], ...] | str:
+PADDING_STRINGS = ("same", "same_lower", "valid")
+
+
+def padding_pairs(
+    padding: Any, n: int, name: str = "padding", allow_negative: bool = False
+) -> tuple[tuple[int, int], ...] | str:
     """Normalise an explicit padding to ``n`` ``(before, after)`` pairs.
 
-    Accepts an int, ``n`` ints (symmetric), or ``n`` pairs. The strings
-    ``'same'`` and ``'valid'`` are returned as they are (lower-cased checks
-    only); resolving ``'same'`` needs the kernel, see ``geometry``.
+    Accepts an int, ``n`` ints (symmetric), or ``n`` pairs; negative amounts (crops) only with
+    ``allow_negative``. The strings ``'same'``, ``'same_lower'`` and ``'valid'`` are
+    returned as they are; resolving them needs the kernel and input, see ``geometry``.
     """
     if isinstance(padding, str):
-        return choice(padding, ("same", "valid"), name)
+        return choice(padding, PADDING_STRINGS, name)
     if is_int(padding):
         pairs = ((int(padding), int(padding)),) * n
     elif isinstance(padding, (tuple, list)):
@@ -111,7 +116,7 @@ def padding_pairs(padding: Any, n: int, name: str = "padding") -> tuple[tuple[in
             f"{name} must be an int, a sequence of ints or (before, after) pairs, 'same' or "
             f"'valid', but got {type(padding).__name__}: {name}={padding!r}"
         )
-    if any(v < 0 for pair in pairs for v in pair):
+    if not allow_negative and any(v < 0 for pair in pairs for v in pair):
         raise ValueError(f"negative padding is not supported, but got {name}={padding!r}")
     return pairs
 

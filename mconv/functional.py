@@ -4,6 +4,9 @@ Input is batched ``(B, C, *S)`` or unbatched ``(C, *S)``; the spatial rank N
 comes from ``weight.ndim - 2``. Weights use PyTorch's layout: conv
 ``(O, C/groups, *k)``, transposed conv ``(C, O/groups, *k)``, bias ``(O,)``.
 
+Conv and transposed conv share one implementation: each public function builds a
+``ConvCall`` (``mconv.call``) and hands it to ``mconv.conv_ops``.
+
 Output size per spatial dimension (``before``/``after`` the padding pair):
 
     conv            floor((S + before + after - dilation*(k-1) - 1) / stride) + 1
@@ -23,113 +26,56 @@ import functools
 import inspect
 from typing import Any
 
-from . import _args, conv_ops
-from ._args import shape_str
-from .geometry import conv_geometry, conv_transpose_geometry
+from . import conv_ops
+from .call import check_grad, check_like, check_tangents, conv_call
 from .padding import pad, pad_backward
 
 __all__ = [
     "conv", "conv1d", "conv2d", "conv3d",
     "conv_transpose", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d",
     "conv_backward", "conv_transpose_backward", "conv_jvp", "conv_transpose_jvp",
-    "pad", "pad_backward",
+    "pad", "pad_backward", "check_like",
 ]  # fmt: skip
 
 
-_CONV_OPTIONS = {"stride", "padding", "dilation", "groups", "padding_mode", "conv_mode",
-                 "compute_mode"}  # fmt: skip
-_CONV_TRANSPOSE_OPTIONS = _CONV_OPTIONS | {"output_padding", "output_size"}
+def _forward(transposed: bool, op: str, rank: int | None, x, weight, bias, options: dict):
+    call = conv_call(op, x, weight, bias, options, transposed=transposed, rank=rank)
+    return call.unbatch(conv_ops.forward(call, call.batch(x), weight, bias))
 
 
-def _check_inputs(op: str, x, weight, bias, kwargs: dict, allowed: set, out_channels) -> None:
-    """Types and dtypes of the arrays, names of the options, and the bias size
-    (``out_channels(weight.shape)``, or None when it cannot be known yet)."""
-    unknown = sorted(set(kwargs) - allowed)
-    if unknown:
-        raise TypeError(f"{op}() got an unexpected keyword argument {unknown[0]!r}")
-    _args.check_array(x, "input", op)
-    _args.check_array(weight, "weight", op)
-    if bias is not None:
-        _args.check_array(bias, "bias", op)
-    _args.check_same_dtype(op, input=x, weight=weight, bias=bias)
-    _args.check_same_device(op, input=x, weight=weight, bias=bias)
-    out_channels = out_channels(weight.shape) if weight.ndim >= 3 else None
-    if bias is not None and out_channels is not None and tuple(bias.shape) != (out_channels,):
-        raise ValueError(
-            f"Given weight of size {shape_str(weight.shape)}, expected bias to be 1-dimensional "
-            f"with {out_channels} elements, but got bias of size {shape_str(bias.shape)} instead"
-        )
+def _backward(transposed: bool, op: str, dy, x, weight, has_bias, options: dict):
+    call = conv_call(op, x, weight, None, options, transposed=transposed, has_bias=has_bias)
+    check_grad(op, call, dy, x)
+    dx, dw, db = conv_ops.backward(call, call.batch(dy), call.batch(x), weight)
+    return call.unbatch(dx), dw, db
 
 
-def _check_rank(op: str, weight, n: int | None) -> None:
-    if n is not None and weight.ndim != n + 2:
-        raise ValueError(
-            f"{op} expects a {n + 2}-D weight (out_channels, in_channels/groups, {n} kernel dims), "
-            f"but got weight of size {shape_str(weight.shape)}"
-        )
+def _jvp(transposed: bool, op: str, x, weight, bias, dx, dweight, dbias, options: dict):
+    call = conv_call(op, x, weight, bias, options, transposed=transposed)
+    check_tangents(op, call, x, weight, dx, dweight, dbias)
+    dy = conv_ops.jvp(call, call.batch(x), weight, call.batch(dx), dweight, dbias)
+    return call.unbatch(dy)
 
 
-def check_like(op: str, name: str, value, expected_shape, dtype, device: str | None = None) -> None:
-    """A gradient or tangent must have exactly the shape and dtype it stands for."""
-    _args.check_array(value, name, op)
-    if tuple(value.shape) != tuple(expected_shape):
-        raise ValueError(
-            f"{op}: expected {name} of size {shape_str(expected_shape)}, but got "
-            f"{name} of size {shape_str(value.shape)}"
-        )
-    if value.dtype != dtype:
-        raise TypeError(f"{op}: {name} must have dtype {dtype}, but got {name}.dtype={value.dtype}")
-    if device is not None and _args.device_of(value) != device:
-        raise ValueError(
-            f"{op}: {name} must be on {device}, but got {name} on {_args.device_of(value)}"
-        )
+def _ranked(generic, transposed: bool, n: int):
+    """conv{n}d / conv_transpose{n}d: the generic signature, plus a rank check."""
+    name = f"{generic.__name__}{n}d"
+    signature = inspect.signature(generic)
 
+    @functools.wraps(generic)
+    def ranked(*args, **kwargs):
+        call = signature.bind(*args, **kwargs)
+        call.apply_defaults()
+        options = dict(call.arguments)
+        x, weight, bias = options.pop("x"), options.pop("weight"), options.pop("bias")
+        return _forward(transposed, name, n, x, weight, bias, options)
 
-def _batched(a, batched: bool):
-    """(C, *S) -> (1, C, *S) for unbatched input; None stays None."""
-    return a if batched or a is None else a[None]
-
-
-def _unbatched(a, batched: bool):
-    return a if batched or a is None else a[0]
-
-
-def prepare_conv(op: str, x, weight, bias, kwargs: dict, n: int | None = None):
-    """Validate a conv call (types, dtypes, bias, rank ``n`` if given); return (geometry, batched).
-
-    ``kwargs`` holds conv's keyword arguments (stride, padding, ..., compute_mode)."""
-    _check_inputs(op, x, weight, bias, kwargs, _CONV_OPTIONS, lambda shape: shape[0])
-    _check_rank(op, weight, n)
-    return conv_geometry(x.shape, weight.shape, op=op, **kwargs)
-
-
-def prepare_conv_transpose(op: str, x, weight, bias, kwargs: dict, n: int | None = None):
-    """Validate a transposed-conv call; return (geometry, batched)."""
-    groups = kwargs.get("groups", 1)
-
-    def out_channels(shape):
-        return shape[1] * groups if _args.is_int(groups) else None
-
-    _check_inputs(op, x, weight, bias, kwargs, _CONV_TRANSPOSE_OPTIONS, out_channels)
-    _check_rank(op, weight, n)
-    return conv_transpose_geometry(x.shape, weight.shape, op=op, **kwargs)
-
-
-def _check_tangents(op, geom, x, weight, dx, dweight, dbias, bias_channels) -> None:
-    for name, tangent, primal in (("dx", dx, x), ("dweight", dweight, weight)):
-        if tangent is not None:
-            check_like(op, name, tangent, primal.shape, primal.dtype, _args.device_of(primal))
-    if dbias is not None:
-        check_like(op, "dbias", dbias, (bias_channels,), x.dtype, _args.device_of(x))
+    ranked.__name__ = ranked.__qualname__ = name
+    ranked.__doc__ = f"{n}-d :func:`{generic.__name__}`; checks that ``weight`` is {n + 2}-D."
+    return ranked
 
 
 # -- convolution ---------------------------------------------------------------------------
-
-
-def _conv(op: str, n: int | None, x, weight, bias, kwargs: dict):
-    geom, batched = prepare_conv(op, x, weight, bias, kwargs, n)
-    y = conv_ops.conv_forward(_batched(x, batched), weight, bias, geom)
-    return _unbatched(y, batched)
 
 
 def conv(
@@ -146,10 +92,11 @@ def conv(
 ):
     """N-d convolution; N = ``weight.ndim - 2``.
 
-    ``padding``: an int, N ints, N ``(before, after)`` pairs, ``'same'``
-    (stride 1; the odd element goes after) or ``'valid'``. ``padding_mode``:
-    ``'zeros'``, ``'reflect'`` (pad < size), ``'replicate'``, ``'circular'``
-    (pad <= size). ``conv_mode='convolution'`` flips the kernel spatially.
+    ``padding``: an int, N ints, N ``(before, after)`` pairs (negative: a crop),
+    ``'same'`` (output ``ceil(S / stride)``, the odd element after, as TensorFlow and ONNX
+    SAME_UPPER), ``'same_lower'`` (the odd element before) or ``'valid'``.
+    ``padding_mode``: ``'zeros'``, ``'reflect'`` (pad < size), ``'replicate'``,
+    ``'circular'`` (pad <= size). ``conv_mode='convolution'`` flips the kernel spatially.
     ``compute_mode='float32'`` accumulates fp16 in fp32 and rounds once.
 
     Output: ``floor((S + before + after - dilation*(k-1) - 1) / stride) + 1``.
@@ -158,36 +105,18 @@ def conv(
     >>> conv(np.arange(5.0)[None], np.array([[[1.0, -1.0]]]), padding=[(1, 0)])
     array([[ 0., -1., -1., -1., -1.]])
     """
-    kwargs = dict(stride=stride, padding=padding, dilation=dilation, groups=groups,
-                  padding_mode=padding_mode, conv_mode=conv_mode, compute_mode=compute_mode)  # fmt: skip
-    return _conv("conv", None, x, weight, bias, kwargs)
+    options = dict(stride=stride, padding=padding, dilation=dilation, groups=groups,
+                   padding_mode=padding_mode, conv_mode=conv_mode, compute_mode=compute_mode)  # fmt: skip
+    return _forward(False, "conv", None, x, weight, bias, options)
 
 
-def _ranked(generic, implementation, n: int):
-    """conv{n}d / conv_transpose{n}d: the generic signature, plus a rank check."""
-    name = f"{generic.__name__}{n}d"
-    signature = inspect.signature(generic)
-
-    @functools.wraps(generic)
-    def ranked(*args, **kwargs):
-        call = signature.bind(*args, **kwargs)
-        call.apply_defaults()
-        options = dict(call.arguments)
-        x, weight, bias = options.pop("x"), options.pop("weight"), options.pop("bias")
-        return implementation(name, n, x, weight, bias, options)
-
-    ranked.__name__ = ranked.__qualname__ = name
-    ranked.__doc__ = f"{n}-d :func:`{generic.__name__}`; checks that ``weight`` is {n + 2}-D."
-    return ranked
+conv1d, conv2d, conv3d = (_ranked(conv, False, n) for n in (1, 2, 3))
 
 
-conv1d, conv2d, conv3d = (_ranked(conv, _conv, n) for n in (1, 2, 3))
-
-
-def conv_backward(dy, x, weight, *, has_bias: bool, **kwargs):
+def conv_backward(dy, x, weight, *, has_bias: bool, **options):
     """Gradients ``(dx, dweight, dbias)`` of :func:`conv` for the output gradient ``dy``.
 
-    ``dbias`` is None unless ``has_bias``. ``kwargs``: the keyword arguments of :func:`conv`.
+    ``dbias`` is None unless ``has_bias``. ``options``: the keyword arguments of :func:`conv`.
 
     >>> import numpy as np
     >>> dx, dw, db = conv_backward(np.ones((1, 2)), np.arange(3.0)[None], np.ones((1, 1, 2)),
@@ -195,19 +124,10 @@ def conv_backward(dy, x, weight, *, has_bias: bool, **kwargs):
     >>> dx, dw, db
     (array([[1., 2., 1.]]), array([[[1., 3.]]]), array([2.]))
     """
-    op = "conv_backward"
-    geom, batched = prepare_conv(op, x, weight, None, kwargs)
-    expected = geom.output_shape(x.shape[0] if batched else 1)
-    check_like(
-        op, "grad_output", dy, expected if batched else expected[1:], x.dtype, _args.device_of(x)
-    )
-    dx, dw, db = conv_ops.conv_backward(
-        _batched(dy, batched), _batched(x, batched), weight, geom, has_bias=bool(has_bias)
-    )
-    return _unbatched(dx, batched), dw, db
+    return _backward(False, "conv_backward", dy, x, weight, has_bias, options)
 
 
-def conv_jvp(x, weight, bias, dx, dweight, dbias, **kwargs):
+def conv_jvp(x, weight, bias, dx, dweight, dbias, **options):
     """Forward-mode derivative of :func:`conv` by bilinearity:
     ``conv(dx, w) + conv(x, dw) + dbias``. Any tangent may be None (zero).
 
@@ -216,22 +136,10 @@ def conv_jvp(x, weight, bias, dx, dweight, dbias, **kwargs):
     >>> conv_jvp(x, w, None, np.ones_like(x), None, None)
     array([[2., 2.]])
     """
-    op = "conv_jvp"
-    geom, batched = prepare_conv(op, x, weight, bias, kwargs)
-    _check_tangents(op, geom, x, weight, dx, dweight, dbias, geom.out_channels)
-    dy = conv_ops.conv_jvp(
-        _batched(x, batched), weight, _batched(dx, batched), dweight, dbias, geom
-    )
-    return _unbatched(dy, batched)
+    return _jvp(False, "conv_jvp", x, weight, bias, dx, dweight, dbias, options)
 
 
 # -- transposed convolution ----------------------------------------------------------------
-
-
-def _conv_transpose(op: str, n: int | None, x, weight, bias, kwargs: dict):
-    geom, batched = prepare_conv_transpose(op, x, weight, bias, kwargs, n)
-    y = conv_ops.conv_transpose_forward(_batched(x, batched), weight, bias, geom)
-    return _unbatched(y, batched)
 
 
 def conv_transpose(
@@ -250,11 +158,12 @@ def conv_transpose(
 ):
     """N-d transposed convolution (the input gradient of :func:`conv`).
 
-    ``weight`` is ``(C_in, C_out/groups, *k)``. ``padding`` is an int, N ints
-    or N ``(before, after)`` pairs. ``output_size`` (N, or N+2 ints for
-    batched input, N+1 for unbatched) overrides ``output_padding``, as in
-    PyTorch's modules. Only ``padding_mode='zeros'`` exists for transposed
-    convolutions.
+    ``weight`` is ``(C_in, C_out/groups, *k)``. ``padding`` is an int, N ints or N
+    ``(before, after)`` pairs (negative: zero borders added to the output), or ``'same'``/
+    ``'same_lower'`` (output ``S * stride``, as ONNX SAME_UPPER/SAME_LOWER).
+    ``output_size`` (N, or N+2 ints for batched input, N+1 for unbatched) overrides
+    ``output_padding``, as in PyTorch's modules. Only ``padding_mode='zeros'`` exists for
+    transposed convolutions.
 
     Output: ``(S - 1)*stride - before - after + dilation*(k-1) + output_padding + 1``.
 
@@ -262,21 +171,21 @@ def conv_transpose(
     >>> conv_transpose(np.ones((1, 2)), np.array([[[1.0, 10.0]]]), stride=2)
     array([[ 1., 10.,  1., 10.]])
     """
-    kwargs = dict(stride=stride, padding=padding, output_padding=output_padding, groups=groups,
-                  dilation=dilation, output_size=output_size, padding_mode=padding_mode,
-                  conv_mode=conv_mode, compute_mode=compute_mode)  # fmt: skip
-    return _conv_transpose("conv_transpose", None, x, weight, bias, kwargs)
+    options = dict(stride=stride, padding=padding, output_padding=output_padding, groups=groups,
+                   dilation=dilation, output_size=output_size, padding_mode=padding_mode,
+                   conv_mode=conv_mode, compute_mode=compute_mode)  # fmt: skip
+    return _forward(True, "conv_transpose", None, x, weight, bias, options)
 
 
 conv_transpose1d, conv_transpose2d, conv_transpose3d = (
-    _ranked(conv_transpose, _conv_transpose, n) for n in (1, 2, 3)
+    _ranked(conv_transpose, True, n) for n in (1, 2, 3)
 )
 
 
-def conv_transpose_backward(dy, x, weight, *, has_bias: bool, **kwargs):
+def conv_transpose_backward(dy, x, weight, *, has_bias: bool, **options):
     """Gradients ``(dx, dweight, dbias)`` of :func:`conv_transpose`.
 
-    ``kwargs``: the keyword arguments of :func:`conv_transpose`.
+    ``options``: the keyword arguments of :func:`conv_transpose`.
 
     >>> import numpy as np
     >>> dx, dw, db = conv_transpose_backward(np.ones((1, 3)), np.ones((1, 2)), np.ones((1, 1, 2)),
@@ -284,29 +193,14 @@ def conv_transpose_backward(dy, x, weight, *, has_bias: bool, **kwargs):
     >>> dx, dw, db
     (array([[2., 2.]]), array([[[2., 2.]]]), None)
     """
-    op = "conv_transpose_backward"
-    geom, batched = prepare_conv_transpose(op, x, weight, None, kwargs)
-    expected = geom.input_shape(x.shape[0] if batched else 1)
-    check_like(
-        op, "grad_output", dy, expected if batched else expected[1:], x.dtype, _args.device_of(x)
-    )
-    dx, dw, db = conv_ops.conv_transpose_backward(
-        _batched(dy, batched), _batched(x, batched), weight, geom, has_bias=bool(has_bias)
-    )
-    return _unbatched(dx, batched), dw, db
+    return _backward(True, "conv_transpose_backward", dy, x, weight, has_bias, options)
 
 
-def conv_transpose_jvp(x, weight, bias, dx, dweight, dbias, **kwargs):
+def conv_transpose_jvp(x, weight, bias, dx, dweight, dbias, **options):
     """Forward-mode derivative of :func:`conv_transpose` by bilinearity.
 
     >>> import numpy as np
     >>> conv_transpose_jvp(np.ones((1, 2)), np.ones((1, 1, 2)), None, None, np.ones((1, 1, 2)), None)
     array([[1., 2., 1.]])
     """
-    op = "conv_transpose_jvp"
-    geom, batched = prepare_conv_transpose(op, x, weight, bias, kwargs)
-    _check_tangents(op, geom, x, weight, dx, dweight, dbias, geom.in_channels)
-    dy = conv_ops.conv_transpose_jvp(
-        _batched(x, batched), weight, _batched(dx, batched), dweight, dbias, geom
-    )
-    return _unbatched(dy, batched)
+    return _jvp(True, "conv_transpose_jvp", x, weight, bias, dx, dweight, dbias, options)

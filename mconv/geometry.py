@@ -1,7 +1,8 @@
 """``ConvGeometry``: one frozen, validated description of a convolution.
 
 Every public entry point (functional ops, layers) builds a geometry once
-from user arguments; backends receive only canonical values from it.
+from user arguments (``conv_geometry``: one builder for conv and transposed
+conv); backends receive only canonical values from it.
 
 A geometry always describes a *forward convolution*:
 
@@ -18,6 +19,14 @@ is the conv output, so ``in_size`` is the transposed output size. Its
 ``output_padding`` only enlarges ``in_size``; ``out_size`` stays the
 transposed input size (it can be one less than the formula above when
 ``output_padding >= stride``, which PyTorch allows when it is < dilation).
+
+Padding is per-dimension ``(before, after)``; a negative amount crops the
+conv input (``lax.conv_general_dilated``'s meaning; for a transposed conv,
+whose output is that input, it adds zero borders). ``'same'`` and
+``'same_lower'`` are resolved per input size as TensorFlow, JAX ``'SAME'``
+and ONNX ``SAME_UPPER``/``SAME_LOWER`` do: output size ``ceil(S / stride)``
+(transposed: ``S * stride``), the odd element of the padding after
+(``'same'``) or before (``'same_lower'``).
 """
 
 from __future__ import annotations
@@ -66,6 +75,17 @@ class ConvGeometry:
             self, in_size=self.padded_size, padding=((0, 0),) * self.ndim, padding_mode="zeros"
         )
 
+    @property
+    def crops(self) -> tuple[tuple[int, int], ...]:
+        """What negative padding cuts from each end of the conv input: ``(before, after)``."""
+        return tuple((max(-lo, 0), max(-hi, 0)) for lo, hi in self.padding)
+
+    def cropped(self) -> "ConvGeometry":
+        """The geometry that runs on the input with ``crops`` cut off (padding >= 0)."""
+        in_size = tuple(s - a - b for s, (a, b) in zip(self.in_size, self.crops))
+        padding = tuple((max(lo, 0), max(hi, 0)) for lo, hi in self.padding)
+        return replace(self, in_size=in_size, padding=padding)
+
 
 def _split_batch(input_shape: Sequence[int], n: int, op: str) -> tuple[tuple[int, ...], bool]:
     """(B, C, *S) or (C, *S) -> batched shape and whether a batch axis was given."""
@@ -108,32 +128,60 @@ def _sizes(values: Sequence[int]) -> str:
     return "(" + " x ".join(str(v) for v in values) + ")"
 
 
-def same_padding(
-    kernel_size: Sequence[int], dilation: Sequence[int]
-) -> tuple[tuple[int, int], ...]:
-    """PyTorch's split for padding='same': the odd element goes at the end."""
-    pairs = []
-    for k, d in zip(kernel_size, dilation):
-        total = d * (k - 1)
-        pairs.append((total // 2, total - total // 2))
-    return tuple(pairs)
+def _split(total: int, lower: bool) -> tuple[int, int]:
+    """A total padding as (before, after): the odd element after, or before for 'same_lower'."""
+    small = total // 2  # floor: a negative total (a transposed conv's crop) splits the same way
+    return (total - small, small) if lower else (small, total - small)
 
 
 def resolve_padding(
-    padding: Any, kernel_size: Sequence[int], stride: Sequence[int], dilation: Sequence[int]
+    padding: Any,
+    kernel_size: Sequence[int],
+    stride: Sequence[int],
+    dilation: Sequence[int],
+    in_size: Sequence[int] | None = None,
+    transposed: bool = False,
+    output_padding: Sequence[int] | None = None,
 ) -> tuple[tuple[int, int], ...]:
-    """Any accepted padding form -> per-dimension (before, after) pairs."""
+    """Any accepted padding form -> per-dimension (before, after) pairs.
+
+    ``'same'``/``'same_lower'`` depend on the input size: output ``ceil(S / stride)`` for a
+    conv (with stride 1 this is PyTorch's 'same'), ``S * stride`` for a transposed conv.
+
+    >>> resolve_padding("same", (3,), (2,), (1,), in_size=(6,))
+    ((0, 1),)
+    >>> resolve_padding("same_lower", (4,), (1,), (1,), in_size=(5,))
+    ((2, 1),)
+    """
     n = len(kernel_size)
-    pairs = _args.padding_pairs(padding, n)
+    pairs = _args.padding_pairs(padding, n, allow_negative=True)
     if pairs == "valid":
         return ((0, 0),) * n
-    if pairs == "same":
-        if any(s != 1 for s in stride):
-            raise ValueError(
-                f"padding='same' is not supported for strided convolutions, but got stride={tuple(stride)}"
-            )
-        return same_padding(kernel_size, dilation)
+    if isinstance(pairs, str):
+        if in_size is None:
+            raise ValueError(f"padding={pairs!r} needs the input size")
+        op = (0,) * n if output_padding is None else output_padding
+        result = []
+        for s, k, st, d, p in zip(in_size, kernel_size, stride, dilation, op):
+            effective = d * (k - 1) + 1
+            if transposed:  # output s * stride
+                total = st * (s - 1) + p + effective - s * st
+            else:  # output ceil(s / stride)
+                total = max((-(-s // st) - 1) * st + effective - s, 0)
+            result.append(_split(total, lower=pairs == "same_lower"))
+        return tuple(result)
     return pairs
+
+
+def check_padding_mode(padding_mode: Any, transposed: bool, n: int) -> str:
+    """A padding mode a conv (any) or a transposed conv ('zeros' only) accepts."""
+    padding_mode = _args.choice(padding_mode, _args.PADDING_MODES, "padding_mode")
+    if transposed and padding_mode != "zeros":
+        raise ValueError(
+            f'Only "zeros" padding mode is supported for ConvTranspose{n}d, but got '
+            f"padding_mode={padding_mode!r}"
+        )
+    return padding_mode
 
 
 _MODE_LIMITS = {
@@ -146,72 +194,26 @@ _MODE_LIMITS = {
 }
 
 
-def _check_mode_limits(mode: str, pairs, in_size, input_shape) -> None:
-    """PyTorch's limits (``_args.pad_fits``), with the conv's wording."""
-    for dim, ((lo, hi), size) in enumerate(zip(pairs, in_size)):
+def _check_pads(mode: str, pairs, conv_in_size, input_shape, transposed: bool) -> None:
+    """PyTorch's limits on padding modes (``_args.pad_fits``, with the conv's wording), and
+    crops that leave something of the conv input."""
+    for dim, ((lo, hi), size) in enumerate(zip(pairs, conv_in_size)):
+        if (lo < 0 or hi < 0) and mode != "zeros":
+            raise ValueError(
+                f"negative padding (a crop) needs padding_mode='zeros', but got "
+                f"padding_mode={mode!r} with padding {tuple(pairs)}"
+            )
+        if size - max(-lo, 0) - max(-hi, 0) < 1:
+            what = "output" if transposed else "input"
+            raise ValueError(
+                f"negative padding (a crop) must leave some of the conv {what}, but got padding "
+                f"({lo}, {hi}) for spatial dimension {dim} of size {size} (input "
+                f"{shape_str(input_shape)})"
+            )
         if not _args.pad_fits(mode, lo, hi, size):
             raise ValueError(
                 _MODE_LIMITS[mode].format(lo=lo, hi=hi, dim=dim, shape=shape_str(input_shape))
             )
-
-
-def conv_geometry(
-    input_shape: Sequence[int],
-    weight_shape: Sequence[int],
-    *,
-    stride: Any = 1,
-    padding: Any = 0,
-    dilation: Any = 1,
-    groups: Any = 1,
-    padding_mode: str = "zeros",
-    conv_mode: str = "cross_correlation",
-    compute_mode: str = "default",
-    op: str = "conv",
-) -> tuple[ConvGeometry, bool]:
-    """Validate a convolution call; return its geometry and whether the input was batched."""
-    n = _check_weight(weight_shape, op, "(out_channels, in_channels/groups, *kernel_size)")
-    batched_shape, batched = _split_batch(input_shape, n, op)
-    groups = _check_groups(groups, weight_shape)
-    out_channels, in_per_group, *kernel = (int(s) for s in weight_shape)
-    channels = batched_shape[1]
-    if channels != in_per_group * groups:
-        raise ValueError(
-            f"Given groups={groups}, weight of size {shape_str(weight_shape)}, expected "
-            f"input{shape_str(batched_shape)} to have {in_per_group * groups} channels, but got "
-            f"{channels} channels instead"
-        )
-    stride = _args.int_tuple(stride, n, "stride", minimum=1)
-    dilation = _args.int_tuple(dilation, n, "dilation", minimum=1)
-    pairs = resolve_padding(padding, kernel, stride, dilation)
-    padding_mode = _args.choice(padding_mode, _args.PADDING_MODES, "padding_mode")
-    conv_mode = _args.choice(conv_mode, _args.CONV_MODES, "conv_mode")
-    compute_mode = _args.choice(compute_mode, _args.COMPUTE_MODES, "compute_mode")
-    in_size = tuple(int(s) for s in batched_shape[2:])
-    if padding_mode != "zeros":
-        _check_mode_limits(padding_mode, pairs, in_size, input_shape)
-    padded = [s + lo + hi for s, (lo, hi) in zip(in_size, pairs)]
-    effective = [d * (k - 1) + 1 for k, d in zip(kernel, dilation)]
-    if any(p < e for p, e in zip(padded, effective)):
-        raise ValueError(
-            f"Calculated padded input size per channel: {_sizes(padded)}. Kernel size: "
-            f"{_sizes(effective)}. Kernel size can't be greater than actual input size"
-        )
-    out_size = tuple((p - e) // s + 1 for p, e, s in zip(padded, effective, stride))
-    geom = ConvGeometry(
-        channels,
-        out_channels,
-        groups,
-        in_size,
-        tuple(kernel),
-        out_size,
-        stride,
-        dilation,
-        pairs,
-        padding_mode,
-        conv_mode,
-        compute_mode,
-    )
-    return geom, batched
 
 
 def _transpose_output_padding(
@@ -219,13 +221,7 @@ def _transpose_output_padding(
 ) -> tuple[int, ...]:
     """PyTorch's ``_output_padding``: output_size wins over output_padding."""
     if output_size is None:
-        op = _args.int_tuple(output_padding, n, "output_padding", minimum=0)
-        if any(p >= s and p >= d for p, s, d in zip(op, stride, dilation)):
-            raise ValueError(
-                f"output padding must be smaller than either stride or dilation, but got "
-                f"output_padding={op}, stride={stride}, dilation={dilation}"
-            )
-        return op
+        return _check_output_padding(output_padding, stride, dilation, n)
     if not isinstance(output_size, (tuple, list)) or not all(_args.is_int(v) for v in output_size):
         raise TypeError(
             f"output_size must be a sequence of ints, but got output_size={output_size!r}"
@@ -248,10 +244,21 @@ def _transpose_output_padding(
     return tuple(v - m for v, m in zip(size, min_sizes))
 
 
-def conv_transpose_geometry(
+def _check_output_padding(output_padding, stride, dilation, n) -> tuple[int, ...]:
+    op = _args.int_tuple(output_padding, n, "output_padding", minimum=0)
+    if any(p >= s and p >= d for p, s, d in zip(op, stride, dilation)):
+        raise ValueError(
+            f"output padding must be smaller than either stride or dilation, but got "
+            f"output_padding={op}, stride={stride}, dilation={dilation}"
+        )
+    return op
+
+
+def conv_geometry(
     input_shape: Sequence[int],
     weight_shape: Sequence[int],
     *,
+    transposed: bool = False,
     stride: Any = 1,
     padding: Any = 0,
     output_padding: Any = 0,
@@ -261,65 +268,83 @@ def conv_transpose_geometry(
     padding_mode: str = "zeros",
     conv_mode: str = "cross_correlation",
     compute_mode: str = "default",
-    op: str = "conv_transpose",
+    op: str | None = None,
 ) -> tuple[ConvGeometry, bool]:
-    """Validate a transposed-convolution call.
+    """Validate a convolution (or, ``transposed``, a transposed-convolution) call; return its
+    geometry and whether the input was batched. ``output_padding`` and ``output_size``
+    belong to transposed convolutions.
 
-    Output size per dimension (PyTorch's formula, with (before, after) pairs):
-    ``(in - 1) * stride - before - after + dilation * (kernel - 1) + output_padding + 1``.
+    Output size per dimension, ``(before, after)`` the padding pair:
+    conv ``floor((S + before + after - dilation*(k-1) - 1) / stride) + 1``, transposed
+    ``(S - 1)*stride - before - after + dilation*(k-1) + output_padding + 1``.
     """
-    n = _check_weight(weight_shape, op, "(in_channels, out_channels/groups, *kernel_size)")
+    op = op or ("conv_transpose" if transposed else "conv")
+    layout = "in_channels, out_channels" if transposed else "out_channels, in_channels"
+    n = _check_weight(weight_shape, op, f"({layout}/groups, *kernel_size)")
     batched_shape, batched = _split_batch(input_shape, n, op)
     groups = _check_groups(groups, weight_shape)
-    in_channels, out_per_group, *kernel = (int(s) for s in weight_shape)
-    if batched_shape[1] != in_channels:
+    lead, per_group, *kernel = (int(s) for s in weight_shape)
+    channels = batched_shape[1]
+    expected = lead if transposed else per_group * groups
+    if channels != expected:
+        given = "transposed=1" if transposed else f"groups={groups}"
         raise ValueError(
-            f"Given transposed=1, weight of size {shape_str(weight_shape)}, expected "
-            f"input{shape_str(batched_shape)} to have {in_channels} channels, but got "
-            f"{batched_shape[1]} channels instead"
-        )
-    padding_mode = _args.choice(padding_mode, _args.PADDING_MODES, "padding_mode")
-    if padding_mode != "zeros":
-        raise ValueError(
-            f'Only "zeros" padding mode is supported for ConvTranspose{n}d, but got '
-            f"padding_mode={padding_mode!r}"
-        )
-    if padding == "same":
-        raise ValueError(
-            "padding='same' is not supported for transposed convolutions, but got padding='same'"
+            f"Given {given}, weight of size {shape_str(weight_shape)}, expected "
+            f"input{shape_str(batched_shape)} to have {expected} channels, but got "
+            f"{channels} channels instead"
         )
     stride = _args.int_tuple(stride, n, "stride", minimum=1)
     dilation = _args.int_tuple(dilation, n, "dilation", minimum=1)
-    pairs = resolve_padding(padding, kernel, stride, dilation)
+    padding_mode = check_padding_mode(padding_mode, transposed, n)
     conv_mode = _args.choice(conv_mode, _args.CONV_MODES, "conv_mode")
     compute_mode = _args.choice(compute_mode, _args.COMPUTE_MODES, "compute_mode")
     in_size = tuple(int(s) for s in batched_shape[2:])
-    min_sizes = tuple(
-        (i - 1) * s - lo - hi + d * (k - 1) + 1
-        for i, s, (lo, hi), d, k in zip(in_size, stride, pairs, dilation, kernel)
+    effective = [d * (k - 1) + 1 for k, d in zip(kernel, dilation)]
+    if not transposed:
+        pairs = resolve_padding(padding, kernel, stride, dilation, in_size)
+        _check_pads(padding_mode, pairs, in_size, input_shape, transposed)
+        padded = [s + lo + hi for s, (lo, hi) in zip(in_size, pairs)]
+        if any(p < e for p, e in zip(padded, effective)):
+            raise ValueError(
+                f"Calculated padded input size per channel: {_sizes(padded)}. Kernel size: "
+                f"{_sizes(effective)}. Kernel size can't be greater than actual input size"
+            )
+        out_size = tuple((p - e) // s + 1 for p, e, s in zip(padded, effective, stride))
+        geom = ConvGeometry(channels, lead, groups, in_size, tuple(kernel), out_size, stride,
+                            dilation, pairs, padding_mode, conv_mode, compute_mode)  # fmt: skip
+        return geom, batched
+    if isinstance(padding, str) and padding != "valid":  # 'same': the output size is set
+        if output_size is not None:
+            raise ValueError(
+                f"output_size cannot be combined with padding={padding!r} (which sets the "
+                f"output size to input size * stride), but got output_size={output_size!r}"
+            )
+        out_pad = _check_output_padding(output_padding, stride, dilation, n)
+        pairs = resolve_padding(padding, kernel, stride, dilation, in_size, True, out_pad)
+    else:
+        pairs = resolve_padding(padding, kernel, stride, dilation)
+        min_sizes = tuple(
+            (i - 1) * s - lo - hi + e for i, s, (lo, hi), e in zip(in_size, stride, pairs, effective)
+        )
+        out_pad = _transpose_output_padding(
+            output_padding, output_size, in_size, batched, min_sizes, stride, dilation, n
+        )
+    out_size = tuple(
+        (i - 1) * s - lo - hi + e + p
+        for i, s, (lo, hi), e, p in zip(in_size, stride, pairs, effective, out_pad)
     )
-    out_pad = _transpose_output_padding(
-        output_padding, output_size, in_size, batched, min_sizes, stride, dilation, n
-    )
-    out_size = tuple(m + p for m, p in zip(min_sizes, out_pad))
     if any(s <= 0 for s in out_size):
         raise ValueError(
             f"Given input size per channel: {_sizes(in_size)}. Calculated output size per channel: "
             f"{_sizes(out_size)}. Output size is too small"
         )
+    _check_pads(padding_mode, pairs, out_size, input_shape, transposed)
     # The conv whose input gradient this is: conv input = our output.
-    geom = ConvGeometry(
-        out_per_group * groups,
-        in_channels,
-        groups,
-        out_size,
-        tuple(kernel),
-        in_size,
-        stride,
-        dilation,
-        pairs,
-        "zeros",
-        conv_mode,
-        compute_mode,
-    )
+    geom = ConvGeometry(per_group * groups, lead, groups, out_size, tuple(kernel), in_size, stride,
+                        dilation, pairs, "zeros", conv_mode, compute_mode)  # fmt: skip
     return geom, batched
+
+
+def conv_transpose_geometry(input_shape, weight_shape, **options) -> tuple[ConvGeometry, bool]:
+    """``conv_geometry(..., transposed=True)``."""
+    return conv_geometry(input_shape, weight_shape, transposed=True, **options)

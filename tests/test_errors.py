@@ -98,16 +98,29 @@ CASES = [
     ),
     ("dilation-zero", lambda: F.conv2d(X, W, dilation=(1, 0)), ValueError, r"dilation=\(1, 0\)"),
     (
-        "padding-negative",
-        lambda: F.conv2d(X, W, padding=-1),
+        "padding-negative-with-a-mode",
+        lambda: F.conv2d(X, W, padding=-1, padding_mode="reflect"),
         ValueError,
-        r"negative padding is not supported, but got padding=-1",
+        r"negative padding \(a crop\) needs padding_mode='zeros', but got padding_mode='reflect'",
+    ),
+    (
+        "crop-leaves-nothing",
+        lambda: F.conv2d(X, W, padding=((-3, -2), 1)),
+        ValueError,
+        r"must leave some of the conv input, but got padding \(-3, -2\) for spatial dimension 0 "
+        r"of size 5",
+    ),
+    (
+        "crop-below-the-kernel",
+        lambda: F.conv2d(X, W, padding=((-2, -1), 0)),
+        ValueError,
+        r"Calculated padded input size per channel: \(2 x 5\)",
     ),
     (
         "padding-string",
         lambda: F.conv2d(X, W, padding="full"),
         ValueError,
-        r"padding must be one of \('same', 'valid'\), but got padding='full'",
+        r"padding must be one of \('same', 'same_lower', 'valid'\), but got padding='full'",
     ),
     (
         "padding-pair",
@@ -122,10 +135,10 @@ CASES = [
         r"padding must have one entry per spatial dimension \(2\), but got 1",
     ),
     (
-        "same-strided",
-        lambda: F.conv2d(X, W, padding="same", stride=2),
+        "pad-negative",
+        lambda: F.pad(X, ((0, 0), (-1, 0)), "zeros"),
         ValueError,
-        r"padding='same' is not supported for strided convolutions, but got stride=\(2, 2\)",
+        r"negative padding is not supported, but got pads=",
     ),
     (
         "padding-mode",
@@ -195,10 +208,16 @@ CASES = [
         r'Only "zeros" padding mode is supported for ConvTranspose2d, but got padding_mode=\'reflect\'',
     ),
     (
-        "transpose-same",
-        lambda: F.conv_transpose2d(XT, WT, padding="same"),
+        "transpose-same-and-output-size",
+        lambda: F.conv_transpose2d(XT, WT, padding="same", output_size=(12, 12)),
         ValueError,
-        r"padding='same' is not supported for transposed convolutions",
+        r"output_size cannot be combined with padding='same' .* got output_size=\(12, 12\)",
+    ),
+    (
+        "has-bias-not-a-bool",
+        lambda: F.conv_backward(DY, X, W, has_bias="no"),
+        TypeError,
+        r"has_bias must be a bool, but got str: has_bias='no'",
     ),
     (
         "transpose-channels",

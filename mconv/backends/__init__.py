@@ -1,29 +1,9 @@
-"""Backends implement three primitives on canonical arguments.
+"""Backends: the three convolution primitives (and padding, bias gradients) per device.
 
-A backend is a module with
-
-- ``name``;
-- ``compute_dtype(dtype, compute_mode)``: the dtype inputs are cast to before
-  the primitives (NumPy: the input dtype itself; it widens fp16 per tile);
-- the primitives ``forward(x, w, geom)``, ``backward_data(dy, w, geom)`` and
-  ``backward_filter(dy, x, geom)`` on a zero-padding cross-correlation
-  geometry (see ``numpy_backend`` for shapes);
-- ``pad(x, pairs, mode)`` / ``pad_backward(dy, pairs, mode)`` for the
-  reflect/replicate/circular modes and their adjoint, and
-  ``bias_grad(dy, geom)``.
-
-A backend may return wider results than its inputs (its accumulator, e.g.
-fp32 from fp16 under ``compute_mode='float32'``); ``mconv.conv_ops`` adds the
-bias in that dtype and casts every result to the caller's dtype exactly once.
-``forward`` and ``backward_data`` also take ``out_dtype=None``: the dtype the
-result will be cast to with nothing computed on it first. A backend may
-write the result in it directly (NumPy rounds each tile once on its way
-out) or ignore it (CuPy); the cast after is then a no-op or the one rounding.
-``forward`` adds ``bias=None`` (shape (O,)) itself, in the result's dtype
-before any rounding into ``out_dtype`` (NumPy: per tile, in its accumulator).
-The backend is chosen from the array: arrays stay on the device they came from.
-``numpy_backend`` serves NumPy arrays, ``cupy_backend`` CuPy arrays (imported
-only when one is seen, so mconv works without CuPy).
+The contract is written once, in ``mconv.backends.base.Backend``: both
+``numpy_backend`` (NumPy arrays) and ``cupy_backend`` (CuPy arrays; imported only
+when one is seen, so mconv works without CuPy) implement it. The backend is chosen
+from the array, and arrays stay on the device they came from.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""CuPy backend: mconv's CUDA kernels (``mconv/kernels``) and cuBLAS.
+"""CuPy backend (``mconv.backends.base.Backend``): mconv's CUDA kernels and cuBLAS.
 
 The algorithm is ``mconv.kernels.ops.KernelBackend`` (tested on a CPU through
 the host build); this module only supplies its GPU executor and the device
@@ -12,10 +12,10 @@ first seen, so ``mconv`` works without it.
   never CuPy's batched fp16 ``matmul`` (which upcasts by copying).
 
 ``compute_mode='float32'``: primitives return fp32 for fp16 inputs (the GEMM
-writes fp32, every kernel accumulates and writes fp32), so ``mconv.conv_ops``
-adds the bias in fp32 and rounds once. ``'default'``: the same fp32
-arithmetic inside each GEMM and kernel, but intermediates and results are
-stored as fp16.
+writes fp32, every kernel accumulates and writes fp32; the bias is added in
+fp32), and the caller rounds once. ``'default'``: the same fp32 arithmetic
+inside each GEMM and kernel, but intermediates and results are stored as fp16
+(``mconv.precision.stored``).
 """
 
 from __future__ import annotations
@@ -197,8 +197,8 @@ def _backend(array) -> KernelBackend:
 def _on_device(method: str):
     def primitive(*args, **kwargs):
         array, cupy = args[0], _cupy()
-        for other in args[1:]:
-            if hasattr(other, "shape") and device_of(other) != device_of(array):
+        for other in (*args[1:], *kwargs.values()):
+            if _args.is_ndarray(other) and device_of(other) != device_of(array):
                 raise ValueError(
                     f"all arrays of a convolution must be on one device, but got arrays on "
                     f"{device_of(array)} and {device_of(other)}"
@@ -211,12 +211,7 @@ def _on_device(method: str):
     return primitive
 
 
-# -- the backend interface (mconv.backends) --------------------------------------------------
-def compute_dtype(dtype, compute_mode: str) -> np.dtype:
-    """Inputs keep their dtype on the GPU: fp16 is read as fp16, accumulated in fp32."""
-    return np.dtype(dtype)
-
-
+# -- the backend contract (mconv.backends.base.Backend) -------------------------------------
 forward = _on_device("forward")
 backward_data = _on_device("backward_data")
 backward_filter = _on_device("backward_filter")

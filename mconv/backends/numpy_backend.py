@@ -1,4 +1,4 @@
-"""NumPy backend: the three convolution primitives on the CPU.
+"""NumPy backend: the three convolution primitives on the CPU (``base.Backend``).
 
 Shapes (B batch, G groups, Cg = C/G, Og = O/G, K = prod(kernel_size)):
 
@@ -45,6 +45,7 @@ import numpy as np
 from ..geometry import ConvGeometry
 from ..padding import pad_backward_unchecked as pad_backward  # noqa: F401 - backend interface
 from ..padding import pad_unchecked as pad  # noqa: F401 - backend interface
+from ..precision import accumulator, bias_view, store
 from . import numpy_depthwise, numpy_im2col, numpy_pointwise, numpy_threads, numpy_wide
 
 name = "numpy"
@@ -54,21 +55,9 @@ SCATTER_RATIO = 2
 SCATTER_MAX_BYTES = 64 << 20
 
 
-def compute_dtype(dtype, compute_mode: str) -> np.dtype:
-    """Inputs are passed through as they are; the primitives widen fp16 tile by tile."""
-    return np.dtype(dtype)
-
-
-def accumulator_dtype(dtype) -> np.dtype:
-    """fp16 always accumulates in fp32 on the CPU (NumPy's fp16 GEMM is hundreds of times
-    slower), so both compute modes round once, at the end."""
-    dtype = np.dtype(dtype)
-    return np.dtype(np.float32) if dtype == np.float16 else dtype
-
-
 def bias_grad(dy: np.ndarray, geom: ConvGeometry) -> np.ndarray:
     """db = sum of dy over the batch and spatial axes, in the accumulator dtype."""
-    return dy.sum(axis=(0, *range(2, dy.ndim)), dtype=accumulator_dtype(dy.dtype))
+    return dy.sum(axis=(0, *range(2, dy.ndim)), dtype=accumulator(dy.dtype))
 
 
 def _check_memory(shape, dtype, what: str, geom: ConvGeometry) -> None:
@@ -96,7 +85,7 @@ def _correlate(x: np.ndarray, w: np.ndarray, g: ConvGeometry, out: np.ndarray, a
     """out (B, O, *Q) = conv(x, w) (+ bias (O,)) on the fastest path for ``g``, accumulated in
     ``acc`` and rounded once into ``out``."""
     if out.size == 0 or x.size == 0 or w.size == 0:  # an empty sum (or nothing to write)
-        out[...] = 0 if bias is None else bias.reshape((-1,) + (1,) * g.ndim)
+        store(np.zeros((), acc), out, None if bias is None else bias_view(bias, g.ndim + 1, 0))
     elif numpy_depthwise.applies(g):
         numpy_depthwise.forward(x, w, g, out, acc, bias)
     elif numpy_pointwise.applies(g):
@@ -110,7 +99,7 @@ def _correlate(x: np.ndarray, w: np.ndarray, g: ConvGeometry, out: np.ndarray, a
 def forward(x: np.ndarray, w: np.ndarray, geom: ConvGeometry, out_dtype=None, bias=None):
     """y = conv(x, w) + bias, in ``out_dtype`` (rounded once from the accumulator) or the
     accumulator; the bias is added per tile, in the accumulator."""
-    acc = accumulator_dtype(x.dtype)
+    acc = accumulator(x.dtype)
     y = _empty(geom.output_shape(x.shape[0]), out_dtype or acc, "output", geom)
     _correlate(x, w, geom, y, acc, None if bias is None else bias.astype(acc, copy=False))
     return y
@@ -135,19 +124,23 @@ def _scatter_is_cheaper(g: ConvGeometry, dtype) -> bool:
     copies, and one image's columns must stay small."""
     if numpy_depthwise.applies(g) or numpy_pointwise.applies(g):
         return False
-    columns = numpy_im2col.scatter_bytes(g, accumulator_dtype(dtype).itemsize)
+    columns = numpy_im2col.scatter_bytes(g, accumulator(dtype).itemsize)
     return SCATTER_RATIO * g.in_channels <= g.out_channels and columns <= SCATTER_MAX_BYTES
 
 
-def backward_data(dy: np.ndarray, w: np.ndarray, geom: ConvGeometry, out_dtype=None) -> np.ndarray:
-    """dx = A_w^T dy: stride phases, or col2im when C << O (see the module docstring); in
-    ``out_dtype`` (rounded once from the accumulator) or the accumulator."""
+def backward_data(dy: np.ndarray, w: np.ndarray, geom: ConvGeometry, out_dtype=None, bias=None):
+    """dx = A_w^T dy + bias: stride phases, or col2im when C << O (see the module docstring);
+    in ``out_dtype`` (rounded once from the accumulator) or the accumulator."""
+    if bias is not None:  # added to the whole dx in the accumulator, then rounded once
+        dx = backward_data(dy, w, geom)
+        out = dx if out_dtype is None else np.empty(dx.shape, out_dtype)
+        return store(dx, out, bias_view(bias.astype(dx.dtype, copy=False), dx.ndim))
     batch, groups = dy.shape[0], geom.groups
     og, cg = geom.out_channels // groups, geom.in_channels // groups
     # w (O, Cg, *k) -> (G, Og, Cg, *k) -> (G, Cg, Og, *k) -> (C, Og, *k): the transposed conv weight
     wt = w.reshape(groups, og, cg, *geom.kernel_size).swapaxes(1, 2)
     wt = wt.reshape(geom.in_channels, og, *geom.kernel_size)
-    shape, acc = geom.input_shape(batch), accumulator_dtype(dy.dtype)
+    shape, acc = geom.input_shape(batch), accumulator(dy.dtype)
     dtype = out_dtype or acc
     _check_memory(shape, dtype, "input gradient", geom)
     if dy.size == 0 or w.size == 0:
@@ -176,28 +169,32 @@ def backward_data(dy: np.ndarray, w: np.ndarray, geom: ConvGeometry, out_dtype=N
 
 
 def _phase(dy, wt, geom: ConvGeometry, phase, dx: np.ndarray, acc) -> None:
-    """One residue class of dx: dx[..., *slices] = conv(dy, the sub-kernel of its taps)."""
+    """One residue class of dx: dx[..., *slices] = conv(dy, the sub-kernel of its taps).
+
+    Its window of dy may start or end inside dy: that part of dy is cut off (a view), so the
+    sub-conv has non-negative padding."""
     slices, taps, parts = zip(*phase)
     counts, steps, pads = zip(*parts)
+    cut = tuple(slice(max(-lo, 0), n - max(-hi, 0)) for n, (lo, hi) in zip(geom.out_size, pads))
     sub = ConvGeometry(
         geom.out_channels,
         geom.in_channels,
         geom.groups,
-        geom.out_size,
+        tuple(c.stop - c.start for c in cut),
         tuple(len(t) for t in taps),
         counts,
         (1,) * geom.ndim,
         steps,
-        pads,
+        tuple((max(lo, 0), max(hi, 0)) for lo, hi in pads),
     )
     # (C, Og, *k) -> (C, Og, *len(taps)): the phase's taps, highest first
     wsub = wt[(Ellipsis, *np.ix_(*taps))]
-    _correlate(dy, wsub, sub, dx[(Ellipsis, *slices)], acc)
+    _correlate(dy[(Ellipsis, *cut)], wsub, sub, dx[(Ellipsis, *slices)], acc)
 
 
 def backward_filter(dy: np.ndarray, x: np.ndarray, geom: ConvGeometry) -> np.ndarray:
     """dW = B_x^T dy, in the accumulator dtype."""
-    acc = accumulator_dtype(x.dtype)
+    acc = accumulator(x.dtype)
     if dy.size == 0 or x.size == 0:
         return np.zeros(
             (geom.out_channels, geom.in_channels // geom.groups, *geom.kernel_size), acc

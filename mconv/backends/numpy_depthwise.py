@@ -23,6 +23,7 @@ import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
 from ..geometry import ConvGeometry
+from ..precision import bias_view, store
 from . import numpy_threads
 
 # Channels per task: enough for long copies, few enough to stay in cache.
@@ -134,10 +135,8 @@ def forward(x: np.ndarray, w: np.ndarray, g: ConvGeometry, out: np.ndarray, acc,
         b, chans = task
         cols = plan.columns(x, b, chans, scratch)
         res = np.matmul(wk[chans], cols)  # (cb, 1, K) @ (cb, K, P) -> (cb, 1, P)
-        if bias is None:
-            out[b, chans] = plan.crop(res)
-        else:  # bias (C,) -> (cb, 1, ..)
-            np.add(plan.crop(res), bias[chans].reshape((-1,) + (1,) * g.ndim), out=out[b, chans])
+        cb = None if bias is None else bias_view(bias[chans], g.ndim + 1, 0)  # (cb,) -> (cb, 1, ..)
+        store(plan.crop(res), out[b, chans], cb)
 
     tasks = plan.tasks(x.shape[0])
     numpy_threads.run(tasks, work, plan.scratch, _work(g, x.shape[0]))

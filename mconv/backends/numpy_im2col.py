@@ -28,6 +28,7 @@ import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
 from ..geometry import ConvGeometry
+from ..precision import store
 from . import numpy_threads
 
 # Target size of one task's columns: a few of them fit the L3 cache (4 MiB measured 5% faster
@@ -190,10 +191,8 @@ def correlate(x: np.ndarray, w: np.ndarray, g: ConvGeometry, out: np.ndarray, dt
         res = np.moveaxis(res.reshape(groups, m, *shape, og), (0, -1), (1, 2))
         dest = out[(tile.images, slice(None), *tile.box)]  # (m, O, *Q_t)
         dest = dest.reshape(m, groups, og, *shape)  # (m, G, Og, *Q_t)
-        if bias is None:
-            np.copyto(dest, res)
-        else:  # bias (O,) -> (G, Og, 1, ..)
-            np.add(res, bias.reshape(groups, og, *(1,) * g.ndim), out=dest)
+        # bias (O,) -> (G, Og, 1, ..)
+        store(res, dest, None if bias is None else bias.reshape(groups, og, *(1,) * g.ndim))
 
     numpy_threads.run(tiles, work, lambda: _Columns(g, tiles, dtype), _work(g, batch))
 

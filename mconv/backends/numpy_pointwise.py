@@ -16,6 +16,7 @@ import math
 import numpy as np
 
 from ..geometry import ConvGeometry
+from ..precision import store
 from . import numpy_im2col, numpy_threads
 
 
@@ -57,14 +58,10 @@ def forward(x: np.ndarray, w: np.ndarray, g: ConvGeometry, out: np.ndarray, acc,
             out[b] = np.matmul(wg, xb).reshape(out.shape[1:])
             return
         dest = out[b].reshape(groups, og, -1)[..., cols]  # out[b] (O, *S) -> (G, Og, p)
-        if out.dtype == acc:
-            np.matmul(wg, xb, out=dest)
-            if bg is not None:
-                dest += bg
-        elif bg is None:  # rounded once, block by block
-            np.copyto(dest, np.matmul(wg, xb))
-        else:
-            np.add(np.matmul(wg, xb), bg, out=dest)
+        if out.dtype == acc:  # straight into out
+            store(np.matmul(wg, xb, out=dest), dest, bg)
+        else:  # rounded once, block by block
+            store(np.matmul(wg, xb), dest, bg)
 
     widen = flat and (x.dtype != acc or out.dtype != acc)
     numpy_threads.run(_tasks(g, x.shape[0], widen), work, lambda: None, _work(g, x.shape[0]))

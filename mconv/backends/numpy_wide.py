@@ -29,6 +29,7 @@ import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
 from ..geometry import ConvGeometry
+from ..precision import bias_view, store
 from . import numpy_im2col, numpy_threads
 from .numpy_im2col import _Tile
 
@@ -156,10 +157,7 @@ def correlate(x: np.ndarray, w: np.ndarray, g: ConvGeometry, out: np.ndarray, dt
         # (G, Og, m*N) -> (O, m, *wide) -> kept outputs (m, O, *Q_t)
         res = res.reshape(g.out_channels, m, *box.wide_shape(g))[(Ellipsis, *box.kept(g))]
         dest = out[(tile.images, slice(None), *tile.box)]  # (m, O, *Q_t)
-        if bias is None:
-            np.copyto(dest, res.swapaxes(0, 1))
-        else:  # bias (O,) -> (O, 1, ..)
-            np.add(res.swapaxes(0, 1), bias.reshape((-1,) + (1,) * g.ndim), out=dest)
+        store(res.swapaxes(0, 1), dest, None if bias is None else bias_view(bias, g.ndim + 1, 0))
 
     numpy_threads.run(tiles, work, lambda: _Scratch(g, tiles, dtype), _work(g, x.shape[0]))
 

@@ -1,8 +1,8 @@
-"""The backend interface (``mconv.backends``) on the CUDA kernels and cuBLAS.
+"""The backend contract (``mconv.backends.base.Backend``) on the CUDA kernels and cuBLAS.
 
-``KernelBackend(executor)`` implements ``compute_dtype``, ``forward``,
-``backward_data``, ``backward_filter``, ``pad``, ``pad_backward`` and
-``bias_grad`` once, against an *executor* that owns the device:
+``KernelBackend(executor)`` implements ``forward``, ``backward_data``,
+``backward_filter``, ``pad``, ``pad_backward`` and ``bias_grad`` once, against an
+*executor* that owns the device:
 
     executor.xp                       the array module (cupy, or numpy on the host)
     executor.params(values)           an int64 parameter array on the device
@@ -12,11 +12,12 @@
 The CuPy backend gives it a CuPy executor; the tests give it
 ``mconv.kernels.host.HostExecutor`` and compare with the NumPy backend.
 
-Dtypes: T is the input dtype (inputs are never upcast). Acc is fp32 for fp16
-and fp32, fp64 for fp64: every kernel sums and every GEMM computes in Acc
-(cuBLAS CUBLAS_COMPUTE_32F/_64F). Out, the dtype of each result and of the
-intermediate columns, is Acc under ``compute_mode='float32'`` (one rounding,
-in ``mconv.conv_ops``) and T under ``'default'`` (half the memory traffic).
+Dtypes (``mconv.precision``): T is the input dtype (inputs are never upcast).
+Acc = ``accumulator(T)``: every kernel sums and every GEMM computes in it
+(cuBLAS CUBLAS_COMPUTE_32F/_64F). Out = ``stored(T, compute_mode)``, the dtype
+of each result and of the intermediate columns: Acc under
+``compute_mode='float32'`` (one rounding, by the caller) and T under
+``'default'`` (half the memory traffic).
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ import os
 import numpy as np
 
 from ..geometry import ConvGeometry
+from ..precision import accumulator, bias_view, store
+from ..precision import stored
 from . import CTYPES, plan
 
 #: Column workspace per call, bytes ($MCONV_WORKSPACE_MB, default 1024): larger
@@ -37,16 +40,6 @@ DEFAULT_WORKSPACE = 1 << 30
 def _workspace_limit() -> int:
     value = os.environ.get("MCONV_WORKSPACE_MB")
     return int(value) << 20 if value else DEFAULT_WORKSPACE
-
-
-def accumulator(dtype) -> np.dtype:
-    """fp64 for fp64, fp32 otherwise."""
-    return np.dtype(np.float64) if np.dtype(dtype) == np.float64 else np.dtype(np.float32)
-
-
-def result_dtype(dtype, compute_mode: str) -> np.dtype:
-    """What a primitive returns: the accumulator under 'float32', the input dtype otherwise."""
-    return accumulator(dtype) if compute_mode == "float32" else np.dtype(dtype)
 
 
 def _types(*dtypes) -> tuple[str, ...]:
@@ -72,10 +65,6 @@ class KernelBackend:
         self.workspace = workspace
 
     # -- helpers -----------------------------------------------------------------------------
-    def compute_dtype(self, dtype, compute_mode: str) -> np.dtype:
-        """Inputs keep their dtype: fp16 is read as fp16 and accumulated in fp32."""
-        return np.dtype(dtype)
-
     def _gemm(self, call: plan.RowGemm, a, b, c) -> None:
         self.ex.gemm(call.cublas(), _flat(b), _flat(a), _flat(c))  # column-major: B, A swap
 
@@ -98,18 +87,16 @@ class KernelBackend:
 
     # -- primitives --------------------------------------------------------------------------
     def forward(self, x, w, geom: ConvGeometry, out_dtype=None, bias=None):
-        """y (B, O, *Q) = conv(x (B, C, *S), w (O, C/G, *k)) + bias, in ``result_dtype`` (the
+        """y (B, O, *Q) = conv(x (B, C, *S), w (O, C/G, *k)) + bias, in ``stored(dtype, compute_mode)`` (the
         bias added in that dtype); ``out_dtype`` (the dtype the caller casts to afterwards) is
         accepted and ignored."""
         y = self._forward(x, w, geom)
-        if bias is not None:
-            y += bias.astype(y.dtype, copy=False).reshape((1, -1) + (1,) * geom.ndim)
-        return y
+        return y if bias is None else store(y, y, bias_view(bias, y.ndim))
 
     def _forward(self, x, w, geom: ConvGeometry):
         xp, batch = self.xp, x.shape[0]
         x, w = xp.ascontiguousarray(x), xp.ascontiguousarray(w)
-        out = result_dtype(x.dtype, geom.compute_mode)
+        out = stored(x.dtype, geom.compute_mode)
         y = xp.empty((batch, geom.out_channels, *geom.out_size), dtype=out)
         if batch == 0:
             return y
@@ -129,12 +116,16 @@ class KernelBackend:
                 self._gemm(call, w, cols, yc)
         return y
 
-    def backward_data(self, dy, w, geom: ConvGeometry, out_dtype=None):
-        """dx (B, C, *S) = col2im(W^T dy): the adjoint of ``forward`` in x (``out_dtype``: as in
-        ``forward``)."""
+    def backward_data(self, dy, w, geom: ConvGeometry, out_dtype=None, bias=None):
+        """dx (B, C, *S) = col2im(W^T dy) + bias: the adjoint of ``forward`` in x (``out_dtype``
+        and the bias: as in ``forward``)."""
+        dx = self._backward_data(dy, w, geom)
+        return dx if bias is None else store(dx, dx, bias_view(bias, dx.ndim))
+
+    def _backward_data(self, dy, w, geom: ConvGeometry):
         xp, batch = self.xp, dy.shape[0]
         dy, w = xp.ascontiguousarray(dy), xp.ascontiguousarray(w)
-        acc, out = accumulator(dy.dtype), result_dtype(dy.dtype, geom.compute_mode)
+        acc, out = accumulator(dy.dtype), stored(dy.dtype, geom.compute_mode)
         dx = xp.empty((batch, geom.in_channels, *geom.in_size), dtype=out)
         if batch == 0:
             return dx
@@ -160,7 +151,7 @@ class KernelBackend:
         """dW (O, C/G, *k) = dy im2col(x)^T, summed over the batch."""
         xp, batch = self.xp, x.shape[0]
         dy, x = xp.ascontiguousarray(dy), xp.ascontiguousarray(x)
-        acc, out = accumulator(x.dtype), result_dtype(x.dtype, geom.compute_mode)
+        acc, out = accumulator(x.dtype), stored(x.dtype, geom.compute_mode)
         shape = (geom.out_channels, geom.in_channels // geom.groups, *geom.kernel_size)
         if batch == 0:
             return xp.zeros(shape, dtype=out)
@@ -217,7 +208,7 @@ class KernelBackend:
     def bias_grad(self, dy, geom: ConvGeometry):
         """db (O,) = sum of dy over the batch and spatial axes, in Acc."""
         dy = self.xp.ascontiguousarray(dy)
-        acc, out = accumulator(dy.dtype), result_dtype(dy.dtype, geom.compute_mode)
+        acc, out = accumulator(dy.dtype), stored(dy.dtype, geom.compute_mode)
         batch, channels = dy.shape[0], dy.shape[1]
         numel = math.prod(dy.shape[2:])
         lanes = plan.reduction_lanes(batch * numel, channels)

@@ -1,10 +1,12 @@
 """Convolution layers: Conv1d/2d/3d and ConvTranspose1d/2d/3d (PyTorch signatures).
 
-Arguments are normalised once here; every forward builds a ``ConvGeometry``
-from them and the input shape, and caches the input for ``backward``.
-The rank used at run time comes from the weight (``weight.ndim - 2``); the
-subclasses only say how many values an int ``kernel_size``/``stride``/...
-expands to.
+Arguments are normalised once here; every forward is one ``conv_call`` (the
+geometry from the options and the input shape, ``mconv.call``) and one
+``conv_ops.forward``, and caches the call and the input for ``backward``.
+Conv and transposed conv differ in data only (``transposed``, the weight
+layout, ``output_padding``). The rank used at run time comes from the weight
+(``weight.ndim - 2``); the subclasses only say how many values an int
+``kernel_size``/``stride``/... expands to.
 
     Conv:           S_out = floor((S + before + after - dilation*(k-1) - 1) / stride) + 1
     ConvTranspose:  S_out = (S - 1)*stride - before - after + dilation*(k-1) + output_padding + 1
@@ -21,23 +23,22 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from .. import _args, conv_ops
-from .. import functional as F
-from ..geometry import resolve_padding
+from ..call import check_grad, conv_call
+from ..geometry import check_padding_mode
 from . import init
 from .module import Module, Parameter, check_device, float_dtype, to_device
 
 
-def _padding_for_repr(padding: Any, pairs: tuple[tuple[int, int], ...]) -> Any:
+def _padding_for_repr(pairs: tuple[tuple[int, int], ...] | str) -> Any:
     """What PyTorch shows: the string, ints when symmetric, pairs otherwise."""
-    if isinstance(padding, str):
-        return padding
-    if all(lo == hi for lo, hi in pairs):
-        return tuple(lo for lo, _ in pairs)
-    return pairs
+    if isinstance(pairs, str) or not all(lo == hi for lo, hi in pairs):
+        return pairs
+    return tuple(lo for lo, _ in pairs)
 
 
 class _ConvNd(Module):
-    """Shared by every convolution layer; ``_rank`` None means len(kernel_size)."""
+    """Every convolution layer; ``transposed`` picks the op, ``_rank`` None means
+    len(kernel_size). ``is_conv(module)`` (``mconv.nn``) tells these layers from others."""
 
     _rank: int | None = None
     transposed = False
@@ -83,21 +84,12 @@ class _ConvNd(Module):
         self.kernel_size = _args.int_tuple(kernel_size, n, "kernel_size", minimum=1)
         self.stride = _args.int_tuple(stride, n, "stride", minimum=1)
         self.dilation = _args.int_tuple(dilation, n, "dilation", minimum=1)
-        self.padding_mode = _args.choice(padding_mode, _args.PADDING_MODES, "padding_mode")
+        self.padding_mode = check_padding_mode(padding_mode, self.transposed, n)
         self.conv_mode = _args.choice(conv_mode, _args.CONV_MODES, "conv_mode")
         self.compute_mode = _args.choice(compute_mode, _args.COMPUTE_MODES, "compute_mode")
-        if self.transposed and self.padding_mode != "zeros":
-            raise ValueError(
-                f'Only "zeros" padding mode is supported for {type(self).__name__}, '
-                f"but got padding_mode={padding_mode!r}"
-            )
-        if self.transposed and padding == "same":
-            raise ValueError(
-                "padding='same' is not supported for transposed convolutions, but got "
-                "padding='same'"
-            )
-        self._padding_pairs = resolve_padding(padding, self.kernel_size, self.stride, self.dilation)
-        self.padding = _padding_for_repr(padding, self._padding_pairs)
+        # pairs (negative: crops) or 'same'/'same_lower'/'valid', resolved per input size
+        self._padding = _args.padding_pairs(padding, n, allow_negative=True)
+        self.padding = _padding_for_repr(self._padding)
         self.output_padding = (0,) * n  # transposed convs set their own
         if not isinstance(bias, bool):
             raise TypeError(f"bias must be a bool, but got bias={bias!r}")
@@ -132,42 +124,35 @@ class _ConvNd(Module):
     def _bias_data(self):
         return None if self.bias is None else self.bias.data
 
-    def _take_cache(self, grad_output):
+    def options(self) -> dict:
+        """The keyword arguments of ``F.conv`` (transposed: ``F.conv_transpose``) this layer
+        computes with."""
+        options = dict(stride=self.stride, padding=self._padding, dilation=self.dilation,
+                       groups=self.groups, padding_mode=self.padding_mode,
+                       conv_mode=self.conv_mode, compute_mode=self.compute_mode)  # fmt: skip
+        if self.transposed:
+            options["output_padding"] = self.output_padding
+        return options
+
+    def forward(self, x, **extra):
+        """The op on ``x`` (batched or not); caches the call and the input for backward."""
+        b = self._bias_data()
+        call = conv_call(type(self).__name__, x, self.weight.data, b, {**self.options(), **extra},
+                         transposed=self.transposed)  # fmt: skip
+        self._cache = (call, call.batch(x))
+        return call.unbatch(conv_ops.forward(call, call.batch(x), self.weight.data, b))
+
+    def backward(self, grad_output):
+        """Input gradient; accumulates ``weight.grad`` and ``bias.grad``."""
         if self._cache is None:
             raise RuntimeError(f"{type(self).__name__}.backward() called before forward()")
-        x, geom, batched = self._cache
-        expected = (geom.input_shape if self.transposed else geom.output_shape)(x.shape[0])
-        F.check_like(
-            f"{type(self).__name__}.backward",
-            "grad_output",
-            grad_output,
-            expected if batched else expected[1:],
-            x.dtype,
-            _args.device_of(x),
-        )
-        return x, geom, batched, grad_output if batched else grad_output[None]
-
-    def _run(self, x, options: dict, prepare, forward):
-        """Validate, cache what backward needs, compute; unbatched input stays unbatched."""
-        geom, batched = prepare(
-            type(self).__name__, x, self.weight.data, self._bias_data(), options
-        )
-        x = x if batched else x[None]
-        self._cache = (x, geom, batched)
-        y = forward(x, self.weight.data, self._bias_data(), geom)
-        return y if batched else y[0]
-
-    def _backprop(self, grad_output, rule):
-        """dx from ``rule`` (conv_ops' backward); weight and bias grads accumulate."""
-        x, geom, batched, dy = self._take_cache(grad_output)
-        dx, dw, db = rule(dy, x, self.weight.data, geom, self.bias is not None)
-        self._accumulate(dw, db)
-        return dx if batched else dx[0]
-
-    def _accumulate(self, dw, db) -> None:
+        call, x = self._cache
+        check_grad(f"{type(self).__name__}.backward", call, grad_output, x)
+        dx, dw, db = conv_ops.backward(call, call.batch(grad_output), x, self.weight.data)
         self.weight.accumulate_grad(dw)
         if self.bias is not None:
             self.bias.accumulate_grad(db)
+        return call.unbatch(dx)
 
     def extra_repr(self) -> str:
         n = len(self.kernel_size)
@@ -196,14 +181,7 @@ class _ConvNd(Module):
 
 class _Conv(_ConvNd):
     def forward(self, x):
-        options = dict(stride=self.stride, padding=self._padding_pairs, dilation=self.dilation,
-                       groups=self.groups, padding_mode=self.padding_mode,
-                       conv_mode=self.conv_mode, compute_mode=self.compute_mode)  # fmt: skip
-        return self._run(x, options, F.prepare_conv, conv_ops.conv_forward)
-
-    def backward(self, grad_output):
-        """Input gradient; accumulates ``weight.grad`` and ``bias.grad``."""
-        return self._backprop(grad_output, conv_ops.conv_backward)
+        return super().forward(x)
 
 
 class _ConvTranspose(_ConvNd):
@@ -236,15 +214,7 @@ class _ConvTranspose(_ConvNd):
 
     def forward(self, x, output_size: Sequence[int] | None = None):
         """``output_size`` picks one of the ``stride`` possible output sizes, as in PyTorch."""
-        options = dict(stride=self.stride, padding=self._padding_pairs,
-                       output_padding=self.output_padding, groups=self.groups,
-                       dilation=self.dilation, output_size=output_size,
-                       conv_mode=self.conv_mode, compute_mode=self.compute_mode)  # fmt: skip
-        return self._run(x, options, F.prepare_conv_transpose, conv_ops.conv_transpose_forward)
-
-    def backward(self, grad_output):
-        """Input gradient; accumulates ``weight.grad`` and ``bias.grad``."""
-        return self._backprop(grad_output, conv_ops.conv_transpose_backward)
+        return super().forward(x, output_size=output_size)
 
 
 class Conv1d(_Conv):

@@ -19,7 +19,7 @@ from typing import Any
 from .. import _args
 from .._args import array_module
 from .. import functional as F
-from ..backends.numpy_backend import accumulator_dtype
+from ..precision import accumulator
 from . import init
 from .module import Module, Parameter, check_device, float_dtype, to_device
 
@@ -142,7 +142,7 @@ class Linear(Module):
                 f"input of size {_args.shape_str(x.shape)}"
             )
         self._cache = x
-        cdt = accumulator_dtype(x.dtype)
+        cdt = accumulator(x.dtype)
         y = x.astype(cdt) @ self.weight.data.astype(cdt).T
         if self.bias is not None:
             y += self.bias.data.astype(cdt)
@@ -150,7 +150,7 @@ class Linear(Module):
 
     def backward(self, grad_output):
         x = _cached(self)
-        cdt = accumulator_dtype(x.dtype)
+        cdt = accumulator(x.dtype)
         dy = grad_output.astype(cdt).reshape(-1, self.out_features)  # (rows, out)
         xs = x.astype(cdt).reshape(-1, self.in_features)  # (rows, in)
         self.weight.accumulate_grad((dy.T @ xs).astype(x.dtype))
@@ -177,7 +177,7 @@ class GlobalAvgPool(Module):
                 f"{_args.shape_str(x.shape)}"
             )
         self._cache = x.shape
-        return x.mean(axis=tuple(range(2, x.ndim)), dtype=accumulator_dtype(x.dtype)).astype(
+        return x.mean(axis=tuple(range(2, x.ndim)), dtype=accumulator(x.dtype)).astype(
             x.dtype
         )
 
@@ -282,7 +282,7 @@ class MaxPool(_PoolNd):
         shape, padded, y, out = _cached(self)
         xp, n = array_module(grad_output), len(self.kernel_size)
         dy = grad_output if grad_output.ndim == n + 2 else grad_output[None]
-        dy = dy.astype(accumulator_dtype(dy.dtype))
+        dy = dy.astype(accumulator(dy.dtype))
         dx = xp.zeros(padded.shape, dtype=dy.dtype)
         nan = xp.isnan(y)
         nan = nan if bool(nan.any()) else None

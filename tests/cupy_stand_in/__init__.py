@@ -105,6 +105,10 @@ class FakeCupy(types.ModuleType):
             return value
 
         def function(*args, **kwargs):
+            if isinstance(value, np.ufunc) and any(
+                isinstance(a, ndarray) for a in (*args, *kwargs.values())
+            ):  # through ndarray.__array_ufunc__, as NumPy dispatches it
+                return value(*args, **kwargs)
             return run(value, args, kwargs, what=f"cupy.{name}")
 
         function.__name__ = name
@@ -132,6 +136,13 @@ class FakeCupy(types.ModuleType):
     @staticmethod
     def get_array_module(*args):
         return sys.modules["cupy"] if any(isinstance(a, ndarray) for a in args) else np
+
+    @staticmethod
+    def copyto(dst, src, casting="same_kind", where=True):
+        """``dst[...] = src``: a device write, queued on the current stream."""
+        if not isinstance(dst, ndarray) or where is not True:
+            raise unsupported(dst if not isinstance(dst, ndarray) else where)
+        dst[...] = src
 
     @staticmethod
     def empty_like(a, dtype=None):

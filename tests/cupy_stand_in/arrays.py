@@ -283,10 +283,19 @@ def run(compute, args, kwargs, what: str, arrays=(), writes: bool = False):
     stream: CuPy returns views and no-op casts without a kernel, and checks nothing then."""
     stream = current_stream()
     operands = [v for v in _flatten((*args, *kwargs.values(), *arrays)) if isinstance(v, ndarray)]
+    out = kwargs.get("out")
+    writes = writes or isinstance(out, ndarray)
     if writes:
         _check_kernel(operands, stream, what)
     stream.catch_up()
-    result = compute(*_to_host(tuple(args)), **_to_host(dict(kwargs)))
+    host_kwargs = _to_host(dict(kwargs))
+    if isinstance(out, ndarray):  # written into scratch memory, queued on the stream
+        host_kwargs["out"] = scratch = np.array(out._a)
+    result = compute(*_to_host(tuple(args)), **host_kwargs)
+    if isinstance(out, ndarray):
+        stream.enqueue(out._buf, functools.partial(np.copyto, out._a, scratch))
+        if result is scratch:
+            return out
     owners = {id(a._buf.mem): a._buf for a in operands}
     same = {id(a._a): a for a in operands}  # CuPy returns an operand itself, not a new view
     made: list = []

@@ -1,0 +1,59 @@
+"""The one precision policy: what sums in which dtype, what is stored in which, and where a
+bias and a rounding meet a result.
+
+- ``accumulator(dtype)``: every sum over fp16 or fp32 runs in fp32, over fp64 in fp64 (GEMMs,
+  direct kernels, reductions, gradient sums, collectives' wire dtype).
+- ``stored(dtype, compute_mode)``: what the GPU keeps between steps of one call: the
+  accumulator under ``compute_mode='float32'`` (one rounding, at the end), the input dtype
+  under ``'default'``. The CPU always keeps the accumulator (NumPy's fp16 GEMM is hundreds of
+  times slower than widening), so both modes round once there.
+- ``store(result, dest, bias)``: a result (in the accumulator) is written into its output
+  (any dtype: the one rounding) with the bias added first, in the accumulator. Every
+  primitive that writes a result, and every ``add_bias``, goes through it.
+
+>>> import numpy as np
+>>> accumulator(np.float16), stored(np.float16, "default"), stored(np.float16, "float32")
+(dtype('float32'), dtype('float16'), dtype('float32'))
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ._args import array_module
+
+
+def accumulator(dtype) -> np.dtype:
+    """fp64 sums in fp64; fp16 and fp32 (and any other float) in fp32."""
+    dtype = np.dtype(dtype)
+    return dtype if dtype == np.float64 else np.dtype(np.float32)
+
+
+def stored(dtype, compute_mode: str) -> np.dtype:
+    """The dtype of a GPU primitive's intermediates and results (see the module docstring)."""
+    return accumulator(dtype) if compute_mode == "float32" else np.dtype(dtype)
+
+
+def bias_view(bias, ndim: int, axis: int = 1):
+    """A bias ``(C,)`` shaped to broadcast along ``axis`` of an ``ndim``-D array."""
+    shape = [1] * ndim
+    shape[axis] = -1
+    return bias.reshape(shape)
+
+
+def store(result, dest, bias=None):
+    """``dest[...] = result + bias``: the bias added in ``result``'s dtype (the accumulator),
+    then one rounding into ``dest``'s dtype. ``bias`` must broadcast against ``result``
+    (``bias_view``); ``dest`` may be ``result`` itself. Returns ``dest``."""
+    xp = array_module(dest)
+    if bias is None:
+        if dest is not result:
+            xp.copyto(dest, result, casting="unsafe")
+        return dest
+    xp.add(result, bias.astype(result.dtype, copy=False), out=dest, casting="unsafe")
+    return dest
+
+
+def add_bias(y, bias, axis: int = 1):
+    """``y += bias`` along ``axis`` (channels), in ``y``'s dtype; None adds nothing."""
+    return y if bias is None else store(y, y, bias_view(bias, y.ndim, axis))
