@@ -76,6 +76,23 @@ class ConvGeometry:
         )
 
     @property
+    def depthwise(self) -> bool:
+        """One input channel per group (C = G > 1), any channel multiplier O/G."""
+        return self.groups > 1 and self.groups == self.in_channels
+
+    @property
+    def pointwise(self) -> bool:
+        """A 1x...x1 kernel at stride 1 without padding over an input as large as the output:
+        the input already is its own column matrix. (A transposed conv's output_padding can
+        make the conv input one larger than its output.)"""
+        return (
+            all(k == 1 for k in self.kernel_size)
+            and all(s == 1 for s in self.stride)
+            and all(p == (0, 0) for p in self.padding)
+            and self.in_size == self.out_size
+        )
+
+    @property
     def crops(self) -> tuple[tuple[int, int], ...]:
         """What negative padding cuts from each end of the conv input: ``(before, after)``."""
         return tuple((max(-lo, 0), max(-hi, 0)) for lo, hi in self.padding)

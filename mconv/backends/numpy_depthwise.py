@@ -32,7 +32,7 @@ _TASK_BYTES = 4 << 20
 
 def applies(g: ConvGeometry) -> bool:
     """Depthwise with multiplier 1: every group has one input and one output channel."""
-    return g.groups > 1 and g.in_channels == g.out_channels == g.groups
+    return g.depthwise and g.out_channels == g.groups
 
 
 class _Plan:

@@ -21,11 +21,7 @@ from . import numpy_im2col, numpy_threads
 
 
 def applies(g: ConvGeometry) -> bool:
-    return (
-        all(k == 1 for k in g.kernel_size)
-        and all(s == 1 for s in g.stride)
-        and all(p == (0, 0) for p in g.padding)
-    )
+    return g.pointwise
 
 
 def _work(g: ConvGeometry, batch: int) -> int:

@@ -73,16 +73,12 @@ def reduction_lanes(terms: int, rows: int, *, threads: int = 1 << 16, per_lane: 
 
 def is_depthwise(geom: ConvGeometry) -> bool:
     """One input channel per group: the direct depthwise kernels apply."""
-    return geom.groups > 1 and geom.groups == geom.in_channels
+    return geom.depthwise
 
 
 def is_pointwise(geom: ConvGeometry) -> bool:
-    """A 1x...x1 kernel, stride 1, no padding: the input already is its column matrix."""
-    return (
-        math.prod(geom.kernel_size) == 1
-        and all(s == 1 for s in geom.stride)
-        and not any(lo or hi for lo, hi in geom.padding)
-    )
+    """The input already is its column matrix (``ConvGeometry.pointwise``)."""
+    return geom.pointwise
 
 
 def batch_chunks(batch: int, per_image: int, limit: int) -> list[tuple[int, int]]:
