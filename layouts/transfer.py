@@ -15,8 +15,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from mconv.nn import Linear, Module
-from mconv.nn.conv import _ConvNd
+from mconv.nn import Linear, Module, is_conv
 from mconv.nn.module import IncompatibleKeys, to_device
 
 from . import adapters
@@ -45,11 +44,11 @@ def param_specs(model: Module) -> dict[str, ParamSpec]:
             if param is None:
                 continue
             full = f"{prefix}.{name}" if prefix else name
-            if isinstance(module, _ConvNd):
+            if is_conv(module):
                 n = module.weight.ndim - 2
                 if module.transposed:
                     kind = "conv_transpose"
-                elif module.groups > 1 and module.groups == module.in_channels:
+                elif module.depthwise:
                     kind = "depthwise"
                 else:
                     kind = "conv"

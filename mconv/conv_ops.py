@@ -105,10 +105,11 @@ def _apply_adjoint(call: ConvCall, v, w, b, out_dtype, backend):
 _ROLES = {False: (_apply, _apply_adjoint), True: (_apply_adjoint, _apply)}
 
 
-def forward(call: ConvCall, x, w, b):
-    """The op's output for batched ``x`` (None bias: none)."""
+def forward(call: ConvCall, x, w, b, dtype=None):
+    """The op's output for batched ``x`` (None bias: none), in ``dtype`` (default x's)."""
     op, _ = _ROLES[call.transposed]
-    return op(call, x, w, b, x.dtype, get_backend(x)).astype(x.dtype, copy=False)
+    dtype = x.dtype if dtype is None else dtype
+    return op(call, x, w, b, dtype, get_backend(x)).astype(dtype, copy=False)
 
 
 def backward(call: ConvCall, dy, x, w):

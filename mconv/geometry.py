@@ -38,6 +38,11 @@ from . import _args
 from ._args import shape_str
 
 
+def is_depthwise(groups: int, in_channels: int) -> bool:
+    """A depthwise convolution: one input channel per group (C = G > 1), any multiplier."""
+    return groups > 1 and groups == in_channels
+
+
 @dataclass(frozen=True)
 class ConvGeometry:
     in_channels: int
@@ -78,7 +83,7 @@ class ConvGeometry:
     @property
     def depthwise(self) -> bool:
         """One input channel per group (C = G > 1), any channel multiplier O/G."""
-        return self.groups > 1 and self.groups == self.in_channels
+        return is_depthwise(self.groups, self.in_channels)
 
     @property
     def pointwise(self) -> bool:

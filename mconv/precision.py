@@ -54,6 +54,13 @@ def store(result, dest, bias=None):
     return dest
 
 
+def channel_sum(dy, axis: int = 1):
+    """A bias gradient: ``dy`` summed over every axis but ``axis``, in the accumulator, then
+    rounded once into dy's dtype."""
+    others = tuple(a for a in range(dy.ndim) if a != axis)
+    return dy.sum(axis=others, dtype=accumulator(dy.dtype)).astype(dy.dtype, copy=False)
+
+
 def add_bias(y, bias, axis: int = 1):
     """``y += bias`` along ``axis`` (channels), in ``y``'s dtype; None adds nothing."""
     return y if bias is None else store(y, y, bias_view(bias, y.ndim, axis))

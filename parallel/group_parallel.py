@@ -10,14 +10,14 @@ independently::
     groups    |  g0  |  g1  |  g2  |  g3  |
     rank      |   rank 0    |   rank 1    |      rank r: groups 2r, 2r+1
 
-Communication (all of it; sharded means: this rank's channel block):
+The layer is that local conv between two steps of ``parallel.mappings``:
 
-    input       forward                    backward
-    full        take own block (no comm)   allgather dx over channels
-    sharded     none                       none
+    input       step (forward / backward)
+    full        ScatterToShards: take own block / allgather dx over channels
+    sharded     NoComm
     output
-    gathered    allgather y over channels  take own block of dy (no comm)
-    sharded     none                       none
+    gathered    GatherFromShards: allgather y over channels / take own block of dy
+    sharded     NoComm
 
 A layer with ``gather_output=False`` feeds a next group-parallel (or
 row-parallel) layer with ``input_is_sharded=True`` with no communication
@@ -43,6 +43,7 @@ from typing import Any, Sequence
 
 from mconv import nn
 
+from .mappings import GatherFromShards, NoComm, ScatterToShards
 from .sharded import ShardedConv
 
 
@@ -66,26 +67,24 @@ class _GroupParallel(ShardedConv):
     def _check_split(self, full) -> None:
         self._divisible(full.groups, "groups", "its groups")
 
-    def _local_groups(self, full) -> int:
-        return full.groups // self.comm.size
+    def _local_layer(self, full, shards: dict):
+        return full.on_shard(shards["weight"], shards.get("bias"), full.groups // self.comm.size)
 
-    def forward(self, x, output_size: Sequence[int] | None = None):
-        x_local, axis = self._local_input(x)
-        y_local = self._conv(x_local, None if self.bias is None else self.bias.data, output_size)
-        self._cache = (x_local, axis, y_local.shape, output_size)
-        return self._output(y_local, axis)
-
-    def backward(self, grad_output):
-        """dx of the same kind (full or sharded) as forward's input; accumulates grads."""
-        x_local, axis, local_shape, output_size = self._cached()
-        dy = self._local_grad(grad_output, local_shape, axis, x_local.dtype)
-        dx = self._conv_backward(dy, x_local, self.bias is not None, output_size)
-        return self._input_grad(dx, axis)
+    def _steps(self) -> tuple:
+        before = NoComm if self.input_is_sharded else ScatterToShards
+        after = GatherFromShards if self.gather_output else NoComm
+        return before(self.comm), after(self.comm)
 
 
 class _GroupParallelConv(_GroupParallel):
     def forward(self, x):
         return super().forward(x)
+
+
+class _GroupParallelConvTranspose(_GroupParallel):
+    def forward(self, x, output_size: Sequence[int] | None = None):
+        """``output_size``: as the serial layer's (the local shard has the same spatial sizes)."""
+        return super().forward(x, output_size=output_size)
 
 
 class GroupParallelConv1d(_GroupParallelConv):
@@ -106,19 +105,19 @@ class GroupParallelConv3d(_GroupParallelConv):
     _serial = nn.Conv3d
 
 
-class GroupParallelConvTranspose1d(_GroupParallel):
+class GroupParallelConvTranspose1d(_GroupParallelConvTranspose):
     """``nn.ConvTranspose1d`` with its groups split across ``comm``; ``forward(x, output_size)``."""
 
     _serial = nn.ConvTranspose1d
 
 
-class GroupParallelConvTranspose2d(_GroupParallel):
+class GroupParallelConvTranspose2d(_GroupParallelConvTranspose):
     """``nn.ConvTranspose2d`` with its groups split across ``comm``; ``forward(x, output_size)``."""
 
     _serial = nn.ConvTranspose2d
 
 
-class GroupParallelConvTranspose3d(_GroupParallel):
+class GroupParallelConvTranspose3d(_GroupParallelConvTranspose):
     """``nn.ConvTranspose3d`` with its groups split across ``comm``; ``forward(x, output_size)``."""
 
     _serial = nn.ConvTranspose3d

@@ -1,17 +1,21 @@
-"""``ShardedConv``: the base of every parallel convolution layer.
+"""``ShardedConv``: a parallel layer is the serial layer on this rank's shard, between two
+paired communication steps (``parallel.mappings``).
 
-A parallel layer is built from the serial layer it stands for: it builds
-that layer (so every argument is validated once, by the core, and the
-initialisation draws exactly what the serial layer draws), keeps this
-rank's slice of its weight and bias as its own Parameters, and discards it.
-Its compute is ``mconv.functional`` on the local shard; the subclasses add
-only the communication. So, with the same ``mconv.manual_seed`` on every
-rank, the shards are exactly the slices of the serial layer built with
-that seed.
+    forward:   x -> before.forward -> local(x) -> after.forward -> y
+    backward:  dy -> after.backward -> local.backward -> before.backward -> dx
 
-``shard_axes`` says how each parameter is split across ``comm`` (axis, or
-None when every rank holds all of it); ``full_shapes`` the serial shapes.
-``parallel.gather_state_dict`` and ``scatter_state_dict`` read both.
+A parallel layer is built from the serial layer it stands for: it builds that layer (so
+every argument is validated once, by the core, and the initialisation draws exactly what the
+serial layer draws), keeps this rank's slice of its weight and bias as the local layer's
+Parameters (``_ConvNd.on_shard``: the same layer class and options on a shard, nothing
+drawn), and discards the rest. So, with the same ``mconv.manual_seed`` on every rank, the
+shards are exactly the slices of the serial layer built with that seed. The local layer's
+Parameters are the parallel layer's own (``weight``, ``bias``: its ``state_dict`` holds this
+rank's shard under the serial layer's keys).
+
+``shard_axes`` says how each parameter is split across ``comm`` (axis, or None when every
+rank holds all of it); ``full_shapes`` the serial shapes. ``parallel.gather_state_dict`` and
+``scatter_state_dict`` read both.
 """
 
 from __future__ import annotations
@@ -20,11 +24,12 @@ import inspect
 from typing import Any
 
 from mconv import _args
-from mconv import functional as F
+from mconv.call import check_like
 from mconv.nn.module import Module, Parameter
 
 from .comm import Communicator
-from .sharding import shard_range
+from .mappings import NoComm
+from .sharding import shard
 
 
 def _flag(value: Any, name: str) -> bool:
@@ -41,7 +46,8 @@ def _comparable(key: str, value: Any) -> str:
 
 
 class ShardedConv(Module):
-    """Base class; subclasses set ``_serial`` (an ``mconv.nn`` conv class) and ``shard_axes``."""
+    """Base class; subclasses set ``_serial`` (an ``mconv.nn`` conv class) and ``shard_axes``,
+    and say how to split (``_check_split``, ``_local_layer``) and communicate (``_steps``)."""
 
     _serial: type
     shard_axes: dict[str, int | None] = {}
@@ -66,36 +72,31 @@ class ShardedConv(Module):
         self._check_split(full)
         self.in_channels, self.out_channels = full.in_channels, full.out_channels
         self.kernel_size, self.groups = full.kernel_size, full.groups
-        self._rank_n = len(full.kernel_size)
         self._full_repr = full.extra_repr()
-        self.full_shapes = {"weight": full.weight.shape}
-        if full.bias is not None:
-            self.full_shapes["bias"] = full.bias.shape
-        self._options = dict(
-            stride=full.stride,
-            padding=bound.arguments["padding"],
-            dilation=full.dilation,
-            groups=self._local_groups(full),
-            padding_mode=full.padding_mode,
-            conv_mode=full.conv_mode,
-            compute_mode=full.compute_mode,
-        )
-        if full.transposed:
-            self._options["output_padding"] = full.output_padding
-        self.weight = Parameter(self._take(full.weight.data, self.shard_axes["weight"]))
-        self.bias = (
-            None
-            if full.bias is None
-            else Parameter(self._take(full.bias.data, self.shard_axes["bias"]))
-        )
+        self.full_shapes = {name: p.shape for name, p in full.named_parameters()}
+        shards = {name: self._take(p.data, self.shard_axes[name])
+                  for name, p in full.named_parameters()}  # fmt: skip
+        local = self._local_layer(full, shards)
+        object.__setattr__(self, "local", local)  # not a child: its Parameters are ours
+        self.weight = local.weight
+        if local.bias is not None or "bias" not in shards:
+            self.bias = local.bias
+        else:  # the serial bias, kept here: added after the local layer (row-parallel)
+            self.bias = Parameter(shards["bias"])
+        self.before, self.after = self._steps()
         self._cache = None
 
-    # -- what subclasses override -----------------------------------------------------------
+    # -- what subclasses say ----------------------------------------------------------------
     def _check_split(self, full) -> None:
         """Raise ValueError when ``full`` cannot be split evenly over ``comm``."""
 
-    def _local_groups(self, full) -> int:
-        return full.groups
+    def _local_layer(self, full, shards: dict):
+        """The serial layer on this rank's shard."""
+        return full.on_shard(shards["weight"], shards.get("bias"), full.groups)
+
+    def _steps(self) -> tuple:
+        """(before, after): the communication around the local layer."""
+        return NoComm(self.comm), NoComm(self.comm)
 
     # -- helpers ------------------------------------------------------------------------------
     def _divisible(self, value: int, name: str, what: str) -> None:
@@ -105,24 +106,17 @@ class ShardedConv(Module):
                 f"({self.comm.size}) to split {what}, but got {name}={value}"
             )
 
-    def _block(self, n: int) -> slice:
-        """This rank's block of ``n`` channels (even split, rank order)."""
-        block = shard_range(n, self.comm)
-        return slice(block.start, block.stop)
-
     def _take(self, array, axis: int | None):
-        if axis is None:
-            return array.copy()
-        index = [slice(None)] * array.ndim
-        index[axis] = self._block(array.shape[axis])
-        return array[tuple(index)].copy()
+        """This rank's block of a full parameter (a copy); all of it for ``axis=None``. The one
+        rule for "rank r's block" of parameters (``parallel.shard``, a view, for arrays)."""
+        return array.copy() if axis is None else shard(array, self.comm, axis).copy()
 
     def _channel_axis(self, x) -> int:
         """1 for batched ``(B, C, *S)`` input, 0 for unbatched ``(C, *S)`` (after checking x)."""
         name = type(self).__name__
         _args.check_array(x, "input", name)
         _args.check_same_dtype(name, input=x, weight=self.weight.data)
-        n = self._rank_n
+        n = len(self.kernel_size)
         if x.ndim not in (n + 1, n + 2):
             raise ValueError(
                 f"{name}: expected a {n + 1}-D (unbatched) or {n + 2}-D (batched) input, but got "
@@ -130,87 +124,37 @@ class ShardedConv(Module):
             )
         return 1 if x.ndim == n + 2 else 0
 
-    def _check_channels(self, x, axis: int, expected: int, what: str) -> None:
+    def _expected_channels(self) -> tuple[int, str]:
+        if getattr(self, "input_is_sharded", False):
+            return self.in_channels // self.comm.size, "this rank's shard"
+        return self.in_channels, "the full input"
+
+    # -- the layer ----------------------------------------------------------------------------
+    def forward(self, x, **extra):
+        """before -> the local layer (``extra``: its forward's keyword arguments) -> after."""
+        axis = self._channel_axis(x)
+        expected, what = self._expected_channels()
         if x.shape[axis] != expected:
             raise ValueError(
                 f"{type(self).__name__}: expected input with {expected} channels ({what}), but "
                 f"got input of size {_args.shape_str(x.shape)}"
             )
+        y = self.after.forward(self.local(self.before.forward(x, axis), **extra), axis)
+        self._cache = (axis, y.shape, x.dtype)
+        return y
 
-    def _cached(self):
+    def backward(self, grad_output):
+        """dx of the same kind (full or sharded) as forward's input; accumulates grads."""
         if self._cache is None:
             raise RuntimeError(f"{type(self).__name__}.backward() called before forward()")
-        return self._cache
+        axis, shape, dtype = self._cache
+        check_like(f"{type(self).__name__}.backward", "grad_output", grad_output, shape, dtype)
+        dy = self.after.backward(grad_output, axis)
+        return self.before.backward(self.local.backward(dy), axis)
 
-    def _check_grad(self, dy, shape, dtype) -> None:
-        F.check_like(f"{type(self).__name__}.backward", "grad_output", dy, shape, dtype)
-
-    @staticmethod
-    def _slice_axis(array, axis: int, block: slice):
-        index = [slice(None)] * array.ndim
-        index[axis] = block
-        return array[tuple(index)]
-
-    # -- the channel-block communication the layers share -----------------------------------
-    def _local_input(self, x):
-        """(this rank's channel block of ``x``, the channel axis); with ``input_is_sharded``
-        x is that block already."""
-        axis = self._channel_axis(x)
-        if self.input_is_sharded:
-            self._check_channels(x, axis, self.in_channels // self.comm.size, "this rank's shard")
-            return x, axis
-        self._check_channels(x, axis, self.in_channels, "the full input")
-        return self._slice_axis(x, axis, self._block(self.in_channels)), axis
-
-    def _input_grad(self, dx_local, axis: int):
-        """dx of the kind forward's input was: this rank's block, or all blocks gathered."""
-        if self.input_is_sharded:
-            return dx_local
-        return self.comm.allgather(dx_local, axis=axis, check=False)
-
-    def _output(self, y_local, axis: int):
-        """This rank's block of y, or (``gather_output``) all blocks gathered."""
-        if self.gather_output:
-            return self.comm.allgather(y_local, axis=axis, check=False)
-        return y_local
-
-    def _local_grad(self, dy, local_shape, axis: int, dtype):
-        """This rank's block of dy, checked against the output forward returned."""
-        if not self.gather_output:
-            self._check_grad(dy, local_shape, dtype)
-            return dy
-        full = list(local_shape)
-        full[axis] = self.out_channels
-        self._check_grad(dy, full, dtype)
-        return self._slice_axis(dy, axis, self._block(self.out_channels))
-
-    # -- the local computation (mconv.functional on the shard) -------------------------------
-    def _conv(self, x, bias, output_size=None):
-        if "output_padding" in self._options:
-            return F.conv_transpose(
-                x, self.weight.data, bias, output_size=output_size, **self._options
-            )
-        return F.conv(x, self.weight.data, bias, **self._options)
-
-    def _conv_backward(self, dy, x, has_bias: bool, output_size=None):
-        """dx of the local conv; accumulates weight.grad (and bias.grad when ``has_bias``)."""
-        if "output_padding" in self._options:
-            dx, dw, db = F.conv_transpose_backward(
-                dy,
-                x,
-                self.weight.data,
-                has_bias=has_bias,
-                output_size=output_size,
-                **self._options,
-            )
-        else:
-            dx, dw, db = F.conv_backward(
-                dy, x, self.weight.data, has_bias=has_bias, **self._options
-            )
-        self.weight.accumulate_grad(dw)
-        if has_bias:
-            self.bias.accumulate_grad(db)
-        return dx
+    def options(self) -> dict:
+        """The local (and serial) layer's keyword arguments of ``F.conv``/``F.conv_transpose``."""
+        return self.local.options()
 
     def extra_repr(self) -> str:
         flags = ", ".join(
@@ -219,3 +163,4 @@ class ShardedConv(Module):
             if key in self.__dict__
         )
         return f"{self._full_repr}, rank={self.comm.rank}/{self.comm.size}, {flags}"
+

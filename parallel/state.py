@@ -36,11 +36,10 @@ import numpy as np
 from layouts import save_safetensors
 from layouts.safetensors_format import read_safetensors, write_safetensors
 from mconv import _args
-from mconv.nn.module import IncompatibleKeys, Module, to_device
+from mconv.nn.module import IncompatibleKeys, Module, key_errors, to_device
 
 from .comm import Communicator
 from .sharded import ShardedConv
-from .sharding import shard_range
 
 SHARD_FORMAT = "mconv.parallel.shard/1"
 
@@ -82,12 +81,7 @@ def shard_specs(model: Module) -> dict[str, tuple[ShardedConv, str, int | None]]
 
 def _block(array, layer: ShardedConv, axis: int | None):
     """This rank's block of a full array (a copy)."""
-    if axis is None:
-        return array.copy()
-    index = [slice(None)] * array.ndim
-    block = shard_range(array.shape[axis], layer.comm)
-    index[axis] = slice(block.start, block.stop)
-    return array[tuple(index)].copy()
+    return layer._take(array, axis)
 
 
 def gather_state_dict(model: Module, comm: Communicator, root: int | None = 0) -> OrderedDict:
@@ -129,12 +123,8 @@ def _problems(full_state_dict: Any, shapes: OrderedDict, strict: bool):
     errors = []
     missing = [k for k in shapes if k not in full_state_dict]
     unexpected = [k for k in full_state_dict.keys() if k not in shapes]
-    if strict and missing:
-        errors.append("Missing key(s) in state_dict: " + ", ".join(f'"{k}"' for k in missing) + ".")
-    if strict and unexpected:
-        errors.append(
-            "Unexpected key(s) in state_dict: " + ", ".join(f'"{k}"' for k in unexpected) + "."
-        )
+    if strict:
+        errors.extend(key_errors(missing, unexpected))
     for name, shape in shapes.items():
         if name not in full_state_dict:
             continue

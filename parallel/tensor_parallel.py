@@ -10,11 +10,13 @@ is added::
     Column  y[:, block r] = conv(x, W[block r, :]) + b[block r]
     Row     y             = sum_r conv(x[:, block r], W[:, block r]) + b
 
-Communication (all of it):
+Each is the serial conv on its shard between two steps of ``parallel.mappings``
+(each a forward with its adjoint backward):
 
-    layer   forward                            backward
-    Column  none; gather_output: allgather y   allreduce(sum) of the partial dx
-    Row     allreduce(sum) of the partial y    none; full input: allgather dx
+    layer   before                                  after
+    Column  CopyToShards (dx: allreduce(sum))       GatherFromShards, or NoComm
+    Row     ScatterToShards (dx: allgather), or     ReduceFromShards (y: allreduce(sum)),
+            NoComm for a sharded input              then + b
 
 The backward passes are the exact adjoints: the transpose of "replicate x
 to every rank" is "sum the ranks' dx", the transpose of "sum the partial
@@ -23,8 +25,9 @@ outputs" is "give dy to every rank". A column-parallel layer with
 ``input_is_sharded=True`` with no communication between them (the
 two-layer Megatron block costs one allreduce forward and one backward).
 
-fp16: the row-parallel partial sums are computed, summed and biased in
-fp32 and rounded once, as the serial layer does.
+fp16: the row-parallel partial sums stay in the accumulator (fp32; the local
+conv's ``partial_sums``), are summed and biased in it and rounded once, as the
+serial layer does (``mconv.precision``).
 
 >>> import numpy as np, mconv, parallel
 >>> comm = parallel.init()
@@ -40,11 +43,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
-
-from mconv import functional as F
 from mconv import nn
+from mconv.precision import add_bias, channel_sum
 
+from .mappings import CopyToShards, GatherFromShards, NoComm, ReduceFromShards, ScatterToShards
 from .sharded import ShardedConv
 
 
@@ -70,19 +72,10 @@ class _ColumnParallelConv(_DenseSharded):
         super()._check_split(full)
         self._divisible(full.out_channels, "out_channels", "its output channels")
 
-    def forward(self, x):
-        axis = self._channel_axis(x)
-        self._check_channels(x, axis, self.in_channels, "the full input")
-        y_local = self._conv(x, None if self.bias is None else self.bias.data)
-        self._cache = (x, axis, y_local.shape)
-        return self._output(y_local, axis)
-
-    def backward(self, grad_output):
-        """The full dx (partial dx summed over ranks); accumulates grads."""
-        x, axis, local_shape = self._cached()
-        dy = self._local_grad(grad_output, local_shape, axis, x.dtype)
-        dx = self._conv_backward(dy, x, self.bias is not None)
-        return self.comm.allreduce(dx, "sum", out=dx)
+    def _steps(self) -> tuple:
+        return CopyToShards(self.comm), (GatherFromShards if self.gather_output else NoComm)(
+            self.comm
+        )
 
 
 class _RowParallelConv(_DenseSharded):
@@ -100,36 +93,28 @@ class _RowParallelConv(_DenseSharded):
         super()._check_split(full)
         self._divisible(full.in_channels, "in_channels", "its input channels")
 
+    def _local_layer(self, full, shards: dict):
+        """No bias (it is added once, after the sum); partial outputs in the accumulator."""
+        return full.on_shard(shards["weight"], None, 1, partial_sums=True)
+
+    def _steps(self) -> tuple:
+        before = NoComm if self.input_is_sharded else ScatterToShards
+        return before(self.comm), ReduceFromShards(self.comm)
+
     def forward(self, x):
-        x_local, axis = self._local_input(x)
-        if x.dtype == np.float16:  # partial sums, their sum and the bias in fp32; round once
-            partial = F.conv(
-                x_local.astype(np.float32),
-                self.weight.data.astype(np.float32),
-                None,
-                **self._options,
-            )
-        else:
-            partial = self._conv(x_local, None)
-        y = self.comm.allreduce(partial, "sum", out=partial)
-        if self.bias is not None:
-            shape = [1] * y.ndim
-            shape[axis] = -1
-            y += self.bias.data.astype(y.dtype).reshape(shape)  # (1, O, 1, ...) or (O, 1, ...)
-        self._cache = (x_local, axis, y.shape)
+        """The summed partial outputs plus the bias, rounded once into x's dtype."""
+        y = add_bias(super().forward(x), self._bias_data(), self._cache[0])
+        self._cache = (*self._cache[:1], y.shape, x.dtype)
         return y.astype(x.dtype, copy=False)
 
     def backward(self, grad_output):
-        """dx of the same kind (full or sharded) as forward's input; accumulates grads."""
-        x_local, axis, shape = self._cached()
-        self._check_grad(grad_output, shape, x_local.dtype)
+        dx = super().backward(grad_output)  # checks grad_output; the local dW
         if self.bias is not None:
-            reduce = tuple(a for a in range(grad_output.ndim) if a != axis)
-            work = np.float32 if grad_output.dtype == np.float16 else grad_output.dtype
-            db = grad_output.sum(axis=reduce, dtype=work).astype(grad_output.dtype)
-            self.bias.accumulate_grad(db)
-        dx = self._conv_backward(grad_output, x_local, False)
-        return self._input_grad(dx, axis)
+            self.bias.accumulate_grad(channel_sum(grad_output, self._cache[0]))
+        return dx
+
+    def _bias_data(self):
+        return None if self.bias is None else self.bias.data
 
 
 class ColumnParallelConv1d(_ColumnParallelConv):

@@ -24,7 +24,8 @@ from typing import Any, Sequence
 
 from .. import _args, conv_ops
 from ..call import check_grad, conv_call
-from ..geometry import check_padding_mode
+from ..geometry import check_padding_mode, is_depthwise
+from ..precision import accumulator
 from . import init
 from .module import Module, Parameter, check_device, float_dtype, to_device
 
@@ -91,6 +92,7 @@ class _ConvNd(Module):
         self._padding = _args.padding_pairs(padding, n, allow_negative=True)
         self.padding = _padding_for_repr(self._padding)
         self.output_padding = (0,) * n  # transposed convs set their own
+        self.partial_sums = False  # see on_shard
         if not isinstance(bias, bool):
             raise TypeError(f"bias must be a bool, but got bias={bias!r}")
         self.dtype = float_dtype(dtype)
@@ -124,6 +126,11 @@ class _ConvNd(Module):
     def _bias_data(self):
         return None if self.bias is None else self.bias.data
 
+    @property
+    def depthwise(self) -> bool:
+        """One input channel per group (C = G > 1): a depthwise conv, any channel multiplier."""
+        return is_depthwise(self.groups, self.in_channels)
+
     def options(self) -> dict:
         """The keyword arguments of ``F.conv`` (transposed: ``F.conv_transpose``) this layer
         computes with."""
@@ -136,11 +143,14 @@ class _ConvNd(Module):
 
     def forward(self, x, **extra):
         """The op on ``x`` (batched or not); caches the call and the input for backward."""
-        b = self._bias_data()
-        call = conv_call(type(self).__name__, x, self.weight.data, b, {**self.options(), **extra},
+        b, options = self._bias_data(), {**self.options(), **extra}
+        dtype = None
+        if self.partial_sums:  # summed elsewhere before the one rounding: keep the accumulator
+            options["compute_mode"], dtype = "float32", accumulator(x.dtype)
+        call = conv_call(type(self).__name__, x, self.weight.data, b, options,
                          transposed=self.transposed)  # fmt: skip
         self._cache = (call, call.batch(x))
-        return call.unbatch(conv_ops.forward(call, call.batch(x), self.weight.data, b))
+        return call.unbatch(conv_ops.forward(call, call.batch(x), self.weight.data, b, dtype))
 
     def backward(self, grad_output):
         """Input gradient; accumulates ``weight.grad`` and ``bias.grad``."""
@@ -153,6 +163,24 @@ class _ConvNd(Module):
         if self.bias is not None:
             self.bias.accumulate_grad(db)
         return call.unbatch(dx)
+
+    def on_shard(self, weight, bias, groups: int, partial_sums: bool = False) -> "_ConvNd":
+        """This layer (class and options) on a shard: ``weight`` and ``bias`` arrays become
+        its Parameters, ``groups`` its groups; nothing is drawn. ``partial_sums``: forward
+        returns the accumulator (fp32 for fp16), for partial outputs that are summed across
+        ranks before the one rounding. Used by ``parallel``'s layers."""
+        layer = object.__new__(type(self))
+        Module.__init__(layer)
+        for key, value in self.__dict__.items():
+            if key not in ("_parameters", "_modules", "training"):
+                object.__setattr__(layer, key, value)
+        lead, per_group = weight.shape[:2]
+        layer.groups, layer.partial_sums, layer._cache = groups, partial_sums, None
+        channels = (lead, per_group * groups)
+        layer.in_channels, layer.out_channels = channels if self.transposed else channels[::-1]
+        layer.weight = Parameter(weight)
+        layer.bias = None if bias is None else Parameter(bias)
+        return layer
 
     def extra_repr(self) -> str:
         n = len(self.kernel_size)
@@ -177,6 +205,13 @@ class _ConvNd(Module):
         if self.compute_mode != "default":
             s += f", compute_mode={self.compute_mode}"
         return s
+
+
+def is_conv(module: Any) -> bool:
+    """Whether ``module`` is a convolution layer of ``mconv.nn`` (Conv1d/2d/3d,
+    ConvTranspose1d/2d/3d, Conv, ConvTranspose), with ``transposed``, ``groups``,
+    ``depthwise`` and a weight in PyTorch's layout."""
+    return isinstance(module, _ConvNd)
 
 
 class _Conv(_ConvNd):

@@ -92,6 +92,13 @@ def float_dtype(dtype: Any, name: str = "dtype") -> np.dtype:
     return resolved
 
 
+def key_errors(missing, unexpected) -> list[str]:
+    """PyTorch's lines for missing and unexpected state_dict keys (none for none)."""
+    quoted = lambda keys: ", ".join(f'"{k}"' for k in keys)  # noqa: E731
+    return [f"{what} key(s) in state_dict: {quoted(keys)}."
+            for what, keys in (("Missing", missing), ("Unexpected", unexpected)) if keys]  # fmt: skip
+
+
 def _addindent(text: str, spaces: int) -> str:
     first, *rest = text.split("\n")
     return "\n".join([first] + [" " * spaces + line for line in rest])
@@ -238,15 +245,8 @@ class Module:
                     f"{shape_str(value.shape)} from checkpoint, the shape in current model "
                     f"is {shape_str(param.shape)}."
                 )
-        if strict and unexpected:
-            errors.insert(
-                0,
-                "Unexpected key(s) in state_dict: " + ", ".join(f'"{k}"' for k in unexpected) + ".",
-            )
-        if strict and missing:
-            errors.insert(
-                0, "Missing key(s) in state_dict: " + ", ".join(f'"{k}"' for k in missing) + "."
-            )
+        if strict:
+            errors[:0] = key_errors(missing, unexpected)
         if errors:
             raise ValueError(
                 f"Error(s) in loading state_dict for {type(self).__name__}:\n\t"

@@ -302,7 +302,7 @@ def _serial_twin(module):
         module.in_channels,
         module.out_channels,
         module.kernel_size,
-        padding=module._options["padding"],
+        padding=module.options()["padding"],
         groups=module.groups,
         dtype=module.weight.dtype,
     )
@@ -403,3 +403,32 @@ def layer_errors(comm, t):
     t.true("rank=" in repr(layer) and "groups=12" in repr(layer), f"repr: {layer!r}")
     t.true(sorted(layer.state_dict()) == ["bias", "weight"], "state_dict holds the local shard")
     t.true(layer.weight.shape[0] == 12 // comm.size, "local shard shape")
+
+
+@check()
+def mappings_are_adjoint_pairs(comm, t):
+    """Each communication step's backward is the adjoint of its forward. A replicated array
+    (the same on every rank) is one value; per-rank arrays are one value per rank, so their
+    inner products add up over ranks: <forward(x), y> = <x, backward(y)>."""
+    from parallel import mappings
+
+    mine, shared = np.random.default_rng(comm.rank), np.random.default_rng(99)
+    # step: (x replicated?, y replicated?)
+    steps = {"NoComm": (False, False), "CopyToShards": (True, False),
+             "ReduceFromShards": (False, True), "ScatterToShards": (True, False),
+             "GatherFromShards": (False, True)}  # fmt: skip
+
+    def inner(a, b, replicated):
+        value = float(np.vdot(a, b))
+        return value if replicated else float(comm.allreduce(np.array(value)))
+
+    for step, (x_shared, y_shared) in steps.items():
+        mapping = getattr(mappings, step)(comm)
+        for axis, shape in [(1, (2, 2 * comm.size, 3)), (0, (comm.size, 5))]:
+            x = (shared if x_shared else mine).standard_normal(shape)
+            fx = mapping.forward(x.copy(), axis)
+            y = (shared if y_shared else mine).standard_normal(fx.shape)
+            bty = mapping.backward(y.copy(), axis)
+            left, right = inner(fx, y, y_shared), inner(x, bty, x_shared)
+            t.true(abs(left - right) <= 1e-12 * max(1.0, abs(left)),
+                   f"{step} axis={axis}: <forward(x), y> = {left} but <x, backward(y)> = {right}")  # fmt: skip
