@@ -6,6 +6,10 @@ compiles it into a shared library cached under a hash of the sources.
 ``HostExecutor`` runs ``mconv.kernels.ops`` on NumPy arrays through it, with
 cuBLAS's column-major strided-batched GEMM emulated by NumPy, so the whole
 GPU algorithm is checked on a CPU.
+
+A user-facing tool as well: step through a kernel, or change one, on a machine
+without a GPU (needs g++), e.g.
+``KernelBackend(HostExecutor()).forward(x, w, conv_geometry(x.shape, w.shape)[0])``.
 """
 
 from __future__ import annotations

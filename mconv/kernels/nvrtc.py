@@ -5,6 +5,11 @@ NVRTC is the compiler ``cupy.RawModule`` uses on a GPU; the
 every instantiation for real targets (``-arch=sm_90`` produces SASS, so ptxas
 runs too) catches what the g++ host build cannot: device-only overloads,
 ``half`` arithmetic, CUDA-specific keywords.
+
+A user-facing tool (with the ``nvidia-cuda-nvrtc-cu12`` wheel, included in the
+``test`` extra): check that mconv's kernels compile for a GPU before running on it,
+
+    python -m mconv.kernels.nvrtc sm_80 sm_90
 """
 
 from __future__ import annotations
@@ -119,3 +124,21 @@ def compile_kernels(
         return compiled
     finally:
         lib.nvrtcDestroyProgram(ctypes.byref(program))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m mconv.kernels.nvrtc ARCH...``: compile every kernel for each ARCH."""
+    archs = (sys.argv[1:] if argv is None else argv) or ["sm_80", "sm_90"]
+    for arch in archs:
+        try:
+            compiled = compile_kernels(arch)
+        except (NvrtcError, OSError, RuntimeError) as error:
+            print(f"{arch}: {error}", file=sys.stderr)
+            return 1
+        size = f", {compiled.cubin_bytes} bytes of SASS" if compiled.cubin_bytes else ""
+        print(f"{arch}: {len(compiled.lowered)} kernels compiled{size}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

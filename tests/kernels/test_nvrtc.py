@@ -55,3 +55,10 @@ def test_cuda_only_errors_are_reported(library):
 
 def test_nvrtc_version(library):
     assert nvrtc.version(library) >= (12, 0)
+
+
+def test_the_command_line_tool(library, capsys):
+    assert nvrtc.main(["sm_80"]) == 0
+    assert f"sm_80: {len(kernels.name_expressions())} kernels compiled" in capsys.readouterr().out
+    assert nvrtc.main(["sm_1"]) == 1  # an architecture NVRTC does not know
+    assert "sm_1" in capsys.readouterr().err
