@@ -1,8 +1,8 @@
 """The one precision policy: what sums in which dtype, what is stored in which, and where a
 bias and a rounding meet a result.
 
-- ``accumulator(dtype)``: every sum over fp16 or fp32 runs in fp32, over fp64 in fp64 (GEMMs,
-  direct kernels, reductions, gradient sums, collectives' wire dtype).
+- ``accumulator(dtype)``: every sum over fp16 runs in fp32, over fp32 and fp64 in their own
+  dtype (GEMMs, direct kernels, reductions, gradient sums, collectives' wire dtype).
 - ``stored(dtype, compute_mode)``: what the GPU keeps between steps of one call: the
   accumulator under ``compute_mode='float32'`` (one rounding, at the end), the input dtype
   under ``'default'``. The CPU always keeps the accumulator (NumPy's fp16 GEMM is hundreds of
@@ -24,9 +24,9 @@ from ._args import array_module
 
 
 def accumulator(dtype) -> np.dtype:
-    """fp64 sums in fp64; fp16 and fp32 (and any other float) in fp32."""
+    """fp16 sums in fp32; fp32, fp64 (and wider) in themselves."""
     dtype = np.dtype(dtype)
-    return dtype if dtype == np.float64 else np.dtype(np.float32)
+    return np.dtype(np.float32) if dtype == np.float16 else dtype
 
 
 def stored(dtype, compute_mode: str) -> np.dtype:

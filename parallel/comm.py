@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from mconv import _args
+from mconv.precision import accumulator
 
 from . import gpu
 from .sharding import shard_sizes
@@ -78,13 +79,14 @@ def _check_axis(axis: Any, ndim: int, name: str, op: str) -> int:
 
 
 def _wire_dtype(dtype, op: str, name: str) -> np.dtype:
-    """The dtype a reduction sends: fp16 widens to fp32; bool and objects are refused."""
+    """The dtype a reduction sends: floats their accumulator (fp16 widens to fp32); bool and
+    objects are refused."""
     dtype = np.dtype(dtype)
-    if dtype == np.float16:
-        return np.dtype(np.float32)
+    if dtype.kind == "f":
+        return accumulator(dtype)
     if dtype.kind in "iu" and dtype.itemsize == 2 and op != "mean":  # NCCL has no 16-bit ints;
         return np.dtype(dtype.kind + "4")  # sums wrap the same once cast back
-    if dtype.kind == "f" or (dtype.kind == "c" and op in ("sum", "mean")):
+    if dtype.kind == "c" and op in ("sum", "mean"):
         return dtype
     if dtype.kind in "iu" and op != "mean":
         return dtype

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from mconv._args import array_module
+from mconv.precision import accumulator
 from mconv.nn.module import Module
 
 from .comm import Communicator
@@ -45,7 +46,7 @@ class _Bucket:
 
     def __init__(self, dtype: np.dtype, xp):
         self.dtype, self.xp = dtype, xp
-        self.wire = np.dtype(np.float32) if dtype == np.float16 else dtype
+        self.wire = accumulator(dtype)
         self.entries: list[tuple[Any, int, int]] = []  # (param, offset, size)
         self.size = 0
 
