@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import os
 from typing import Any, BinaryIO, Callable, Mapping
 
@@ -21,6 +22,9 @@ from .files import map_bytes, open_regular
 from .safe_pickle import short_repr
 
 MAX_HEADER = 100 * 1024 * 1024
+MAX_JSON_DEPTH = 64
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.S)
+_OPEN, _CLOSE = np.frombuffer(b"[{", np.uint8), np.frombuffer(b"]}", np.uint8)
 _DTYPES = {
     "BOOL": "bool", "U8": "uint8", "I8": "int8", "U16": "uint16", "I16": "int16",
     "U32": "uint32", "I32": "int32", "U64": "uint64", "I64": "int64", "F16": "float16",
@@ -39,6 +43,14 @@ def _numpy_dtype(code: str, source: str) -> np.dtype:
     return np.dtype(name).newbyteorder("<")
 
 
+def _json_depth(raw: bytes) -> int:
+    """How deep the brackets of a JSON text nest (strings ignored), without recursion: the
+    json module recurses in C, which a high recursion limit turns into a stack overflow."""
+    bare = np.frombuffer(_JSON_STRING.sub(b'""', raw), np.uint8)
+    steps = np.isin(bare, _OPEN).astype(np.int64) - np.isin(bare, _CLOSE)
+    return int(np.cumsum(steps).max(initial=0))
+
+
 def _read_header(f: BinaryIO, size: int, source: str) -> tuple[dict, int]:
     head = f.read(8)
     if len(head) < 8:
@@ -48,6 +60,10 @@ def _read_header(f: BinaryIO, size: int, source: str) -> tuple[dict, int]:
         raise CheckpointError(f"{source}: safetensors header of {length} bytes does not fit "
                               f"the {size}-byte file")  # fmt: skip
     raw = f.read(length)
+    depth = _json_depth(raw)
+    if depth > MAX_JSON_DEPTH:
+        raise CheckpointError(f"{source}: safetensors header nested {depth} deep (at most "
+                              f"{MAX_JSON_DEPTH})")  # fmt: skip
     try:
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
