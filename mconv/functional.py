@@ -202,7 +202,7 @@ def conv_backward(dy, x, weight, *, has_bias: bool, **kwargs):
         op, "grad_output", dy, expected if batched else expected[1:], x.dtype, _args.device_of(x)
     )
     dx, dw, db = conv_ops.conv_backward(
-        _batched(dy, batched), _batched(x, batched), weight, geom, has_bias=bool(has_bias)
+        _batched(dy, batched), _batched(x, batched), weight, geom, has_bias=_args.check_bool(has_bias, "has_bias")
     )
     return _unbatched(dx, batched), dw, db
 
@@ -291,7 +291,7 @@ def conv_transpose_backward(dy, x, weight, *, has_bias: bool, **kwargs):
         op, "grad_output", dy, expected if batched else expected[1:], x.dtype, _args.device_of(x)
     )
     dx, dw, db = conv_ops.conv_transpose_backward(
-        _batched(dy, batched), _batched(x, batched), weight, geom, has_bias=bool(has_bias)
+        _batched(dy, batched), _batched(x, batched), weight, geom, has_bias=_args.check_bool(has_bias, "has_bias")
     )
     return _unbatched(dx, batched), dw, db
 
