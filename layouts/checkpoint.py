@@ -26,6 +26,8 @@ import numpy as np
 from . import megengine_format, onnx_format, safetensors_format, torch_format
 from .adapters import FRAMEWORKS
 from .errors import CheckpointError
+from .files import open_regular
+from .safe_pickle import MAX_DEPTH, short_repr
 
 _STATE_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "params", "weights")
 
@@ -58,24 +60,25 @@ def flatten(obj: Any, source: str) -> tuple[dict[str, np.ndarray], dict[str, Any
             metadata = {k: v for k, v in obj.items() if _scalar(v)}
             obj = obj[nested[0]]
     tensors: dict[str, np.ndarray] = {}
-
-    def walk(item: Any, prefix: str) -> None:
+    todo: list[tuple[Any, str, int]] = [(obj, "", 0)]
+    while todo:  # depth-first, in order, without recursion
+        item, prefix, depth = todo.pop()
+        if depth > MAX_DEPTH:
+            raise CheckpointError(f"{source}: the saved object is nested more than {MAX_DEPTH} deep")
         if _is_array(item):
             if item.dtype.hasobject:  # defence in depth: readers never build these
                 raise CheckpointError(f"{source}: tensor {prefix!r} holds Python objects")
             tensors[prefix] = item
         elif isinstance(item, dict):
-            for key, value in item.items():
-                walk(value, f"{prefix}.{key}" if prefix else str(key))
+            children = [(v, f"{prefix}.{k}" if prefix else str(k)) for k, v in item.items()]
+            todo.extend((v, name, depth + 1) for v, name in reversed(children))
         elif isinstance(item, (list, tuple)) and any(
             _is_array(v) or isinstance(v, dict) for v in item
         ):
-            for index, value in enumerate(item):
-                walk(value, f"{prefix}.{index}" if prefix else str(index))
+            children = [(v, f"{prefix}.{i}" if prefix else str(i)) for i, v in enumerate(item)]
+            todo.extend((v, name, depth + 1) for v, name in reversed(children))
         elif prefix and _scalar(item):
             metadata.setdefault(prefix, item)
-
-    walk(obj, "")
     if not tensors:
         raise CheckpointError(f"{source}: the file holds no tensors")
     if all(name.startswith("module.") for name in tensors):
@@ -95,7 +98,8 @@ def sniff(path: str) -> str:
         if _oneflow().is_oneflow_checkpoint(path):
             return "oneflow"
         raise CheckpointError(f"{path}: a directory, but not a OneFlow checkpoint")
-    with open(path, "rb") as f:
+    f, _ = open_regular(path)
+    with f:
         head = f.read(16)
     if head.startswith(b"PK\x03\x04"):
         return "torch-zip"
@@ -133,12 +137,23 @@ def load_checkpoint(path: str | os.PathLike, framework: str | None = None) -> Ch
             f"load_checkpoint: framework must be one of {FRAMEWORKS} or None, but got framework={framework!r}"
         )
     path = os.fspath(path)
-    if not os.path.exists(path):
+    if not os.path.lexists(path):
         raise FileNotFoundError(f"load_checkpoint: no such file or directory: {path!r}")
+    try:
+        return read_checkpoint(path, framework)
+    except CheckpointError:
+        raise
+    except Exception as error:  # a reader bug must still be a CheckpointError
+        raise CheckpointError(f"{path}: unreadable checkpoint ({type(error).__name__}: "
+                              f"{short_repr(str(error))})") from error  # fmt: skip
+
+
+def read_checkpoint(path: str, framework: str | None = None) -> Checkpoint:
+    """:func:`load_checkpoint` without its last-resort conversion of unexpected errors
+    (the fuzzer calls this one: anything but a CheckpointError is a bug to fix)."""
     kind = sniff(path)
-    size = os.path.getsize(path) if os.path.isfile(path) else 0
     if kind == "safetensors":
-        tensors, meta = safetensors_format.read_safetensors(path, size)
+        tensors, meta = safetensors_format.read_safetensors(path)
         layout = meta.get("layout", "torch")
         header = {("safetensors_format" if k == "format" else k): v for k, v in meta.items()}
         return Checkpoint(
@@ -150,10 +165,10 @@ def load_checkpoint(path: str | os.PathLike, framework: str | None = None) -> Ch
         tensors, meta = onnx_format.read_onnx(path)
         return Checkpoint(tensors, framework or "onnx", meta)
     if kind == "torch-zip":
-        obj, meta = torch_format.read_torch_zip(path, size)
+        obj, meta = torch_format.read_torch_zip(path)
         implied = "torch"
     elif kind == "torch-legacy":
-        obj, meta = torch_format.read_torch_legacy(path, size)
+        obj, meta = torch_format.read_torch_legacy(path)
         implied = "torch"
     elif kind == "oneflow":
         obj, meta = _oneflow().read_oneflow(path)

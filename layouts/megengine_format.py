@@ -21,7 +21,9 @@ import numpy as np
 
 from .atomic import atomic_write
 from .errors import CheckpointError
-from .safe_pickle import CONTAINER_GLOBALS, NUMPY_GLOBALS, restricted_load
+from .files import map_bytes, open_regular
+from .safe_pickle import (CONTAINER_GLOBALS, NUMPY_GLOBALS, plain_array, rebuild,
+                          restricted_load, short_repr)  # fmt: skip
 
 
 class _Tensor:
@@ -44,32 +46,29 @@ GLOBALS = {
 }
 
 
-def _resolve(item: Any, source: str) -> Any:
-    """Every tensor stand-in inside dicts/lists/tuples -> its ndarray."""
-    if isinstance(item, dict):
-        return type(item)((k, _resolve(v, source)) for k, v in item.items())
-    if isinstance(item, (list, tuple)):
-        return type(item)(_resolve(v, source) for v in item)
+def _tensor_data(item: Any, source: str) -> Any:
+    """A tensor stand-in -> its ndarray; anything else unchanged."""
     if not isinstance(item, _Tensor):
         return item
-    if not isinstance(item.data, np.ndarray):
+    data = plain_array(item.data, source)
+    if not isinstance(data, np.ndarray):
         raise CheckpointError(f"{source}: a megengine.Tensor whose pickled data is "
-                              f"{type(item.data).__name__}, not an array")  # fmt: skip
+                              f"{type(data).__name__}, not an array")  # fmt: skip
     state = item.state
     if state is not None and not (isinstance(state, dict) and not state):
-        what = sorted(map(str, state)) if isinstance(state, dict) else type(state).__name__
+        what = sorted(map(short_repr, state)) if isinstance(state, dict) else type(state).__name__
         raise CheckpointError(f"{source}: a megengine.Tensor with pickled state {what} "
                               "(quantization parameters?) is not supported")  # fmt: skip
-    return item.data
+    return data
 
 
 def read_numpy_pickle(path: str) -> Any:
-    with open(path, "rb") as f:
-        obj = restricted_load(f, str(path), GLOBALS)
-    try:
-        return _resolve(obj, str(path))
-    except RecursionError:
-        raise CheckpointError(f"{path}: the pickled object is nested too deeply") from None
+    source = str(path)
+    f, size = open_regular(path)
+    with f:
+        buffer, _ = map_bytes(f, size, source)
+    obj = restricted_load(buffer, source, GLOBALS)
+    return rebuild(obj, lambda item: _tensor_data(item, source), source)
 
 
 def write_numpy_pickle(tensors: Mapping[str, np.ndarray], path: str | os.PathLike) -> None:

@@ -27,18 +27,20 @@ from __future__ import annotations
 import math
 import os
 import re
-import stat
 from typing import Any
 
 import numpy as np
 
 from .dtypes import ml_dtype, widen_bfloat16
 from .errors import CheckpointError
-from .safe_pickle import CONTAINER_GLOBALS, NUMPY_GLOBALS, restricted_load
+from .files import inside, map_bytes, open_regular
+from .safe_pickle import (CONTAINER_GLOBALS, NUMPY_GLOBALS, plain_array, rebuild,
+                          restricted_load, short_repr)  # fmt: skip
 
 SNAPSHOT_DONE, META, DATA, PICKLE = "snapshot_done", "meta", "out", "pickled_data"
 MAGIC_KEYS = ("__oneflow__", "oneflow")
 _META_LIMIT = 1 << 20
+MAX_DIR_DEPTH = 64
 
 # oneflow/core/common/data_type.proto: number -> (name, numpy dtype; "": holds no plain array)
 _DATA_TYPES = {
@@ -162,40 +164,25 @@ def _parse_meta(text: str, source: str) -> tuple[tuple[int, ...], Any]:
     return shape, fields["data_type"]
 
 
-def _regular_size(path: str, what: str) -> int:
-    try:
-        info = os.stat(path)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: missing ({what})") from None
-    except OSError as error:
-        raise CheckpointError(f"{path}: cannot be read ({error.strerror})") from None
-    if not stat.S_ISREG(info.st_mode):
-        raise CheckpointError(f"{path}: not a regular file ({what})")
-    return info.st_size
-
-
-def _inside(real_root: str, path: str) -> bool:
-    return os.path.commonpath([real_root, os.path.realpath(path)]) == real_root
-
-
 def _read_variable(var_dir: str, real_root: str) -> np.ndarray:
     """One ``meta`` + ``out`` directory -> an array (a read-only memory map when non-empty)."""
     meta_path, out_path = os.path.join(var_dir, META), os.path.join(var_dir, DATA)
     for path in (meta_path, out_path):
-        if not _inside(real_root, path):
+        if not inside(real_root, path):
             raise CheckpointError(f"{path}: a symlink that leaves the checkpoint directory")
-    if _regular_size(meta_path, "the variable's shape and data_type") > _META_LIMIT:
-        raise CheckpointError(f"{meta_path}: implausibly large for a meta file")
-    try:
-        with open(meta_path, "rb") as f:
+    f, size = open_regular(meta_path, "the variable's shape and data_type")
+    with f:
+        if size > _META_LIMIT:
+            raise CheckpointError(f"{meta_path}: implausibly large for a meta file")
+        try:
             text = f.read(_META_LIMIT).decode("utf-8")
-    except UnicodeDecodeError:
-        raise CheckpointError(f"{meta_path}: malformed meta: not UTF-8 text") from None
-    except OSError as error:
-        raise CheckpointError(f"{meta_path}: cannot be read ({error.strerror})") from None
+        except UnicodeDecodeError:
+            raise CheckpointError(f"{meta_path}: malformed meta: not UTF-8 text") from None
+        except OSError as error:
+            raise CheckpointError(f"{meta_path}: cannot be read ({error.strerror})") from None
     shape, code = _parse_meta(text, meta_path)
     dtype, bf16_bits = _numpy_dtype(code, meta_path)
-    size = _regular_size(out_path, "the variable's data")
+    out, size = open_regular(out_path, "the variable's data")
     numel = math.prod(shape)
     f32_bf16 = code == _BY_NAME["kBFloat16"] and numel > 0 and size == numel * 4
     if f32_bf16:  # OneFlow 0.9.0 writes a bfloat16 tensor's numpy(): float32
@@ -206,13 +193,11 @@ def _read_variable(var_dir: str, real_root: str) -> np.ndarray:
             f"({numel * dtype.itemsize} bytes), but the file holds {size} bytes"
             + (" (truncated)" if size < numel * dtype.itemsize else "")
         )
+    with out:
+        _, raw = map_bytes(out, size, out_path)
     try:
-        if numel == 0:
-            array = np.empty(shape, dtype)
-        else:
-            array = np.memmap(out_path, dtype, mode="r", shape=(numel,)).view(np.ndarray)
-            array = array.reshape(shape)
-    except (OSError, ValueError) as error:
+        array = raw.view(dtype).reshape(shape)
+    except ValueError as error:
         raise CheckpointError(f"{out_path}: cannot be mapped as {list(shape)} ({error})") from None
     if not array.dtype.isnative:
         array = array.astype(array.dtype.newbyteorder("="))
@@ -222,17 +207,30 @@ def _read_variable(var_dir: str, real_root: str) -> np.ndarray:
     return widen_bfloat16(array, out_path) if bf16_bits else array
 
 
+def _walk(root: str):
+    """``os.walk`` in sorted order without recursion (symlinked directories are not
+    entered), refusing folders nested deeper than MAX_DIR_DEPTH."""
+    todo = [(root, 0)]
+    while todo:
+        folder, depth = todo.pop()
+        if depth > MAX_DIR_DEPTH:
+            raise CheckpointError(f"{folder}: folders nested more than {MAX_DIR_DEPTH} deep")
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError as error:
+            raise CheckpointError(f"{folder}: cannot be listed ({error.strerror})") from None
+        dirs = [e.name for e in entries if e.is_dir(follow_symlinks=False)]
+        files = [e.name for e in entries if not e.is_dir(follow_symlinks=False)]
+        yield folder, dirs, files
+        todo.extend((os.path.join(folder, d), depth + 1) for d in reversed(dirs))
+
+
 def _read_legacy(root: str) -> tuple[dict[str, Any], dict]:
     real_root, tensors = os.path.realpath(root), {}
-
-    def fail(error: OSError) -> None:
-        raise CheckpointError(f"{error.filename}: cannot be listed ({error.strerror})")
-
-    for dirpath, dirnames, filenames in os.walk(root, onerror=fail):  # symlinked dirs: not entered
-        dirnames.sort()
+    for dirpath, dirnames, filenames in _walk(root):
         for entry in dirnames + filenames:
             full = os.path.join(dirpath, entry)
-            if os.path.islink(full) and not _inside(real_root, full):
+            if os.path.islink(full) and not inside(real_root, full):
                 raise CheckpointError(f"{full}: a symlink that leaves the checkpoint "
                                       f"directory {root}")  # fmt: skip
         if DATA in filenames:
@@ -245,12 +243,8 @@ def _read_legacy(root: str) -> tuple[dict[str, Any], dict]:
     return dict(sorted(tensors.items())), {"format": "oneflow-legacy", "snapshot_done": done}
 
 
-def _resolve(item: Any, base_dir: str | None, source: str) -> Any:
-    """Every tensor stand-in inside dicts/lists/tuples -> its array."""
-    if isinstance(item, dict):
-        return type(item)((k, _resolve(v, base_dir, source)) for k, v in item.items())
-    if isinstance(item, (list, tuple)):
-        return type(item)(_resolve(v, base_dir, source) for v in item)
+def _tensor_array(item: Any, base_dir: str | None, source: str) -> Any:
+    """A tensor stand-in -> its array; anything else unchanged."""
     if not isinstance(item, _Tensor):
         return item
     state = item.state
@@ -260,19 +254,19 @@ def _resolve(item: Any, base_dir: str | None, source: str) -> Any:
     if "path" in state:
         rel = state["path"]
         if base_dir is None:
-            raise CheckpointError(f"{source}: a tensor refers to the directory {rel!r}, "
+            raise CheckpointError(f"{source}: a tensor refers to the directory {short_repr(rel)}, "
                                   "but a single-file checkpoint has none")  # fmt: skip
         real_root = os.path.realpath(base_dir)
         if (not isinstance(rel, str) or not rel or "\0" in rel or os.path.isabs(rel)
                 or ".." in re.split(r"[\\/]", rel)
-                or not _inside(real_root, os.path.join(base_dir, rel))):  # fmt: skip
-            raise CheckpointError(f"{source}: refusing the tensor path {rel!r}: it must name "
+                or not inside(real_root, os.path.join(base_dir, rel))):  # fmt: skip
+            raise CheckpointError(f"{source}: refusing the tensor path {short_repr(rel)}: it must name "
                                   f"a directory inside {base_dir}")  # fmt: skip
         return _read_variable(os.path.join(base_dir, rel), real_root)
-    data = state.get("data")
+    data = plain_array(state.get("data"), source)
     if not isinstance(data, np.ndarray):
         raise CheckpointError(f"{source}: a tensor's state has neither 'path' nor an array "
-                              f"'data' (keys {sorted(map(str, state))})")  # fmt: skip
+                              f"'data' (keys {sorted(map(short_repr, state))})")  # fmt: skip
     if isinstance(state.get("dtype"), _DType):  # OneFlow rebuilds flow.tensor(data, dtype=dtype)
         dtype, bf16_bits = _numpy_dtype(state["dtype"].state, source)
         try:
@@ -285,19 +279,18 @@ def _resolve(item: Any, base_dir: str | None, source: str) -> Any:
 
 
 def _read_pickle(path: str, base_dir: str | None) -> tuple[Any, dict]:
-    with open(path, "rb") as f:
-        obj = restricted_load(f, path, ONEFLOW_GLOBALS)
+    f, size = open_regular(path, "the pickled object")
+    with f:
+        buffer, _ = map_bytes(f, size, path)
+    obj = restricted_load(buffer, path, ONEFLOW_GLOBALS)
     magic = next((k for k in MAGIC_KEYS if isinstance(obj, dict) and k in obj), None)
     if not isinstance(obj, dict) or "data" not in obj or (base_dir is None and magic is None):
         raise CheckpointError(f"{path}: not a OneFlow pickle (expected a dict with "
                               "'protocol_version', the '__oneflow__' key and 'data')")  # fmt: skip
     if obj.get("protocol_version") != 1:
         raise CheckpointError(f"{path}: unsupported OneFlow protocol_version "
-                              f"{obj.get('protocol_version')!r} (expected 1)")  # fmt: skip
-    try:
-        data = _resolve(obj["data"], base_dir, path)
-    except RecursionError:
-        raise CheckpointError(f"{path}: the pickled object is nested too deeply") from None
+                              f"{short_repr(obj.get('protocol_version'))} (expected 1)")  # fmt: skip
+    data = rebuild(obj["data"], lambda item: _tensor_array(item, base_dir, path), path)
     kind = "oneflow-pickle" if base_dir is None else "oneflow-pickled-dir"
     return data, {"format": kind, "protocol_version": 1, "magic_key": magic}
 
@@ -309,13 +302,10 @@ def read_oneflow(path: str) -> tuple[Any, dict]:
         pickled = os.path.join(path, PICKLE)
         if not os.path.lexists(pickled):
             return _read_legacy(path)
-        _regular_size(pickled, "the pickled object")
-        if not _inside(os.path.realpath(path), pickled):
+        if not inside(os.path.realpath(path), pickled):
             raise CheckpointError(f"{pickled}: a symlink that leaves the checkpoint directory")
         return _read_pickle(pickled, path)
-    if os.path.isfile(path):
-        return _read_pickle(path, None)
-    raise CheckpointError(f"{path}: no such checkpoint file or directory")
+    return _read_pickle(path, None)
 
 
 def is_oneflow_checkpoint(path: str) -> bool:
@@ -329,11 +319,10 @@ def is_oneflow_checkpoint(path: str) -> bool:
                 return True
             return any(os.path.isfile(os.path.join(path, n, META))
                        and os.path.isfile(os.path.join(path, n, DATA)) for n in names[:64])  # fmt: skip
-        if not os.path.isfile(path):  # never open a FIFO or a device
-            return False
-        with open(path, "rb") as f:
+        f, _ = open_regular(path)  # never blocks on a FIFO, never reads a device
+        with f:
             head = f.read(256)
-    except OSError:
+    except (OSError, CheckpointError):
         return False
     # {"protocol_version": 1, "__oneflow__": None, ...}: the keys come first, as
     # SHORT_BINUNICODE (protocol >= 4) or BINUNICODE strings

@@ -9,16 +9,22 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import os
-from typing import Any, Callable, Mapping
+from typing import Any, BinaryIO, Callable, Mapping
 
 import numpy as np
 
 from .atomic import atomic_write
 from .dtypes import is_floating, ml_dtype, widen_bfloat16
 from .errors import CheckpointError
+from .files import map_bytes, open_regular
+from .safe_pickle import short_repr
 
 MAX_HEADER = 100 * 1024 * 1024
+MAX_JSON_DEPTH = 64
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.S)
+_OPEN, _CLOSE = np.frombuffer(b"[{", np.uint8), np.frombuffer(b"]}", np.uint8)
 _DTYPES = {
     "BOOL": "bool", "U8": "uint8", "I8": "int8", "U16": "uint16", "I16": "int16",
     "U32": "uint32", "I32": "int32", "U64": "uint64", "I64": "int64", "F16": "float16",
@@ -31,49 +37,69 @@ _NAMES = {v: k for k, v in _DTYPES.items()}
 def _numpy_dtype(code: str, source: str) -> np.dtype:
     name = _DTYPES.get(code) if isinstance(code, str) else None
     if name is None:
-        raise CheckpointError(f"{source}: unknown safetensors dtype {code!r}")
+        raise CheckpointError(f"{source}: unknown safetensors dtype {short_repr(code)}")
     if name.startswith(("bfloat", "float8")):
         return ml_dtype(name, source) or np.dtype(np.uint16)
     return np.dtype(name).newbyteorder("<")
 
 
-def read_header(path: str, size: int) -> tuple[dict, int]:
-    """(header dict, byte offset of the data region); nothing else is read."""
-    source = str(path)
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise CheckpointError(f"{source}: truncated safetensors file ({size} bytes)")
-        length = int.from_bytes(head, "little")
-        if length > MAX_HEADER or 8 + length > size:
-            raise CheckpointError(f"{source}: safetensors header of {length} bytes does not fit "
-                                  f"the {size}-byte file")  # fmt: skip
-        raw = f.read(length)
+def _json_depth(raw: bytes) -> int:
+    """How deep the brackets of a JSON text nest (strings ignored), without recursion: the
+    json module recurses in C, which a high recursion limit turns into a stack overflow."""
+    bare = np.frombuffer(_JSON_STRING.sub(b'""', raw), np.uint8)
+    steps = np.isin(bare, _OPEN).astype(np.int64) - np.isin(bare, _CLOSE)
+    return int(np.cumsum(steps).max(initial=0))
+
+
+def _read_header(f: BinaryIO, size: int, source: str) -> tuple[dict, int]:
+    head = f.read(8)
+    if len(head) < 8:
+        raise CheckpointError(f"{source}: truncated safetensors file ({size} bytes)")
+    length = int.from_bytes(head, "little")
+    if length > MAX_HEADER or 8 + length > size:
+        raise CheckpointError(f"{source}: safetensors header of {length} bytes does not fit "
+                              f"the {size}-byte file")  # fmt: skip
+    raw = f.read(length)
+    depth = _json_depth(raw)
+    if depth > MAX_JSON_DEPTH:
+        raise CheckpointError(f"{source}: safetensors header nested {depth} deep (at most "
+                              f"{MAX_JSON_DEPTH})")  # fmt: skip
     try:
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise CheckpointError(f"{source}: corrupted safetensors header ({error})") from None
+    except RecursionError:
+        raise CheckpointError(f"{source}: safetensors header nested too deeply") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{source}: safetensors header must be a JSON object")
     return header, 8 + length
 
 
+def read_header(path: str, size: int | None = None) -> tuple[dict, int]:
+    """(header dict, byte offset of the data region); nothing else is read."""
+    f, size = open_regular(path)
+    with f:
+        return _read_header(f, size, str(path))
+
+
+def _is_count(value: Any) -> bool:
+    return type(value) is int and 0 <= value < 2**63
+
+
 def _entry(name: str, info: Any, source: str) -> tuple[np.dtype, tuple[int, ...], int, int, str]:
-    if not isinstance(info, dict) or set(info) - {"dtype", "shape", "data_offsets"}:
-        raise CheckpointError(f"{source}: malformed entry for tensor {name!r}: {info!r}")
-    shape, offsets = info.get("shape"), info.get("data_offsets")
-    ok_ints = all(
-        isinstance(v, int) and not isinstance(v, bool) and v >= 0
-        for v in (shape or []) + (offsets or [])
-    )
-    if (
-        not isinstance(shape, list)
-        or not isinstance(offsets, list)
-        or len(offsets) != 2
-        or not ok_ints
-    ):
-        raise CheckpointError(f"{source}: malformed shape or data_offsets for tensor {name!r}")
-    dtype = _numpy_dtype(info.get("dtype"), source)
+    if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
+        raise CheckpointError(f"{source}: malformed entry for tensor {name!r}: expected the keys "
+                              f"dtype, shape and data_offsets, but got {short_repr(info)}")  # fmt: skip
+    shape, offsets = info["shape"], info["data_offsets"]
+    if not (isinstance(shape, list) and len(shape) <= 64 and all(map(_is_count, shape))):
+        raise CheckpointError(f"{source}: malformed shape for tensor {name!r}: expected a list "
+                              f"of at most 64 non-negative ints, but got {short_repr(shape)}")  # fmt: skip
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_count, offsets))
+            and offsets[0] <= offsets[1]):  # fmt: skip
+        raise CheckpointError(f"{source}: malformed data_offsets for tensor {name!r}: expected "
+                              f"[begin, end] with 0 <= begin <= end, but got "
+                              f"{short_repr(offsets)}")  # fmt: skip
+    dtype = _numpy_dtype(info["dtype"], source)
     begin, end = offsets
     if end - begin != math.prod(shape) * dtype.itemsize:
         raise CheckpointError(f"{source}: tensor {name!r} of shape {shape} and dtype {info['dtype']} "
@@ -82,10 +108,13 @@ def _entry(name: str, info: Any, source: str) -> tuple[np.dtype, tuple[int, ...]
     return dtype, tuple(shape), begin, end, info["dtype"]
 
 
-def read_safetensors(path: str, size: int) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+def read_safetensors(path: str, size: int | None = None) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """(name -> array view of a memory map, ``__metadata__``)."""
     source = str(path)
-    header, data_start = read_header(path, size)
+    f, size = open_regular(path)
+    with f:
+        header, data_start = _read_header(f, size, source)
+        _, mm = map_bytes(f, size, source)
     metadata = header.pop("__metadata__", {}) or {}
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise CheckpointError(f"{source}: __metadata__ must map strings to strings")
@@ -100,14 +129,13 @@ def read_safetensors(path: str, size: int) -> tuple[dict[str, np.ndarray], dict[
     if data_start + cursor != size:
         raise CheckpointError(f"{source}: the tensors cover {cursor} bytes but the data region holds "
                               f"{size - data_start}")  # fmt: skip
-    mm = (
-        np.memmap(path, dtype=np.uint8, mode="r").view(np.ndarray)
-        if size
-        else np.zeros(0, np.uint8)
-    )
     tensors = {}
     for name, (dtype, shape, begin, end, code) in entries.items():
-        array = mm[data_start + begin : data_start + end].view(dtype).reshape(shape)
+        try:
+            array = mm[data_start + begin : data_start + end].view(dtype).reshape(shape)
+        except ValueError as error:  # e.g. a zero-size tensor whose other dims overflow
+            raise CheckpointError(f"{source}: tensor {name!r} of shape {shape} cannot be "
+                                  f"built ({error})") from None  # fmt: skip
         if not dtype.isnative:
             array = array.astype(dtype.newbyteorder("="))
         if code == "BF16" and array.dtype == np.uint16:

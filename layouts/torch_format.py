@@ -19,19 +19,20 @@ storage before anything is read; storage sizes against the file.
 
 from __future__ import annotations
 
-import struct
-import zipfile
-from dataclasses import dataclass
+import math
 from typing import Any
 
 import numpy as np
 
 from .dtypes import ml_dtype, widen_bfloat16
 from .errors import CheckpointError
-from .safe_pickle import CONTAINER_GLOBALS, NUMPY_GLOBALS, restricted_load
+from . import zip_records
+from .files import map_bytes, open_regular
+from .safe_pickle import (CONTAINER_GLOBALS, NUMPY_GLOBALS, Inert, short_repr, load_pickle_at,
+                          rebuild, restricted_load)  # fmt: skip
 
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
-_ZIP_LOCAL_HEADER = struct.Struct("<4s5H3I2H")
+_SMALL_RECORD = 64 << 20  # data.pkl, byteorder: inflated at most to this
 
 # torch dtype name -> numpy dtype (None: needs ml_dtypes)
 _TORCH_DTYPES = {
@@ -51,11 +52,22 @@ _STORAGE_TYPES = {
 }  # fmt: skip
 
 
-@dataclass(frozen=True)
-class TorchDType:
-    """Stand-in for a ``torch.<dtype>`` global."""
+class TorchDType(Inert):
+    """Stand-in for a ``torch.<dtype>`` global (immutable: a pickle cannot change it)."""
 
-    name: str
+    __slots__ = ("name",)
+
+    def __init__(self, name: str):
+        self._init(name=name)
+
+    def __eq__(self, other: Any) -> bool:
+        return type(other) is TorchDType and other.name == self.name
+
+    def __hash__(self) -> int:
+        return hash(self.name)
+
+    def __repr__(self) -> str:
+        return f"torch.{self.name}"
 
     def numpy(self, source: str) -> np.dtype:
         """The numpy dtype; raw uint16 bits for bfloat16 without ml_dtypes."""
@@ -65,36 +77,51 @@ class TorchDType:
         return ml_dtype(self.name, source) or np.dtype(np.uint16)
 
 
-@dataclass(frozen=True)
-class StorageType:
+class StorageType(Inert):
     """Stand-in for ``torch.FloatStorage`` & co; ``dtype`` None for ``UntypedStorage``."""
 
-    dtype: TorchDType | None
+    __slots__ = ("dtype",)
+
+    def __init__(self, dtype: TorchDType | None):
+        self._init(dtype=dtype)
+
+    def __eq__(self, other: Any) -> bool:
+        return type(other) is StorageType and other.dtype == self.dtype
+
+    def __hash__(self) -> int:
+        return hash(self.dtype)
+
+    def __repr__(self) -> str:
+        return f"StorageType({self.dtype!r})"
 
 
-class StorageHandle:
+class StorageHandle(Inert):
     """What persistent_load returns for a storage; located in the file afterwards."""
 
+    __slots__ = ()
 
-@dataclass
-class TensorRef:
+
+class TensorRef(Inert):
     """A tensor seen in the pickle, resolved into an array once storages are located."""
 
-    storage: Any
-    offset: int
-    size: tuple
-    stride: tuple
-    dtype: TorchDType | None
+    __slots__ = ("storage", "offset", "size", "stride", "dtype")
+
+    def __init__(self, storage: Any, offset: Any, size: tuple, stride: tuple,
+                 dtype: TorchDType | None):  # fmt: skip
+        self._init(storage=storage, offset=offset, size=size, stride=stride, dtype=dtype)
 
 
 def _as_ints(value: Any, what: str) -> tuple[int, ...]:
-    if not isinstance(value, (tuple, list)) or not all(
-        isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value
+    if not isinstance(value, (tuple, list)) or len(value) > 64 or not all(
+        type(v) is int and 0 <= v < 2**63 for v in value
     ):
-        raise CheckpointError(
-            f"tensor {what} must be a tuple of non-negative ints, but got {value!r}"
-        )
+        raise CheckpointError(f"tensor {what} must be a tuple of at most 64 non-negative ints "
+                              f"below 2**63, but got {short_repr(value)}")  # fmt: skip
     return tuple(value)
+
+
+def _torch_size(items: Any = ()) -> tuple[int, ...]:
+    return _as_ints(items, "size")
 
 
 def _rebuild_v2(storage, offset, size, stride, requires_grad=False, hooks=None, metadata=None):
@@ -103,7 +130,9 @@ def _rebuild_v2(storage, offset, size, stride, requires_grad=False, hooks=None, 
 
 def _rebuild_v3(storage, offset, size, stride, requires_grad, hooks, dtype, metadata=None):
     if not isinstance(dtype, TorchDType):
-        raise CheckpointError(f"_rebuild_tensor_v3 expects a torch dtype, but got {dtype!r}")
+        raise CheckpointError(
+            f"_rebuild_tensor_v3 expects a torch dtype, but got {short_repr(dtype)}"
+        )
     return TensorRef(storage, offset, _as_ints(size, "size"), _as_ints(stride, "stride"), dtype)
 
 
@@ -122,8 +151,8 @@ TORCH_GLOBALS: dict[tuple[str, str], Any] = {
     ("torch._utils", "_rebuild_parameter"): lambda data, requires_grad, hooks: data,
     ("torch._utils", "_rebuild_parameter_with_state"): lambda data, grad, hooks, state: data,
     ("torch.nn.parameter", "Parameter"): _Parameter,
-    ("torch", "Size"): lambda items=(): tuple(items),
-    ("torch", "device"): lambda *args: ":".join(str(a) for a in args),
+    ("torch", "Size"): _torch_size,
+    ("torch", "device"): lambda *args: ":".join(short_repr(a) for a in args),
     ("torch.storage", "UntypedStorage"): StorageType(None),
     **{("torch", name): StorageType(TorchDType(dt)) for name, dt in _STORAGE_TYPES.items()},
     **{("torch", name): TorchDType(name) for name in _TORCH_DTYPES},
@@ -135,22 +164,20 @@ TORCH_GLOBALS: dict[tuple[str, str], Any] = {
 def _rebuild_from_type_v2(func, new_type, args, state):
     """Tensor subclasses (Parameter) pickle as ``func(*args)`` plus a type; keep the tensor."""
     if not callable(func) or not isinstance(args, tuple):
-        raise CheckpointError(f"malformed _rebuild_from_type_v2 record: {func!r}, {args!r}")
+        raise CheckpointError(
+            f"malformed _rebuild_from_type_v2 record: {short_repr(func)}, {short_repr(args)}"
+        )
     return func(*args)
 
 
 TORCH_GLOBALS[("torch._tensor", "_rebuild_from_type_v2")] = _rebuild_from_type_v2
 
 
-def _resolve_tensor(ref: TensorRef, storages: dict, big_endian: bool, source: str):
-    """TensorRef -> ndarray: a view of the storage when contiguous, else a copy."""
-    if not isinstance(ref.storage, StorageHandle) or ref.storage not in storages:
-        raise CheckpointError(f"{source}: a tensor refers to {ref.storage!r}, not to a storage")
-    raw, storage_type = storages[ref.storage]
-    dtype_marker = ref.dtype or storage_type.dtype
-    if dtype_marker is None:
-        raise CheckpointError(f"{source}: an untyped storage is used without a dtype")
-    dtype = dtype_marker.numpy(source).newbyteorder(">" if big_endian else "<")
+def _storage_array(raw: np.ndarray, marker: TorchDType, big_endian: bool,
+                   source: str) -> np.ndarray:  # fmt: skip
+    """A storage's bytes as native elements: a view, or one copy of the storage (never
+    more) when its bytes must be swapped or its bfloat16 bits widened."""
+    dtype = marker.numpy(source).newbyteorder(">" if big_endian else "<")
     if dtype.isnative:
         dtype = dtype.newbyteorder("=")
     if raw.nbytes % dtype.itemsize:
@@ -158,60 +185,73 @@ def _resolve_tensor(ref: TensorRef, storages: dict, big_endian: bool, source: st
             f"{source}: storage of {raw.nbytes} bytes does not hold {dtype} elements"
         )
     data = raw.view(dtype)
-    if len(ref.size) != len(ref.stride) or not isinstance(ref.offset, int) or ref.offset < 0:
-        raise CheckpointError(f"{source}: malformed tensor record size={ref.size} stride={ref.stride} "
-                              f"offset={ref.offset!r}")  # fmt: skip
-    numel = int(np.prod(ref.size, dtype=np.int64)) if ref.size else 1
-    if numel == 0:
-        array = np.empty(ref.size, dtype=dtype)
-    else:
-        last = ref.offset + sum((n - 1) * s for n, s in zip(ref.size, ref.stride))
-        if last >= data.size:
-            raise CheckpointError(
-                f"{source}: tensor of size {list(ref.size)}, stride {list(ref.stride)} at offset "
-                f"{ref.offset} reaches element {last} of a storage of {data.size} elements"
-            )
-        contiguous = tuple(
-            int(np.prod(ref.size[i + 1 :], dtype=np.int64)) for i in range(len(ref.size))
+    if not dtype.isnative:
+        data = data.astype(dtype.newbyteorder("="))
+    if marker.name == "bfloat16" and data.dtype == np.uint16:
+        data = widen_bfloat16(data, source)
+    return data
+
+
+def _resolve_tensor(ref: TensorRef, storages: dict, big_endian: bool, source: str,
+                    converted: dict) -> np.ndarray:  # fmt: skip
+    """TensorRef -> ndarray: a read-only view of its storage, whatever its strides. A
+    stride-0 (expanded) or overlapping tensor stays a view: a 1 KB file holding
+    ``torch.zeros(1).expand(2**26)`` does not become 256 MiB."""
+    if not isinstance(ref.storage, StorageHandle) or ref.storage not in storages:
+        raise CheckpointError(
+            f"{source}: a tensor refers to {short_repr(ref.storage)}, not to a storage"
         )
-        if all(n == 1 or s == c for n, s, c in zip(ref.size, ref.stride, contiguous)):
-            array = data[ref.offset : ref.offset + numel].reshape(ref.size)
-        else:
-            view = np.lib.stride_tricks.as_strided(
-                data[ref.offset :], ref.size, tuple(s * dtype.itemsize for s in ref.stride),
-                writeable=False,
-            )  # fmt: skip
-            array = np.array(view)
-    if big_endian or not dtype.isnative:
-        array = array.astype(dtype.newbyteorder("="))
-    if dtype_marker.name == "bfloat16" and array.dtype == np.uint16:
-        array = widen_bfloat16(array, source)
-    return array
+    raw, storage_type = storages[ref.storage]
+    marker = ref.dtype or storage_type.dtype
+    if marker is None:
+        raise CheckpointError(f"{source}: an untyped storage is used without a dtype")
+    if type(ref.offset) is not int or not 0 <= ref.offset < 2**63 or len(ref.size) != len(
+            ref.stride):  # fmt: skip
+        raise CheckpointError(f"{source}: malformed tensor record size={list(ref.size)} stride="
+                              f"{list(ref.stride)} offset={short_repr(ref.offset)}")  # fmt: skip
+    key = (ref.storage, marker)
+    if key not in converted:
+        converted[key] = _storage_array(raw, marker, big_endian, source)
+    data = converted[key]
+    numel = math.prod(ref.size)
+    if numel == 0:
+        try:
+            return np.zeros(0, data.dtype).reshape(ref.size)
+        except ValueError as error:
+            raise CheckpointError(f"{source}: an empty tensor of size {list(ref.size)} ({error})"
+                                  ) from None  # fmt: skip
+    last = ref.offset + sum((n - 1) * s for n, s in zip(ref.size, ref.stride))
+    if last >= data.size:
+        raise CheckpointError(
+            f"{source}: tensor of size {list(ref.size)}, stride {list(ref.stride)} at offset "
+            f"{ref.offset} reaches element {last} of a storage of {data.size} elements"
+        )
+    # every stride that matters is now below the storage size; size-1 dims get stride 0
+    strides = tuple(0 if n == 1 else s * data.itemsize for n, s in zip(ref.size, ref.stride))
+    view = np.lib.stride_tricks.as_strided(data[ref.offset :], ref.size, strides, writeable=False)
+    return view.view(np.ndarray) if view.flags.c_contiguous else view
 
 
 def resolve_tensors(obj: Any, storages: dict, big_endian: bool, source: str) -> Any:
     """Replace every TensorRef inside dicts/lists/tuples by its array."""
+    converted: dict = {}
 
-    def walk(item):
+    def leaf(item: Any) -> Any:
         if isinstance(item, TensorRef):
-            return _resolve_tensor(item, storages, big_endian, source)
-        if isinstance(item, dict):
-            return type(item)((k, walk(v)) for k, v in item.items())
-        if isinstance(item, (list, tuple)):
-            return type(item)(walk(v) for v in item)
+            return _resolve_tensor(item, storages, big_endian, source, converted)
         return item
 
-    return walk(obj)
+    return rebuild(obj, leaf, source)
 
 
 def _check_pid(pid: Any, source: str) -> tuple[StorageType, str, int]:
     if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage"):
-        raise CheckpointError(f"{source}: unexpected persistent id {pid!r}")
+        raise CheckpointError(f"{source}: unexpected persistent id {short_repr(pid)}")
     storage_type, key, numel = pid[1], pid[2], pid[4]
     if not isinstance(storage_type, StorageType) or not isinstance(key, str):
-        raise CheckpointError(f"{source}: malformed storage record {pid!r}")
-    if isinstance(numel, bool) or not isinstance(numel, int) or numel < 0:
-        raise CheckpointError(f"{source}: malformed storage size in {pid!r}")
+        raise CheckpointError(f"{source}: malformed storage record {short_repr(pid)}")
+    if type(numel) is not int or not 0 <= numel < 2**63:
+        raise CheckpointError(f"{source}: malformed storage size in {short_repr(pid)}")
     return storage_type, key, numel
 
 
@@ -224,110 +264,58 @@ def _element_size(storage_type: StorageType, source: str) -> int:
 # -- zip ------------------------------------------------------------------------------------
 
 
-def _zip_record_offset(mm: np.ndarray, info: zipfile.ZipInfo, source: str) -> int:
-    """Byte offset of a stored record's data, from its local header."""
-    start = info.header_offset
-    if start < 0 or start + _ZIP_LOCAL_HEADER.size > mm.size:
-        raise CheckpointError(f"{source}: zip record {info.filename!r} starts outside the file")
-    header = _ZIP_LOCAL_HEADER.unpack(mm[start : start + _ZIP_LOCAL_HEADER.size].tobytes())
-    if header[0] != b"PK\x03\x04":
-        raise CheckpointError(
-            f"{source}: zip record {info.filename!r} has a corrupted local header"
-        )
-    name_start = start + _ZIP_LOCAL_HEADER.size
-    if mm[name_start : name_start + header[9]].tobytes() != info.filename.encode():
-        raise CheckpointError(f"{source}: zip record {info.filename!r} points at the local header of "
-                              "another record")  # fmt: skip
-    data = name_start + header[9] + header[10]
-    if data + info.file_size > mm.size:
-        raise CheckpointError(
-            f"{source}: zip record {info.filename!r} claims {info.file_size} bytes at offset {data}, "
-            f"beyond the end of the {mm.size}-byte file"
-        )
-    return data
-
-
-def _read_small_record(
-    archive: zipfile.ZipFile, info: zipfile.ZipInfo, size: int, source: str
-) -> bytes:
-    """A metadata record (data.pkl, byteorder); sizes are checked before reading."""
-    if info.compress_type != zipfile.ZIP_STORED and info.file_size > 100 * max(
-        info.compress_size, 1
-    ):
-        raise CheckpointError(
-            f"{source}: record {info.filename!r} claims an implausible compression ratio"
-        )
-    if info.file_size > size * 100:
-        raise CheckpointError(f"{source}: record {info.filename!r} claims {info.file_size} bytes")
-    return archive.read(info)
-
-
-def read_torch_zip(path: str, size: int) -> tuple[Any, dict]:
+def read_torch_zip(path: str, size: int | None = None) -> tuple[Any, dict]:
     """The object saved by ``torch.save`` (zip format), tensors as ndarrays."""
-    try:
-        return _read_torch_zip(path, size)
-    except CheckpointError:
-        raise
-    except (zipfile.BadZipFile, NotImplementedError, UnicodeError, OSError, ValueError, EOFError,
-            struct.error, KeyError) as error:  # fmt: skip
-        # zipfile reports a damaged archive in many ways
-        raise CheckpointError(
-            f"{path}: not a readable zip archive ({type(error).__name__}: {error})"
-        ) from None
-
-
-def _read_torch_zip(path: str, size: int) -> tuple[Any, dict]:
     source = str(path)
-    with zipfile.ZipFile(path) as archive:
-        infos = {info.filename: info for info in archive.infolist()}
-        pickles = [name for name in infos if name.endswith("/data.pkl") or name == "data.pkl"]
-        if len(pickles) != 1:
-            raise CheckpointError(
-                f"{source}: expected one data.pkl record in the zip, found {len(pickles)}"
-            )
-        prefix = pickles[0][: -len("data.pkl")]
-        order = infos.get(prefix + "byteorder")
-        byteorder = (
-            _read_small_record(archive, order, size, source).decode(errors="replace")
-            if order
-            else "little"
+    f, size = open_regular(path)
+    with f:
+        infos = zip_records.directory(f, source)
+        _, mm = map_bytes(f, size, source)
+    pickles = [name for name in infos if name.endswith("/data.pkl") or name == "data.pkl"]
+    if len(pickles) != 1:
+        raise CheckpointError(
+            f"{source}: expected one data.pkl record in the zip, found {len(pickles)}"
         )
-        if byteorder not in ("little", "big"):
+    prefix = pickles[0][: -len("data.pkl")]
+    order = infos.get(prefix + "byteorder")
+    byteorder = (
+        zip_records.read_record(mm, order, source, 16).decode(errors="replace")
+        if order
+        else "little"
+    )
+    if byteorder not in ("little", "big"):
+        raise CheckpointError(
+            f"{source}: byteorder record must be 'little' or 'big', but got {byteorder!r}"
+        )
+    storages: dict[StorageHandle, tuple[np.ndarray, StorageType]] = {}
+    by_key: dict[str, StorageHandle] = {}
+    used: list[tuple[int, int, str]] = []
+
+    def persistent_load(pid):
+        storage_type, key, numel = _check_pid(pid, source)
+        if key in by_key:
+            return by_key[key]
+        info = infos.get(f"{prefix}data/{key}")
+        if info is None:
+            raise CheckpointError(f"{source}: storage record data/{key} is missing")
+        if numel * _element_size(storage_type, source) != info.file_size:
             raise CheckpointError(
-                f"{source}: byteorder record must be 'little' or 'big', but got {byteorder!r}"
+                f"{source}: storage data/{key} declares {numel} elements but holds "
+                f"{info.file_size} bytes"
             )
-        mm = np.memmap(path, dtype=np.uint8, mode="r").view(np.ndarray)
-        storages: dict[StorageHandle, tuple[np.ndarray, StorageType]] = {}
-        by_key: dict[str, StorageHandle] = {}
-        used: list[tuple[int, int, str]] = []
+        record = zip_records.stored_record(mm, info, source)
+        start = zip_records.data_offset(mm, info, source)
+        used.append((start, start + info.file_size, key))
+        handle = StorageHandle()
+        storages[handle] = (record, storage_type)
+        by_key[key] = handle
+        return handle
 
-        def persistent_load(pid):
-            storage_type, key, numel = _check_pid(pid, source)
-            if key in by_key:
-                return by_key[key]
-            info = infos.get(f"{prefix}data/{key}")
-            if info is None:
-                raise CheckpointError(f"{source}: storage record data/{key} is missing")
-            if info.compress_type != zipfile.ZIP_STORED:
-                raise CheckpointError(f"{source}: storage record data/{key} is compressed; "
-                                      "torch.save writes them uncompressed")  # fmt: skip
-            if numel * _element_size(storage_type, source) != info.file_size:
-                raise CheckpointError(
-                    f"{source}: storage data/{key} declares {numel} elements but holds "
-                    f"{info.file_size} bytes"
-                )
-            start = _zip_record_offset(mm, info, source)
-            used.append((start, start + info.file_size, key))
-            handle = StorageHandle()
-            storages[handle] = (mm[start : start + info.file_size], storage_type)
-            by_key[key] = handle
-            return handle
-
-        data = _read_small_record(archive, infos[pickles[0]], size, source)
-        obj = restricted_load(data, source, TORCH_GLOBALS, persistent_load)
-        _check_no_overlap(used, source)
-        result = resolve_tensors(obj, storages, byteorder == "big", source)
-        return result, {"format": "torch-zip", "byteorder": byteorder}
+    data = zip_records.read_record(mm, infos[pickles[0]], source, size + _SMALL_RECORD)
+    obj = restricted_load(data, source, TORCH_GLOBALS, persistent_load)
+    _check_no_overlap(used, source)
+    result = resolve_tensors(obj, storages, byteorder == "big", source)
+    return result, {"format": "torch-zip", "byteorder": byteorder}
 
 
 def _check_no_overlap(ranges: list[tuple[int, int, str]], source: str) -> None:
@@ -340,7 +328,7 @@ def _check_no_overlap(ranges: list[tuple[int, int, str]], source: str) -> None:
 # -- legacy ---------------------------------------------------------------------------------
 
 
-def read_torch_legacy(path: str, size: int) -> tuple[Any, dict]:
+def read_torch_legacy(path: str, size: int | None = None) -> tuple[Any, dict]:
     """The object saved by ``torch.save(..., _use_new_zipfile_serialization=False)``."""
     source = str(path)
     records: dict[str, tuple[StorageType, int, Any]] = {}
@@ -355,32 +343,39 @@ def read_torch_legacy(path: str, size: int) -> tuple[Any, dict]:
         view = pid[5] if len(pid) > 5 else None
         if view is None:
             return records[key][2]
-        if not (isinstance(view, tuple) and len(view) == 3 and isinstance(view[1], int)
-                and isinstance(view[2], int)):  # fmt: skip
-            raise CheckpointError(f"{source}: malformed storage view {view!r}")
+        if not (isinstance(view, tuple) and len(view) == 3 and type(view[1]) is int
+                and type(view[2]) is int):  # fmt: skip
+            raise CheckpointError(f"{source}: malformed storage view {short_repr(view)}")
         handle = StorageHandle()
         views.append((handle, records[key][2], view[1], view[2]))
         return handle
 
-    with open(path, "rb") as f:
-        magic = restricted_load(f, source, {})
-        if magic != LEGACY_MAGIC:
-            raise CheckpointError(f"{source}: not a PyTorch legacy checkpoint (wrong magic number)")
-        version = restricted_load(f, source, {})
-        if version != 1001:
-            raise CheckpointError(f"{source}: unsupported legacy protocol version {version!r}")
-        sys_info = restricted_load(f, source, {})
-        big_endian = isinstance(sys_info, dict) and sys_info.get("little_endian") is False
-        obj = restricted_load(f, source, TORCH_GLOBALS, persistent_load)
-        keys = restricted_load(f, source, {})
-        if not isinstance(keys, list) or set(keys) != set(records) or len(keys) != len(records):
-            raise CheckpointError(
-                f"{source}: the storage key list does not match the pickled tensors"
-            )
-        position = f.tell()
-    mm = np.memmap(path, dtype=np.uint8, mode="r").view(np.ndarray)
+    f, size = open_regular(path)
+    with f:
+        buffer, mm = map_bytes(f, size, source)
+    position = 0
+
+    def next_pickle(allowed, persistent=None):
+        nonlocal position
+        obj, position = load_pickle_at(buffer, position, source, allowed, persistent)
+        return obj
+
+    if next_pickle({}) != LEGACY_MAGIC:
+        raise CheckpointError(f"{source}: not a PyTorch legacy checkpoint (wrong magic number)")
+    version = next_pickle({})
+    if version != 1001:
+        raise CheckpointError(f"{source}: unsupported legacy protocol version {short_repr(version)}")
+    sys_info = next_pickle({})
+    big_endian = isinstance(sys_info, dict) and sys_info.get("little_endian") is False
+    obj = next_pickle(TORCH_GLOBALS, persistent_load)
+    keys = next_pickle({})
+    if not isinstance(keys, list) or len(keys) != len(records) or set(map(str, keys)) != set(
+            records):  # fmt: skip
+        raise CheckpointError(
+            f"{source}: the storage key list does not match the pickled tensors"
+        )
     storages: dict[StorageHandle, tuple[np.ndarray, StorageType]] = {}
-    for key in keys:
+    for key in map(str, keys):
         storage_type, numel, handle = records[key]
         if position + 8 > size:
             raise CheckpointError(f"{source}: truncated before storage {key}")

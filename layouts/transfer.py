@@ -148,6 +148,10 @@ def load_into(
         raise TypeError(
             f"load_into: model must be an mconv.nn.Module, but got {type(model).__name__}"
         )
+    if not isinstance(strict, (bool, np.bool_)):
+        raise TypeError(
+            f"load_into: strict must be a bool, but got {type(strict).__name__}: strict={strict!r}"
+        )
     ckpt = source if isinstance(source, Checkpoint) else load_checkpoint(source, framework)
     framework = framework or ckpt.framework
     specs = param_specs(model)
@@ -199,11 +203,23 @@ def save_safetensors(model_or_state_dict: Any, path: str | os.PathLike, layout: 
         raise ValueError(
             f"save_safetensors: layout must be one of {adapters.FRAMEWORKS}, but got layout={layout!r}"
         )
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"save_safetensors: path must be a str or os.PathLike, but got "
+                        f"{type(path).__name__}: path={path!r}")  # fmt: skip
+    if metadata is not None and not (isinstance(metadata, Mapping) and all(
+            isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())):  # fmt: skip
+        raise TypeError(f"save_safetensors: metadata must map str to str (or be None), but got "
+                        f"{type(metadata).__name__}: metadata={metadata!r}")  # fmt: skip
     if isinstance(model_or_state_dict, Module):
         state = model_or_state_dict.state_dict()
         specs = param_specs(model_or_state_dict)
     elif isinstance(model_or_state_dict, Mapping):
         state = dict(model_or_state_dict)
+        bad = [k for k in state if not isinstance(k, str)]
+        if bad:
+            bad = bad[0]
+            raise TypeError(f"save_safetensors: state dict keys must be str, but got "
+                            f"{type(bad).__name__}: {bad!r}")  # fmt: skip
         specs = infer_specs(state, "torch")
     else:
         raise TypeError(f"save_safetensors: expected an mconv.nn.Module or a state dict, but got "

@@ -31,6 +31,23 @@ def check_int(value: Any, name: str, *, minimum: int | None = None) -> int:
     return int(value)
 
 
+INT64_LIMIT = 2**63  # sizes, strides and paddings are int64 in every backend
+
+
+def check_bool(value: Any, name: str) -> bool:
+    """A bool (Python or NumPy); no truthy strings or ints."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool, but got {type(value).__name__}: {name}={value!r}")
+    return bool(value)
+
+
+def check_int64(items: Any, name: str, value: Any) -> None:
+    """Every int in ``items`` lies in (-2**63, 2**63); ``value`` is what the user passed."""
+    if any(abs(v) >= INT64_LIMIT for v in items):
+        raise ValueError(f"{name} must lie in (-2**63, 2**63) in every dimension, but got "
+                         f"{name}={value!r}")  # fmt: skip
+
+
 def int_tuple(value: Any, n: int, name: str, *, minimum: int | None = None) -> tuple[int, ...]:
     """An int or a sequence of ``n`` ints -> a tuple of ``n`` ints."""
     if is_int(value):
@@ -47,6 +64,7 @@ def int_tuple(value: Any, n: int, name: str, *, minimum: int | None = None) -> t
             f"{name} must be an int or a sequence of {n} ints, but got {name}={value!r}"
         )
     items = tuple(int(v) for v in items)
+    check_int64(items, name, value)
     if minimum is not None and any(v < minimum for v in items):
         what = "positive" if minimum == 1 else f">= {minimum}"
         raise ValueError(f"{name} must be {what} in every dimension, but got {name}={value!r}")
@@ -116,6 +134,7 @@ def padding_pairs(
             f"{name} must be an int, a sequence of ints or (before, after) pairs, 'same' or "
             f"'valid', but got {type(padding).__name__}: {name}={padding!r}"
         )
+    check_int64([v for pair in pairs for v in pair], name, padding)
     if not allow_negative and any(v < 0 for pair in pairs for v in pair):
         raise ValueError(f"negative padding is not supported, but got {name}={padding!r}")
     return pairs

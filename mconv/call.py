@@ -15,10 +15,6 @@ it is a transposed convolution is data here, not a second family of functions.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
-
-import numpy as np
-
 from . import _args
 from ._args import shape_str
 from .geometry import ConvGeometry, conv_geometry
@@ -71,12 +67,6 @@ def check_like(op: str, name: str, value, expected_shape, dtype, device: str | N
         )
 
 
-def check_flag(value: Any, name: str) -> bool:
-    if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be a bool, but got {type(value).__name__}: {name}={value!r}")
-    return bool(value)
-
-
 def conv_call(
     op: str,
     x,
@@ -115,7 +105,7 @@ def conv_call(
                 f"{shape_str(bias.shape)} instead"
             )
     geom, batched = conv_geometry(x.shape, weight.shape, transposed=transposed, op=op, **options)
-    has_bias = bias is not None if has_bias is None else check_flag(has_bias, "has_bias")
+    has_bias = bias is not None if has_bias is None else _args.check_bool(has_bias, "has_bias")
     return ConvCall(geom, transposed, has_bias, batched)
 
 

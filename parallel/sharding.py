@@ -27,6 +27,9 @@ def shard_sizes(n: int, parts: int) -> list[int]:
 
 def shard_range(n: int, comm: Any = None, *, rank: int | None = None, size: int | None = None):
     """The items of block ``rank`` of ``n`` (``comm``'s rank and size unless given)."""
+    if (size is None or rank is None) and not (hasattr(comm, "rank") and hasattr(comm, "size")):
+        raise TypeError("shard_range: comm must be a communicator (with .rank and .size) unless "
+                        f"rank= and size= are both given, but got comm={comm!r}")  # fmt: skip
     size = _args.check_int(comm.size if size is None else size, "size", minimum=1)
     rank = _args.check_int(comm.rank if rank is None else rank, "rank", minimum=0)
     if rank >= size:
