@@ -38,3 +38,8 @@ def kaiming_uniform(shape: tuple[int, ...], dtype, a: float = math.sqrt(5.0)) ->
 def default_bias(weight_shape: tuple[int, ...], channels: int, dtype) -> np.ndarray:
     fan = fan_in(weight_shape)
     return uniform((channels,), 1.0 / math.sqrt(fan) if fan > 0 else 0.0, dtype)
+
+
+def keep_mask(shape: tuple[int, ...], p: float) -> np.ndarray:
+    """A dropout mask: True with probability 1 - p, from the same seedable generator."""
+    return _generator.random(size=shape) >= p

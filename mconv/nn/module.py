@@ -92,6 +92,14 @@ def float_dtype(dtype: Any, name: str = "dtype") -> np.dtype:
     return resolved
 
 
+def cached(module: "Module", what: str = "_cache"):
+    """What ``module.forward`` cached for ``backward`` (a RuntimeError before any forward)."""
+    value = getattr(module, what)
+    if value is None:
+        raise RuntimeError(f"{type(module).__name__}.backward() called before forward()")
+    return value
+
+
 def key_errors(missing, unexpected) -> list[str]:
     """PyTorch's lines for missing and unexpected state_dict keys (none for none)."""
     quoted = lambda keys: ", ".join(f'"{k}"' for k in keys)  # noqa: E731
@@ -109,6 +117,7 @@ class Module:
 
     def __init__(self) -> None:
         object.__setattr__(self, "_parameters", OrderedDict())
+        object.__setattr__(self, "_buffers", OrderedDict())
         object.__setattr__(self, "_modules", OrderedDict())
         object.__setattr__(self, "training", True)
 
@@ -117,7 +126,14 @@ class Module:
         if "_parameters" not in self.__dict__:
             raise AttributeError("Module.__init__() must be called before assigning attributes")
         params, modules = self.__dict__["_parameters"], self.__dict__["_modules"]
-        if isinstance(value, Parameter) or (value is None and name in params):
+        buffers = self.__dict__.get("_buffers", {})
+        if name in buffers:
+            if value is not None and not _args.is_ndarray(value):
+                raise TypeError(
+                    f"cannot assign {type(value).__name__} to buffer {name!r}: an ndarray or None"
+                )
+            buffers[name] = value
+        elif isinstance(value, Parameter) or (value is None and name in params):
             modules.pop(name, None)
             params[name] = value
         elif isinstance(value, Module):
@@ -132,14 +148,35 @@ class Module:
             object.__setattr__(self, name, value)
 
     def __getattr__(self, name: str) -> Any:
-        for registry in ("_parameters", "_modules"):
+        for registry in ("_parameters", "_buffers", "_modules"):
             store = self.__dict__.get(registry, {})
             if name in store:
                 return store[name]
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
+    def register_buffer(self, name: str, value: Any) -> None:
+        """A state array that is not learned (BatchNorm's running statistics): in
+        ``state_dict`` after the parameters of its module, moved by ``to()``, not in
+        ``parameters()``. ``None`` registers the name without a value (left out of the
+        state dict), as in PyTorch."""
+        if not isinstance(name, str) or not name.isidentifier():
+            raise ValueError(f"buffer name must be an identifier, but got name={name!r}")
+        if name in self._parameters or name in self._modules:
+            raise ValueError(f"attribute {name!r} already holds a Parameter or Module")
+        self._buffers[name] = None
+        setattr(self, name, value)
+
+    def named_buffers(self) -> Iterator[tuple[str, Any]]:
+        for name, module, key, is_buffer in self._state_items():
+            if is_buffer:
+                yield name, module._buffers[key]
+
+    def buffers(self) -> Iterator[Any]:
+        for _, value in self.named_buffers():
+            yield value
+
     def __delattr__(self, name: str) -> None:
-        for registry in (self._parameters, self._modules):
+        for registry in (self._parameters, self._buffers, self._modules):
             if name in registry:
                 del registry[name]
                 return
@@ -212,9 +249,29 @@ class Module:
             yield param
 
     # -- state -------------------------------------------------------------------------------
+    def _state_items(self, prefix: str = "", ancestors: tuple = ()):
+        """(dotted name, owning module, key, is a buffer) in PyTorch's state_dict order: a
+        module's parameters, then its buffers, then its children."""
+        for name, param in self._parameters.items():
+            if param is not None:
+                yield prefix + name, self, name, False
+        for name, value in self._buffers.items():
+            if value is not None:
+                yield prefix + name, self, name, True
+        for name, child in self._modules.items():
+            if child is not self and child not in ancestors:
+                yield from child._state_items(f"{prefix}{name}.", ancestors + (self,))
+
+    @staticmethod
+    def _state_value(module: "Module", key: str, is_buffer: bool):
+        return module._buffers[key] if is_buffer else module._parameters[key].data
+
     def state_dict(self) -> "OrderedDict[str, Any]":
-        """Dotted name -> the parameter's array (not a copy, as in PyTorch)."""
-        return OrderedDict((name, param.data) for name, param in self._parameter_slots())
+        """Dotted name -> the parameter's (or buffer's) array (not a copy, as in PyTorch)."""
+        return OrderedDict(
+            (name, self._state_value(module, key, buf))
+            for name, module, key, buf in self._state_items()
+        )
 
     def load_state_dict(self, state_dict: Any, strict: bool = True) -> IncompatibleKeys:
         """Copy arrays into the parameters; returns ``(missing_keys, unexpected_keys)``.
@@ -227,7 +284,10 @@ class Module:
                 f"state_dict must be a mapping of names to arrays, but got "
                 f"{type(state_dict).__name__}"
             )
-        expected = OrderedDict(self._parameter_slots())
+        expected = OrderedDict(
+            (name, self._state_value(module, key, buf))
+            for name, module, key, buf in self._state_items()
+        )
         missing = [k for k in expected if k not in state_dict]
         unexpected = [k for k in state_dict.keys() if k not in expected]
         errors = []
@@ -252,9 +312,9 @@ class Module:
                 f"Error(s) in loading state_dict for {type(self).__name__}:\n\t"
                 + "\n\t".join(errors)
             )
-        for name, param in expected.items():
-            if name in state_dict:  # copied onto the parameter's device
-                param.data[...] = to_device(state_dict[name], _args.device_of(param.data))
+        for name, array in expected.items():
+            if name in state_dict:  # copied onto the parameter's (buffer's) device
+                array[...] = to_device(state_dict[name], _args.device_of(array))
         return IncompatibleKeys(missing, unexpected)
 
     def zero_grad(self) -> None:
@@ -271,6 +331,8 @@ class Module:
                 param.data = to_device(param.data, device)
                 if param.grad is not None:
                     param.grad = to_device(param.grad, device)
+            for _, module, key, _ in filter(lambda item: item[3], self._state_items()):
+                module._buffers[key] = to_device(module._buffers[key], device)
             for module in self.modules():
                 if "device" in module.__dict__:
                     object.__setattr__(module, "device", device)
@@ -280,6 +342,9 @@ class Module:
             param.data = param.data.astype(dtype)
             if param.grad is not None:
                 param.grad = param.grad.astype(dtype)
+        for _, module, key, _ in filter(lambda item: item[3], self._state_items()):
+            if module._buffers[key].dtype.kind == "f":  # counters stay integers
+                module._buffers[key] = module._buffers[key].astype(dtype)
         for module in self.modules():
             if "dtype" in module.__dict__:
                 object.__setattr__(module, "dtype", dtype)

@@ -70,7 +70,8 @@ __all__ = ["MODULES", "FakeCupy", "RaceError", "install", "ndarray", "version_co
 
 #: The modules ``install`` puts in ``sys.modules``.
 MODULES = ("cupy", "cupy.cuda", "cupy.cuda.nccl", "cupy_backends", "cupy_backends.cuda",
-           "cupy_backends.cuda.libs", "cupy_backends.cuda.libs.cublas")  # fmt: skip
+           "cupy_backends.cuda.libs", "cupy_backends.cuda.libs.cublas", "cupyx", "cupyx.scipy",
+           "cupyx.scipy.special")  # fmt: skip
 _DTYPE_FUNCTIONS = {"dtype", "result_type", "promote_types", "issubdtype", "can_cast", "iinfo",
                     "finfo"}  # fmt: skip
 
@@ -151,6 +152,20 @@ class FakeCupy(types.ModuleType):
         return empty(a.shape, dtype=dtype or a.dtype)
 
 
+def _cupyx() -> dict:
+    """cupyx.scipy.special.erf: an elementwise kernel (math.erf on the host memory)."""
+    import math
+
+    special = types.ModuleType("cupyx.scipy.special")
+    erf = np.frompyfunc(math.erf, 1, 1)
+    special.erf = lambda x: run(lambda a: erf(a).astype(a.dtype), (x,), {}, what="erf")
+    scipy = types.ModuleType("cupyx.scipy")
+    scipy.special = special
+    cupyx = types.ModuleType("cupyx")
+    cupyx.scipy = scipy
+    return {"cupyx": cupyx, "cupyx.scipy": scipy, "cupyx.scipy.special": special}
+
+
 def install(device_count: int = 1, kernels: bool = False, nccl: bool = True) -> FakeCupy:
     """Put the stand-in in ``sys.modules`` (``MODULES``) with ``device_count`` GPUs, device 0
     current; ``kernels``: RawModule runs the host build of mconv's kernels (made, or taken
@@ -171,6 +186,7 @@ def install(device_count: int = 1, kernels: bool = False, nccl: bool = True) -> 
         sys.modules[name] = types.ModuleType(name)
     sys.modules["cupy_backends.cuda.libs"].cublas = cupy.cublas
     sys.modules["cupy_backends.cuda.libs.cublas"] = cupy.cublas
+    sys.modules.update(_cupyx())
     from mconv.backends import cupy_backend
 
     cupy_backend._backends.clear()  # executors of an earlier install hold its arrays

@@ -45,6 +45,36 @@ LAYERS = [
         ),
         (2, 3, 6, 6),
     ),  # fmt: skip
+    (lambda: nn.BatchNorm1d(3, momentum=None), (4, 3, 5)),
+    (lambda: nn.BatchNorm2d(3), (2, 3, 4, 5)),
+    (lambda: nn.BatchNorm3d(2, affine=False), (2, 2, 3, 2, 2)),
+    (lambda: nn.BatchNorm2d(3).eval(), (2, 3, 4, 5)),
+    (lambda: nn.PReLU(3), (2, 3, 4)),
+    (
+        lambda: nn.Sequential(
+            nn.ReLU6(),
+            nn.LeakyReLU(0.1),
+            nn.SiLU(),
+            nn.GELU(),
+            nn.Sigmoid(),
+            nn.Tanh(),
+            nn.Hardswish(),
+            nn.Hardsigmoid(),
+            nn.Identity(),
+            nn.GELU("tanh"),
+        ),
+        (2, 3, 4),
+    ),  # fmt: skip
+    (lambda: nn.Dropout(0.3).eval(), (2, 3)),
+    (lambda: nn.AdaptiveAvgPool2d((2, 3)), (2, 3, 7, 5)),
+    (lambda: nn.MaxPool2d(3, stride=2, padding=1, dilation=2, ceil_mode=True), (2, 3, 9, 8)),
+    (
+        lambda: nn.Residual(
+            nn.Sequential(nn.Conv2d(3, 3, 3, padding=1), nn.BatchNorm2d(3)), nn.Conv2d(3, 3, 1)
+        ),
+        (2, 3, 5, 5),
+    ),  # fmt: skip
+    (lambda: nn.Concat(nn.Conv1d(3, 2, 1), nn.Identity()), (2, 3, 4)),
 ]
 
 
@@ -80,6 +110,9 @@ def test_layer_on_the_gpu_matches_the_cpu(make, shape, dtype):
     for (name, p), q in zip(cpu.named_parameters(), gpu.parameters()):
         assert isinstance(q.grad, cp.ndarray), name
         np.testing.assert_allclose(_host(q.grad), p.grad, rtol=tol, atol=tol, err_msg=name)
+    for (name, a), b in zip(cpu.named_buffers(), gpu.buffers()):  # BatchNorm's statistics
+        assert isinstance(b, cp.ndarray), name
+        np.testing.assert_allclose(_host(b), a, rtol=tol, atol=tol, err_msg=name)
 
 
 def test_fp16_layers_with_fp32_accumulation():

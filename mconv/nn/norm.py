@@ -1,0 +1,196 @@
+"""Batch normalisation with PyTorch's signature, state_dict keys and semantics.
+
+Per channel c (axis 1), over every other axis (n values):
+
+    training:  y = (x - mean) / sqrt(var + eps) * weight + bias,  var biased (/ n);
+               running_mean <- (1 - f) running_mean + f mean,
+               running_var  <- (1 - f) running_var + f var * n / (n - 1)   (unbiased),
+               f = momentum, or 1 / num_batches_tracked when momentum is None
+    eval:      the same with running_mean / running_var (when track_running_stats)
+
+Gradients (xhat the normalised input, g = weight or 1):
+
+    batch statistics:  dx = g / sqrt(var + eps) * (dy - mean(dy) - xhat * mean(dy * xhat))
+    running ones:      dx = g / sqrt(var + eps) * dy
+    dweight = sum(dy * xhat), dbias = sum(dy)
+
+Statistics and the normalisation run in the accumulator (fp32 for fp16) and the output is
+rounded once; buffers keep the layer's dtype, as ``BatchNorm.half()`` does in PyTorch.
+``_sums`` adds over the batch: ``parallel.SyncBatchNorm`` adds over ranks there too.
+
+>>> import numpy as np
+>>> from mconv import nn
+>>> bn = nn.BatchNorm1d(2, dtype="float64")
+>>> bn(np.array([[1.0, 2.0], [3.0, 6.0]]))
+array([[-0.999995  , -0.99999875],
+       [ 0.999995  ,  0.99999875]])
+>>> bn.running_mean, int(bn.num_batches_tracked)
+(array([0.2, 0.4]), 1)
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from .. import _args
+from .._args import array_module
+from ..precision import accumulator
+from .module import Module, Parameter, cached, check_device, float_dtype, to_device
+
+
+class _BatchNorm(Module):
+    _dims: tuple[int, ...] = ()  # the input ranks this class takes
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
+                 affine: bool = True, track_running_stats: bool = True, dtype: Any = "float32",
+                 device: str = "cpu"):  # fmt: skip
+        super().__init__()
+        self.num_features = _args.check_int(num_features, "num_features", minimum=1)
+        self.eps = _number(eps, "eps", positive=True)
+        self.momentum = None if momentum is None else _number(momentum, "momentum")
+        self.affine = _args.check_bool(affine, "affine")
+        self.track_running_stats = _args.check_bool(track_running_stats, "track_running_stats")
+        self.dtype, self.device = float_dtype(dtype), check_device(device)
+        c, dt = self.num_features, self.dtype
+
+        def on_device(a):  # host: initial values made here, then moved to the device
+            return to_device(a, self.device)
+
+        ones, zeros = np.ones(c, dt), np.zeros(c, dt)  # host: moved by on_device
+        self.weight = Parameter(on_device(ones)) if self.affine else None
+        self.bias = Parameter(on_device(zeros.copy())) if self.affine else None
+        tracked = self.track_running_stats
+        self.register_buffer("running_mean", on_device(zeros.copy()) if tracked else None)
+        self.register_buffer("running_var", on_device(ones.copy()) if tracked else None)
+        count = np.zeros((), np.int64)  # host: moved by on_device
+        self.register_buffer("num_batches_tracked", on_device(count) if tracked else None)
+        self._cache = None
+
+    def reset_running_stats(self) -> None:
+        if self.track_running_stats:
+            self.running_mean[...] = 0
+            self.running_var[...] = 1
+            self.num_batches_tracked[...] = 0
+
+    # -- where the sums over the batch happen (SyncBatchNorm adds over ranks) ---------------
+    def _sums(self, *arrays):
+        """The given per-channel partial sums, summed over the whole batch (here: as they
+        are). Each is (C,) in the accumulator."""
+        return arrays
+
+    def _check(self, x) -> tuple[int, ...]:
+        name = type(self).__name__
+        _args.check_array(x, "input", name)
+        if x.ndim not in self._dims:
+            shown = " or ".join(f"{d}D" for d in self._dims)
+            raise ValueError(f"{name}: expected {shown} input (got {x.ndim}D input)")
+        if x.shape[1] != self.num_features:
+            raise ValueError(
+                f"{name}: expected input with {self.num_features} channels (axis 1), but got "
+                f"input of size {_args.shape_str(x.shape)}"
+            )
+        return (0, *range(2, x.ndim))
+
+    def forward(self, x):
+        axes = self._check(x)
+        xp, acc = array_module(x), accumulator(x.dtype)
+        shape = (1, -1) + (1,) * (x.ndim - 2)  # (C,) -> (1, C, 1, ...)
+        wide = x.astype(acc, copy=False)
+        batch_stats = self.training or not self.track_running_stats
+        if batch_stats:
+            local = wide.size // self.num_features
+            count, total = self._sums(
+                xp.full((1,), local, dtype=acc), wide.sum(axis=axes, dtype=acc)
+            )
+            n = float(count[0])
+            if n <= 1 and self.training:
+                raise ValueError(
+                    f"Expected more than 1 value per channel when training, got input size "
+                    f"{_args.shape_str(x.shape)}"
+                )
+            mean = total / n
+            centred = wide - mean.reshape(shape)
+            (square,) = self._sums((centred * centred).sum(axis=axes, dtype=acc))
+            var = square / n
+            if self.training and self.track_running_stats:
+                self._update(mean, var, n)
+        else:
+            mean, var, n = self.running_mean.astype(acc), self.running_var.astype(acc), None
+            centred = wide - mean.reshape(shape)
+        inv_std = 1.0 / xp.sqrt(var + self.eps)
+        xhat = centred * inv_std.reshape(shape)
+        y = xhat
+        if self.affine:
+            y = xhat * self.weight.data.astype(acc).reshape(shape) + self.bias.data.astype(
+                acc
+            ).reshape(shape)
+        self._cache = (xhat, inv_std, n, x.dtype)
+        return y.astype(x.dtype, copy=False)
+
+    def _update(self, mean, var, n: float) -> None:
+        self.num_batches_tracked += 1
+        f = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        unbiased = var * (n / (n - 1))
+        dt = self.running_mean.dtype
+        self.running_mean[...] = ((1 - f) * self.running_mean.astype(mean.dtype) + f * mean).astype(
+            dt
+        )
+        self.running_var[...] = (
+            (1 - f) * self.running_var.astype(var.dtype) + f * unbiased
+        ).astype(dt)
+
+    def backward(self, grad_output):
+        xhat, inv_std, n, dtype = cached(self)
+        axes = tuple(a for a in range(xhat.ndim) if a != 1)
+        shape = (1, -1) + (1,) * (xhat.ndim - 2)
+        dy = grad_output.astype(xhat.dtype, copy=False)
+        local_dy, local_dy_xhat = dy.sum(axis=axes), (dy * xhat).sum(axis=axes)
+        if self.affine:  # this rank's contribution (SyncBatchNorm: as torch's)
+            self.weight.accumulate_grad(local_dy_xhat.astype(self.weight.dtype))
+            self.bias.accumulate_grad(local_dy.astype(self.bias.dtype))
+        scale = inv_std if not self.affine else inv_std * self.weight.data.astype(xhat.dtype)
+        if n is None:  # running statistics: a per-channel affine map
+            dx = dy * scale.reshape(shape)
+        else:
+            sum_dy, sum_dy_xhat = self._sums(local_dy, local_dy_xhat)
+            dx = dy - (sum_dy / n).reshape(shape) - xhat * (sum_dy_xhat / n).reshape(shape)
+            dx = dx * scale.reshape(shape)
+        return dx.astype(dtype, copy=False)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
+            f"affine={self.affine}, track_running_stats={self.track_running_stats}"
+        )
+
+
+def _number(value: Any, name: str, positive: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
+        raise TypeError(
+            f"{name} must be a number, but got {type(value).__name__}: {name}={value!r}"
+        )
+    if not math.isfinite(value) or value < 0 or (positive and value == 0):
+        what = "a positive" if positive else "a non-negative"
+        raise ValueError(f"{name} must be {what} number, but got {name}={value!r}")
+    return float(value)
+
+
+class BatchNorm1d(_BatchNorm):
+    """Over (B, C) or (B, C, L) inputs."""
+
+    _dims = (2, 3)
+
+
+class BatchNorm2d(_BatchNorm):
+    """Over (B, C, H, W) inputs."""
+
+    _dims = (4,)
+
+
+class BatchNorm3d(_BatchNorm):
+    """Over (B, C, D, H, W) inputs."""
+
+    _dims = (5,)
