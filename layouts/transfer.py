@@ -37,11 +37,12 @@ class ParamSpec:
 
 
 def param_specs(model: Module) -> dict[str, ParamSpec]:
-    """Every parameter name of ``model`` (as in its state_dict) -> its ParamSpec."""
+    """Every parameter and buffer name of ``model`` (as in its state_dict) -> its ParamSpec
+    (buffers, such as BatchNorm's statistics, are 'other': taken as they are)."""
     specs = {}
     for prefix, module in model.named_modules():
-        for name, param in module._parameters.items():
-            if param is None:
+        for name in [*module._parameters, *module._buffers]:
+            if getattr(module, name) is None:
                 continue
             full = f"{prefix}.{name}" if prefix else name
             if is_conv(module):

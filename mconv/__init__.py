@@ -7,7 +7,7 @@
 (1, 1, 2, 2)
 """
 
-from . import functional, losses, nn, optim
+from . import functional, losses, models, nn, optim
 from .nn.init import manual_seed
 from .backends.numpy_threads import get_num_threads, set_num_threads
 from .geometry import ConvGeometry
@@ -19,6 +19,7 @@ __all__ = [
     "nn",
     "losses",
     "optim",
+    "models",
     "manual_seed",
     "get_num_threads",
     "set_num_threads",

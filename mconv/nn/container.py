@@ -26,16 +26,20 @@ def _check_module(module: Any, what: str) -> Module:
 
 
 class Sequential(Module):
-    """Runs children in order; ``backward`` runs their ``backward`` in reverse."""
+    """Runs children in order; ``backward`` runs their ``backward`` in reverse. Children are
+    named "0", "1", ..., or by the keys of one ``OrderedDict`` argument, as in PyTorch."""
 
     def __init__(self, *modules: Module):
         super().__init__()
-        for index, module in enumerate(modules):
+        named = modules[0].items() if len(modules) == 1 and isinstance(modules[0], dict) else (
+            (str(index), module) for index, module in enumerate(modules)
+        )  # fmt: skip
+        for name, module in named:
             if not isinstance(module, Module):
                 raise TypeError(
-                    f"Sequential takes Modules, but argument {index} is {type(module).__name__}"
+                    f"Sequential takes Modules, but argument {name} is {type(module).__name__}"
                 )
-            setattr(self, str(index), module)
+            setattr(self, name, module)
 
     def __len__(self) -> int:
         return len(self._modules)

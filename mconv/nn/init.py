@@ -43,3 +43,14 @@ def default_bias(weight_shape: tuple[int, ...], channels: int, dtype) -> np.ndar
 def keep_mask(shape: tuple[int, ...], p: float) -> np.ndarray:
     """A dropout mask: True with probability 1 - p, from the same seedable generator."""
     return _generator.random(size=shape) >= p
+
+
+def kaiming_normal_fan_out(shape: tuple[int, ...], dtype) -> np.ndarray:
+    """N(0, 2 / fan_out), fan_out = shape[0] * prod(kernel): torchvision's conv init."""
+    fan_out = int(shape[0] * math.prod(shape[2:]))
+    return (_generator.standard_normal(size=shape) * math.sqrt(2.0 / fan_out)).astype(dtype)
+
+
+def normal(shape: tuple[int, ...], std: float, dtype) -> np.ndarray:
+    """N(0, std^2), drawn in float64 and cast once."""
+    return (_generator.standard_normal(size=shape) * std).astype(dtype)
