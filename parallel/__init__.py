@@ -15,7 +15,8 @@ from .data_parallel import DataParallel
 from .group_parallel import (GroupParallelConv1d, GroupParallelConv2d, GroupParallelConv3d,
                              GroupParallelConvTranspose1d, GroupParallelConvTranspose2d,
                              GroupParallelConvTranspose3d)  # fmt: skip
-from .sharded import ShardedConv
+from .norm import ShardedBatchNorm1d, ShardedBatchNorm2d, ShardedBatchNorm3d, SyncBatchNorm
+from .sharded import Sharded, ShardedConv
 from .sharding import shard, shard_range, shard_sizes
 from .state import (gather_state_dict, load_shard, merge_shards, save_full, save_shard,
                     scatter_state_dict, shard_path)  # fmt: skip
@@ -29,7 +30,8 @@ __all__ = [
     "GroupParallelConvTranspose1d", "GroupParallelConvTranspose2d", "GroupParallelConvTranspose3d",
     "ColumnParallelConv1d", "ColumnParallelConv2d", "ColumnParallelConv3d",
     "RowParallelConv1d", "RowParallelConv2d", "RowParallelConv3d",
-    "ShardedConv", "shard", "shard_range", "shard_sizes",
+    "SyncBatchNorm", "ShardedBatchNorm1d", "ShardedBatchNorm2d", "ShardedBatchNorm3d",
+    "Sharded", "ShardedConv", "shard", "shard_range", "shard_sizes",
     "gather_state_dict", "scatter_state_dict", "save_shard", "load_shard", "merge_shards",
     "save_full", "shard_path",
 ]  # fmt: skip

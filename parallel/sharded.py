@@ -45,9 +45,10 @@ def _comparable(key: str, value: Any) -> str:
     return repr(value)
 
 
-class ShardedConv(Module):
-    """Base class; subclasses set ``_serial`` (an ``mconv.nn`` conv class) and ``shard_axes``,
-    and say how to split (``_check_split``, ``_local_layer``) and communicate (``_steps``)."""
+class Sharded(Module):
+    """Base class; subclasses set ``_serial`` (an ``mconv.nn`` layer class) and ``shard_axes``
+    (state_dict name -> split axis; names not there are replicated), and say how to split
+    (``_check_split``, ``_local_layer``) and communicate (``_steps``)."""
 
     _serial: type
     shard_axes: dict[str, int | None] = {}
@@ -70,29 +71,41 @@ class ShardedConv(Module):
             object.__setattr__(self, key, value)
         full = self._serial(*args, **kwargs)
         self._check_split(full)
-        self.in_channels, self.out_channels = full.in_channels, full.out_channels
-        self.kernel_size, self.groups = full.kernel_size, full.groups
+        self._describe(full)
         self._full_repr = full.extra_repr()
-        self.full_shapes = {name: p.shape for name, p in full.named_parameters()}
-        shards = {name: self._take(p.data, self.shard_axes[name])
-                  for name, p in full.named_parameters()}  # fmt: skip
+        state = full.state_dict()
+        self.full_shapes = {name: tuple(a.shape) for name, a in state.items()}
+        shards = {name: self._take(a, self.shard_axes.get(name)) for name, a in state.items()}
         local = self._local_layer(full, shards)
-        object.__setattr__(self, "local", local)  # not a child: its Parameters are ours
-        self.weight = local.weight
-        if local.bias is not None or "bias" not in shards:
-            self.bias = local.bias
-        else:  # the serial bias, kept here: added after the local layer (row-parallel)
-            self.bias = Parameter(shards["bias"])
+        object.__setattr__(self, "local", local)  # not a child: its state is ours
+        object.__setattr__(self, "_buffers", local._buffers)  # one registry: to() moves both
+        for name, param in local._parameters.items():
+            setattr(self, name, param)
+        if "bias" in shards and local._parameters.get("bias") is None:
+            self.bias = Parameter(shards["bias"])  # added after the local layer (row-parallel)
         self.before, self.after = self._steps()
         self._cache = None
+
+    @property
+    def training(self) -> bool:
+        """The local layer's mode (train()/eval() reach it though it is not a child)."""
+        return self.__dict__["local"].training if "local" in self.__dict__ else True
+
+    @training.setter
+    def training(self, mode: bool) -> None:
+        if "local" in self.__dict__:
+            self.__dict__["local"].train(mode)
 
     # -- what subclasses say ----------------------------------------------------------------
     def _check_split(self, full) -> None:
         """Raise ValueError when ``full`` cannot be split evenly over ``comm``."""
 
+    def _describe(self, full) -> None:
+        """Copy what describes the serial layer (channels, ...) onto this one."""
+
     def _local_layer(self, full, shards: dict):
-        """The serial layer on this rank's shard."""
-        return full.on_shard(shards["weight"], shards.get("bias"), full.groups)
+        """The serial layer on this rank's shard (``shards``: its state_dict, cut)."""
+        raise NotImplementedError
 
     def _steps(self) -> tuple:
         """(before, after): the communication around the local layer."""
@@ -112,17 +125,9 @@ class ShardedConv(Module):
         return array.copy() if axis is None else shard(array, self.comm, axis).copy()
 
     def _channel_axis(self, x) -> int:
-        """1 for batched ``(B, C, *S)`` input, 0 for unbatched ``(C, *S)`` (after checking x)."""
-        name = type(self).__name__
-        _args.check_array(x, "input", name)
-        _args.check_same_dtype(name, input=x, weight=self.weight.data)
-        n = len(self.kernel_size)
-        if x.ndim not in (n + 1, n + 2):
-            raise ValueError(
-                f"{name}: expected a {n + 1}-D (unbatched) or {n + 2}-D (batched) input, but got "
-                f"input of size {_args.shape_str(x.shape)}"
-            )
-        return 1 if x.ndim == n + 2 else 0
+        """The channel axis of ``x`` (after checking it): 1, for batched input."""
+        _args.check_array(x, "input", type(self).__name__)
+        return 1
 
     def _expected_channels(self) -> tuple[int, str]:
         if getattr(self, "input_is_sharded", False):
@@ -152,10 +157,6 @@ class ShardedConv(Module):
         dy = self.after.backward(grad_output, axis)
         return self.before.backward(self.local.backward(dy), axis)
 
-    def options(self) -> dict:
-        """The local (and serial) layer's keyword arguments of ``F.conv``/``F.conv_transpose``."""
-        return self.local.options()
-
     def extra_repr(self) -> str:
         flags = ", ".join(
             f"{key}={getattr(self, key)}"
@@ -164,3 +165,32 @@ class ShardedConv(Module):
         )
         return f"{self._full_repr}, rank={self.comm.rank}/{self.comm.size}, {flags}"
 
+
+
+class ShardedConv(Sharded):
+    """A convolution on shards: the serial conv's options, this rank's rows or columns of its
+    weight (``_ConvNd.on_shard``)."""
+
+    def _describe(self, full) -> None:
+        self.in_channels, self.out_channels = full.in_channels, full.out_channels
+        self.kernel_size, self.groups = full.kernel_size, full.groups
+
+    def _local_layer(self, full, shards: dict):
+        return full.on_shard(shards["weight"], shards.get("bias"), full.groups)
+
+    def _channel_axis(self, x) -> int:
+        """1 for batched ``(B, C, *S)`` input, 0 for unbatched ``(C, *S)`` (after checking x)."""
+        name = type(self).__name__
+        _args.check_array(x, "input", name)
+        _args.check_same_dtype(name, input=x, weight=self.weight.data)
+        n = len(self.kernel_size)
+        if x.ndim not in (n + 1, n + 2):
+            raise ValueError(
+                f"{name}: expected a {n + 1}-D (unbatched) or {n + 2}-D (batched) input, but got "
+                f"input of size {_args.shape_str(x.shape)}"
+            )
+        return 1 if x.ndim == n + 2 else 0
+
+    def options(self) -> dict:
+        """The local (and serial) layer's keyword arguments of ``F.conv``/``F.conv_transpose``."""
+        return self.local.options()

@@ -39,7 +39,7 @@ from mconv import _args
 from mconv.nn.module import IncompatibleKeys, Module, key_errors, to_device
 
 from .comm import Communicator
-from .sharded import ShardedConv
+from .sharded import Sharded
 
 SHARD_FORMAT = "mconv.parallel.shard/1"
 
@@ -63,23 +63,16 @@ def _root(root: Any, comm: Communicator, op: str) -> int | None:
     return int(root)
 
 
-def shard_specs(model: Module) -> dict[str, tuple[ShardedConv, str, int | None]]:
-    """State-dict name -> (parallel layer, its parameter name, split axis or None)."""
-    by_param = {}  # a layer shared under several names holds the same Parameters
-    for module in model.modules():
-        if isinstance(module, ShardedConv):
-            for name, axis in module.shard_axes.items():
-                param = module._parameters.get(name)
-                if param is not None:
-                    by_param[id(param)] = (module, name, axis)
+def shard_specs(model: Module) -> dict[str, tuple[Sharded, str, int | None]]:
+    """State-dict name -> (parallel layer, its state name, split axis or None)."""
     return {
-        name: by_param[id(param)]
-        for name, param in model._parameter_slots()
-        if id(param) in by_param
+        name: (owner, key, owner.shard_axes.get(key))
+        for name, owner, key, _ in model._state_items()
+        if isinstance(owner, Sharded)
     }
 
 
-def _block(array, layer: ShardedConv, axis: int | None):
+def _block(array, layer: Sharded, axis: int | None):
     """This rank's block of a full array (a copy)."""
     return layer._take(array, axis)
 

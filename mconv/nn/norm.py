@@ -69,6 +69,15 @@ class _BatchNorm(Module):
         self.register_buffer("num_batches_tracked", on_device(count) if tracked else None)
         self._cache = None
 
+    def on_shard(self, state: dict) -> "_BatchNorm":
+        """The same layer over a block of channels: ``state`` (this layer's state_dict keys,
+        each cut to the block) becomes its state. Used by ``parallel``'s sharded layers."""
+        channels = next(iter(state.values())).shape[0] if state else self.num_features
+        layer = type(self)(channels, self.eps, self.momentum, self.affine,
+                           self.track_running_stats, self.dtype, self.device)  # fmt: skip
+        layer.load_state_dict(state)
+        return layer
+
     def reset_running_stats(self) -> None:
         if self.track_running_stats:
             self.running_mean[...] = 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import mpi_checks_comm  # noqa: F401  (registers checks)
 import mpi_checks_layers  # noqa: F401
+import mpi_checks_norm  # noqa: F401
 import mpi_checks_training  # noqa: F401
 import pytest
 from mpi_harness import names_for
