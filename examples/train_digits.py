@@ -1,17 +1,21 @@
-"""Train a small grouped-conv CNN on scikit-learn's digits, on one rank or many.
+"""Train a small ResNeXt-style net on scikit-learn's digits, on one rank or many.
 
     mpiexec -n 2 python -m mpi4py examples/train_digits.py                      # groups split over 2 ranks
     mpiexec -n 2 python -m mpi4py examples/train_digits.py --data-parallel      # batch split over 2 ranks
     mpiexec -n 4 python -m mpi4py examples/train_digits.py --group-parallel 2   # 2 replicas x 2 shards
     python examples/train_digits.py                                             # one process
+    mpiexec -n 2 python -m mpi4py examples/train_digits.py --data-parallel --sync-bn  # BN over both
     mpiexec -n 2 python -m mpi4py examples/train_digits.py --device cuda        # a GPU per rank (CuPy)
 
-The ranks form a grid P = (P/K data replicas) x (K group shards), K =
-``--group-parallel`` (default gcd(P, 4)). Within a replica the first conv is
-column-parallel (its 16 output channels split), the two grouped convs
-(4 groups) are group-parallel on those shards (no communication between the
-three), the last one gathers its output, and the linear head is replicated.
-DataParallel averages gradients over the replicas. With ``--device cuda``
+The net: a stem conv, two residual blocks of grouped 3x3 convs (4 groups) with BatchNorm,
+a grouped transition conv, global average pooling and a linear head. The ranks form a grid
+P = (P/K data replicas) x (K group shards), K = ``--group-parallel`` (default gcd(P, 4)).
+Within a replica the stem is column-parallel (its 16 output channels split), every grouped
+conv is group-parallel on those shards and every BatchNorm sharded (no communication
+between them), the last conv gathers its output, and the head is replicated. DataParallel
+averages gradients over the replicas; BatchNorm statistics are each replica's own, or,
+with ``--sync-bn``, summed over the replicas (then any grid trains the serial curve; without
+it, only grids of one replica do). With ``--device cuda``
 each rank trains on its GPU (``parallel.init()`` binds GPU local_rank) and
 the collectives go through NCCL where it can. Every rank draws the
 same initialisation and the same batches, so any grid trains the same model
@@ -57,6 +61,8 @@ def parse_args(world_size: int) -> argparse.Namespace:
         help="ranks that split each layer's groups/channels (1, 2 or 4; default gcd(P, 4))",
     )
     p.add_argument("--data-parallel", action="store_true", help="same as --group-parallel 1")
+    p.add_argument("--sync-bn", action="store_true",
+                   help="BatchNorm statistics over every data replica (SyncBatchNorm)")  # fmt: skip
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=48, help="global batch (split over replicas)")
     p.add_argument("--lr", type=float, default=0.005)
@@ -80,49 +86,60 @@ def parse_args(world_size: int) -> argparse.Namespace:
     return args
 
 
-def build_model(group_comm, dtype) -> nn.Sequential:
-    """1x8x8 -> 10 logits; the convs are split over ``group_comm`` (size 1: a serial model)."""
+def build_model(group_comm, dtype, sync_comm=None) -> nn.Sequential:
+    """1x8x8 -> 10 logits; convs and BatchNorms split over ``group_comm`` (size 1: a serial
+    model), BatchNorm statistics summed over ``sync_comm`` too when given."""
     g = group_comm
+
+    def conv(cin, cout, gather=False):  # a grouped 3x3 on channel shards
+        return parallel.GroupParallelConv2d(cin, cout, 3, padding=1, groups=4, bias=False,
+                                            dtype=dtype, comm=g, input_is_sharded=True,
+                                            gather_output=gather)  # fmt: skip
+
+    def bn(channels):
+        return parallel.ShardedBatchNorm2d(channels, dtype=dtype, comm=g, sync_comm=sync_comm)
+
+    def block(channels):  # relu(x + bn(conv(relu(bn(conv(x))))))
+        body = nn.Sequential(conv(channels, channels), bn(channels), nn.ReLU(),
+                             conv(channels, channels), bn(channels))  # fmt: skip
+        return nn.Sequential(nn.Residual(body), nn.ReLU())
+
     return nn.Sequential(
-        parallel.ColumnParallelConv2d(
-            1, 16, 3, padding=1, dtype=dtype, comm=g, gather_output=False
-        ),
-        nn.ReLU(),
-        parallel.GroupParallelConv2d(
-            16,
-            32,
-            3,
-            padding=1,
-            groups=4,
-            dtype=dtype,
-            comm=g,
-            input_is_sharded=True,
-            gather_output=False,
-        ),
-        nn.ReLU(),
-        nn.MaxPool2d(2),  # (B, 32/K, 8, 8) -> (B, 32/K, 4, 4)
-        parallel.GroupParallelConv2d(
-            32, 32, 3, padding=1, groups=4, dtype=dtype, comm=g, input_is_sharded=True
-        ),  # gathers: (B, 32, 4, 4)
-        nn.ReLU(),
-        nn.Flatten(),  # (B, 512)
-        nn.Linear(512, 10, dtype=dtype),
-    )
+        parallel.ColumnParallelConv2d(1, 16, 3, padding=1, bias=False, dtype=dtype, comm=g,
+                                      gather_output=False),  # fmt: skip
+        bn(16), nn.ReLU(),
+        block(16),
+        nn.MaxPool2d(2),  # (B, 16/K, 8, 8) -> (B, 16/K, 4, 4)
+        conv(16, 32), bn(32), nn.ReLU(),
+        block(32),
+        conv(32, 32, gather=True), nn.ReLU(),  # gathers: (B, 32, 4, 4)
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(),  # (B, 32)
+        nn.Linear(32, 10, dtype=dtype),
+    )  # fmt: skip
 
 
 def serial_model(dtype) -> nn.Sequential:
     """The same network from plain ``mconv.nn`` layers (what the saved file loads into)."""
+
+    def conv(cin, cout):
+        return nn.Conv2d(cin, cout, 3, padding=1, groups=4, bias=False, dtype=dtype)
+
+    def block(c):
+        body = nn.Sequential(conv(c, c), nn.BatchNorm2d(c, dtype=dtype), nn.ReLU(), conv(c, c),
+                             nn.BatchNorm2d(c, dtype=dtype))  # fmt: skip
+        return nn.Sequential(nn.Residual(body), nn.ReLU())
+
     return nn.Sequential(
-        nn.Conv2d(1, 16, 3, padding=1, dtype=dtype),
-        nn.ReLU(),
-        nn.Conv2d(16, 32, 3, padding=1, groups=4, dtype=dtype),
-        nn.ReLU(),
+        nn.Conv2d(1, 16, 3, padding=1, bias=False, dtype=dtype),
+        nn.BatchNorm2d(16, dtype=dtype), nn.ReLU(),
+        block(16),
         nn.MaxPool2d(2),
-        nn.Conv2d(32, 32, 3, padding=1, groups=4, dtype=dtype),
-        nn.ReLU(),
-        nn.Flatten(),
-        nn.Linear(512, 10, dtype=dtype),
-    )
+        conv(16, 32), nn.BatchNorm2d(32, dtype=dtype), nn.ReLU(),
+        block(32),
+        conv(32, 32), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        nn.Linear(32, 10, dtype=dtype),
+    )  # fmt: skip
 
 
 def on_device(array, device: str):
@@ -140,9 +157,12 @@ def on_host(array):
 
 
 def accuracy(model, x, y, data_comm, device="cpu") -> float:
-    """Each replica scores its block of the test set; the counts are summed."""
+    """Each replica scores its block of the test set (BatchNorm in eval mode: the running
+    statistics); the counts are summed."""
     rows = parallel.shard_range(len(x), data_comm)
+    model.eval()
     logits = on_host(model(on_device(x[rows.start : rows.stop], device)))
+    model.train()
     correct = np.sum(logits.argmax(axis=1) == y[rows.start : rows.stop])
     total = data_comm.allreduce(np.array([correct, len(rows)], dtype=np.int64))
     return float(total[0] / total[1])
@@ -159,7 +179,8 @@ def main() -> int:
         images, digits.target, test_size=0.25, random_state=0, stratify=digits.target
     )
     mconv.manual_seed(args.seed)  # the same draws on every rank: shards of one serial init
-    net = build_model(group_comm, dtype).to(args.device)
+    sync_comm = data_comm if args.sync_bn else None
+    net = build_model(group_comm, dtype, sync_comm).to(args.device)
     model = parallel.DataParallel(net, data_comm)
     opt = optim.Adam(model.parameters(), lr=args.lr)
     rng = np.random.default_rng(args.seed)  # the same batches on every rank
@@ -175,9 +196,11 @@ def main() -> int:
         )
     start = time.perf_counter()
     bar = tqdm(total=args.epochs * steps, unit="step", disable=world.rank != 0, file=sys.stdout)
+    total_steps = args.epochs * steps
     for epoch in range(args.epochs):
         order = rng.permutation(len(x_train))
-        for step in range(steps):
+        for step in range(steps):  # cosine decay: steady at the end, for BatchNorm's statistics
+            opt.lr = args.lr * 0.5 * (1 + math.cos(math.pi * (epoch * steps + step) / total_steps))
             rows = order[step * batch : (step + 1) * batch][mine.start : mine.stop]
             logits = model(on_device(x_train[rows], args.device))
             loss, dlogits = losses.cross_entropy(logits, y_train[rows])
@@ -212,6 +235,7 @@ def main() -> int:
                     "accuracy": accuracies,
                     "ranks": world.size,
                     "group_parallel": group_comm.size,
+                    "sync_bn": args.sync_bn,
                     "device": args.device,
                     "seconds": seconds,
                 },
@@ -242,14 +266,14 @@ def check_saved_model(world, data_comm, group_comm, net, args, dtype, x_test, y_
         ok = all(np.array_equal(merged[k], v) for k, v in state.items())
         serial = serial_model(dtype)
         layouts.load_into(serial, full_path)  # through layouts: the file's layout is read back
-        serial_acc = float(np.mean(serial(x_test).argmax(axis=1) == y_test))
+        serial_acc = float(np.mean(serial.eval()(x_test).argmax(axis=1) == y_test))
         ok = ok and serial_acc == expected
         print(
             f"saved {full_path}; merged shards equal it: {ok}; "
             f"a serial mconv.nn model loaded from it scores {serial_acc:.2%}"
         )
     mconv.manual_seed(args.seed + 1)  # a different init, overwritten by the file
-    fresh = build_model(group_comm, dtype).to(args.device)
+    fresh = build_model(group_comm, dtype, data_comm if args.sync_bn else None).to(args.device)
     parallel.scatter_state_dict(fresh, layouts.load_checkpoint(full_path).tensors, world, root=None)
     reloaded = accuracy(fresh, x_test, y_test, data_comm, args.device)
     ok = bool(world.allreduce(np.array([ok and reloaded == expected], np.int64), "min")[0])

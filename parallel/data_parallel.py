@@ -16,6 +16,11 @@ or frozen) keeps None, so optimizers skip it as they would serially. The
 buckets follow the parameters: after ``model.to(dtype)`` or ``.to('cuda')``
 they are rebuilt (on every rank; ranks that disagree raise).
 
+Buffers (BatchNorm's running statistics) are broadcast from rank 0 before
+every forward in training mode (``broadcast_buffers=True``, as PyTorch's
+DistributedDataParallel does), so the replicas keep one model; with
+SyncBatchNorm they are equal anyway.
+
 >>> import numpy as np, mconv, parallel
 >>> from mconv import nn
 >>> comm = parallel.init()
@@ -34,6 +39,7 @@ from typing import Any
 
 import numpy as np
 
+from mconv import _args
 from mconv._args import array_module
 from mconv.precision import accumulator
 from mconv.nn.module import Module
@@ -66,7 +72,8 @@ class DataParallel(Module):
     the ``data_comm`` of ``comm.grid(...)``.
     """
 
-    def __init__(self, module: Module, comm: Communicator, bucket_mb: float = 25):
+    def __init__(self, module: Module, comm: Communicator, bucket_mb: float = 25,
+                 broadcast_buffers: bool = True):  # fmt: skip
         super().__init__()
         if not isinstance(module, Module):
             raise TypeError(
@@ -93,6 +100,8 @@ class DataParallel(Module):
         self.module = module
         self.comm = comm
         self.bucket_mb = bucket_mb
+        self.broadcast_buffers = _args.check_bool(broadcast_buffers, "broadcast_buffers")
+        comm.check_same(self.broadcast_buffers, "DataParallel(broadcast_buffers=...)")
         self._bucket_bytes = int(bucket_mb * 2**20)
         self.require_sync = True
         self._params = [p for _, p in named]
@@ -172,6 +181,9 @@ class DataParallel(Module):
             self.require_sync = previous
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.broadcast_buffers and self.training and self.comm.size > 1:
+            for _, buffer in self.module.named_buffers():
+                self.comm.broadcast_into(buffer, 0)
         return self.module(*args, **kwargs)
 
     def backward(self, grad_output: Any) -> Any:

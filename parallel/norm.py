@@ -59,13 +59,20 @@ class _ShardedBatchNorm(Sharded):
     """BatchNorm over this rank's block of channels (``input_is_sharded=True`` by default:
     between group-/column-parallel layers that leave their output sharded). Statistics are
     per channel, so the blocks need nothing from each other. Arguments: the serial
-    ``nn.BatchNorm*d``'s, plus keyword-only ``comm``, ``input_is_sharded=True`` and
-    ``gather_output=False``."""
+    ``nn.BatchNorm*d``'s, plus keyword-only ``comm``, ``input_is_sharded=True``,
+    ``gather_output=False`` and ``sync_comm=None``: a communicator over which the statistics
+    are summed too (the data-parallel replicas of a grid: a SyncBatchNorm on the shard)."""
 
     shard_axes = {"weight": 0, "bias": 0, "running_mean": 0, "running_var": 0}
 
     def __init__(self, *args: Any, comm: Any, input_is_sharded: bool = True,
-                 gather_output: bool = False, **kwargs: Any):  # fmt: skip
+                 gather_output: bool = False, sync_comm: Any = None, **kwargs: Any):  # fmt: skip
+        if sync_comm is not None and not isinstance(sync_comm, Communicator):
+            raise TypeError(
+                f"{type(self).__name__}: sync_comm must be None or a parallel.Communicator, but "
+                f"got {type(sync_comm).__name__}"
+            )
+        object.__setattr__(self, "sync_comm", sync_comm)
         flags = {"input_is_sharded": input_is_sharded, "gather_output": gather_output}
         super().__init__(*args, comm=comm, flags=flags, **kwargs)
 
@@ -76,7 +83,14 @@ class _ShardedBatchNorm(Sharded):
         self._divisible(full.num_features, "num_features", "its channels")
 
     def _local_layer(self, full, shards: dict):
-        return full.on_shard(shards)
+        local = full.on_shard(shards)
+        if self.sync_comm is None:
+            return local
+        synced = SyncBatchNorm(local.num_features, self.sync_comm, local.eps, local.momentum,
+                               local.affine, local.track_running_stats, local.dtype,
+                               local.device)  # fmt: skip
+        synced.load_state_dict(local.state_dict())
+        return synced
 
     def _steps(self) -> tuple:
         before = NoComm if self.input_is_sharded else ScatterToShards
