@@ -95,7 +95,8 @@ def test_batch_norm_errors():
 ACTIVATIONS = [
     ("ReLU", {}), ("ReLU6", {}), ("LeakyReLU", {"negative_slope": 0.2}), ("SiLU", {}),
     ("GELU", {}), ("GELU", {"approximate": "tanh"}), ("Sigmoid", {}), ("Tanh", {}),
-    ("Hardswish", {}), ("Hardsigmoid", {}), ("Identity", {}),
+    ("Hardswish", {}), ("Hardsigmoid", {}), ("Identity", {}), ("Softmax", {"dim": 1}),
+    ("Softmax", {"dim": -1}),
 ]  # fmt: skip
 
 

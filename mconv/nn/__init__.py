@@ -1,7 +1,7 @@
 """Layers and the Module system (PyTorch's API on NumPy and CuPy arrays)."""
 
 from .activation import (GELU, Hardsigmoid, Hardswish, Identity, LeakyReLU, PReLU, ReLU, ReLU6,
-                         Sigmoid, SiLU, Tanh)  # fmt: skip
+                         Sigmoid, SiLU, Softmax, Tanh)  # fmt: skip
 from .container import Concat, Residual, Sequential
 from .conv import (Conv1d, Conv2d, Conv3d, ConvTranspose1d, ConvTranspose2d, ConvTranspose3d,
                    is_conv)  # fmt: skip
@@ -22,7 +22,7 @@ __all__ = [
     "Sequential", "Residual", "Concat", "Flatten", "Linear",
     "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "Dropout", "Dropout2d",
     "Identity", "ReLU", "ReLU6", "LeakyReLU", "PReLU", "SiLU", "GELU", "Sigmoid", "Tanh",
-    "Hardswish", "Hardsigmoid",
+    "Hardswish", "Hardsigmoid", "Softmax",
     "GlobalAvgPool", "AvgPool", "AvgPool1d", "AvgPool2d", "AvgPool3d",
     "MaxPool", "MaxPool1d", "MaxPool2d", "MaxPool3d",
     "AdaptiveAvgPool", "AdaptiveAvgPool1d", "AdaptiveAvgPool2d", "AdaptiveAvgPool3d",

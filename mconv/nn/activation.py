@@ -249,6 +249,33 @@ class PReLU(Module):
         return f"num_parameters={self.num_parameters}"
 
 
+class Softmax(Module):
+    """exp(x) / sum(exp(x)) along ``dim`` (computed from x - max); backward:
+    y * (dy - sum(dy * y))."""
+
+    def __init__(self, dim: int | None = None):
+        super().__init__()
+        self.dim = None if dim is None else _args.check_int(dim, "dim")
+        self._cache = None
+
+    def forward(self, x):
+        _args.check_array(x, "input", "Softmax")
+        xp, wide = array_module(x), x.astype(accumulator(x.dtype), copy=False)
+        axis = self.dim if self.dim is not None else (0 if x.ndim in (0, 1, 3) else 1)
+        e = xp.exp(wide - wide.max(axis=axis, keepdims=True))
+        y = e / e.sum(axis=axis, keepdims=True)
+        self._cache = (y, axis, x.dtype)
+        return y.astype(x.dtype, copy=False)
+
+    def backward(self, grad_output):
+        y, axis, dtype = cached(self)
+        dy = grad_output.astype(y.dtype, copy=False)
+        return (y * (dy - (dy * y).sum(axis=axis, keepdims=True))).astype(dtype, copy=False)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}"
+
+
 def _float(value: Any, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
         raise TypeError(
