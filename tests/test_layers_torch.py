@@ -205,3 +205,38 @@ def test_residual_and_concat_match_torch_composition():
         assert_close(ours(x), ty.detach().numpy())
         assert_close(ours.backward(dy), tx.grad.numpy())
         tb.zero_grad(), ts.zero_grad()
+
+
+@pytest.mark.parametrize("name,kw", ACTIVATIONS)
+def test_activations_in_fp16_round_once(name, kw):
+    """fp16 in, the fp32-computed value rounded once: within one fp16 spacing of the exact
+    (torch float64) value on fp16 inputs, and its correctly rounded value almost always."""
+    rng = np.random.default_rng(9)
+    x = (rng.standard_normal((4, 3, 50)) * 3).astype(np.float16)
+    dy = rng.standard_normal(x.shape).astype(np.float16)
+    want = _torch_run(getattr(torch.nn, name)(**kw), x.astype(np.float64), dy.astype(np.float64))
+    got = _ours(getattr(nn, name)(**kw), x, dy)
+    for mine, exact, share in zip(got[:2], want[:2], (0.98, 0.9)):  # dx: a product, in fp32
+        assert mine.dtype == np.float16
+        spacing = np.spacing(np.abs(exact).astype(np.float16)).astype(np.float64)
+        assert np.all(np.abs(mine.astype(np.float64) - exact) <= spacing + 1e-6)
+        assert np.mean(mine == exact.astype(np.float16)) > share
+
+
+def test_batch_norm_fp16_gradients_against_torch_float64():
+    rng = np.random.default_rng(10)
+    x = (rng.standard_normal((8, 3, 6, 6)) * 2 + 3).astype(np.float16)
+    dy = rng.standard_normal(x.shape).astype(np.float16)
+    theirs = torch.nn.BatchNorm2d(3).double()
+    want = _torch_run(theirs, x.astype(np.float64), dy.astype(np.float64))
+    ours = nn.BatchNorm2d(3, dtype="float16")
+    got = _ours(ours, x, dy)
+    for mine, exact in zip(got[:2], want[:2]):
+        assert mine.dtype == np.float16
+        assert np.abs(mine.astype(np.float64) - exact).max() <= 4e-3 * np.abs(exact).max()
+    for key in ("running_mean", "running_var"):
+        exact = getattr(theirs, key).numpy()
+        assert (
+            np.abs(ours.state_dict()[key].astype(np.float64) - exact).max()
+            <= 2e-3 * np.abs(exact).max()
+        )
