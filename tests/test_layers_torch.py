@@ -216,7 +216,7 @@ def test_activations_in_fp16_round_once(name, kw):
     dy = rng.standard_normal(x.shape).astype(np.float16)
     want = _torch_run(getattr(torch.nn, name)(**kw), x.astype(np.float64), dy.astype(np.float64))
     got = _ours(getattr(nn, name)(**kw), x, dy)
-    for mine, exact, share in zip(got[:2], want[:2], (0.98, 0.9)):  # dx: a product, in fp32
+    for mine, exact, share in zip(got[:2], want[:2], (0.9, 0.9)):  # fp32 formulas (GELU, dx)
         assert mine.dtype == np.float16
         spacing = np.spacing(np.abs(exact).astype(np.float16)).astype(np.float64)
         assert np.all(np.abs(mine.astype(np.float64) - exact) <= spacing + 1e-6)
