@@ -156,24 +156,27 @@ class Hardswish(_Elementwise):
 
 class GELU(_Elementwise):
     """x * Phi(x) (``approximate='none'``, the exact erf form) or its tanh approximation
-    (``approximate='tanh'``)."""
+    (``approximate='tanh'``). Computed without cancellation for negative x:
+    Phi(x) = erfc(-x / sqrt 2) / 2, and (1 + tanh u) / 2 = sigmoid(2u)."""
 
     def __init__(self, approximate: str = "none"):
         super().__init__()
         self.approximate = _args.choice(approximate, ("none", "tanh"), "approximate")
 
-    def _f(self, x, xp):
+    def _gate(self, x, xp):
+        """Phi(x), or sigmoid(2u) with u = K (x + 0.044715 x^3)."""
         if self.approximate == "tanh":
-            return 0.5 * x * (1 + xp.tanh(_K * (x + 0.044715 * x**3)))
-        return 0.5 * x * (1 + erf(x / math.sqrt(2.0)))
+            return Sigmoid._f(self, 2 * _K * (x + 0.044715 * x**3), xp)
+        return 0.5 * erfc(-x / math.sqrt(2.0))
+
+    def _f(self, x, xp):
+        return x * self._gate(x, xp)
 
     def _df(self, x, y, xp):
-        if self.approximate == "tanh":
-            t = xp.tanh(_K * (x + 0.044715 * x**3))
-            return 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * _K * (1 + 3 * 0.044715 * x * x)
-        return 0.5 * (1 + erf(x / math.sqrt(2.0))) + x * xp.exp(-0.5 * x * x) / math.sqrt(
-            2 * math.pi
-        )
+        s = self._gate(x, xp)
+        if self.approximate == "tanh":  # d/dx x s(2u) = s + 2 x s (1 - s) u'
+            return s + 2 * x * s * (1 - s) * _K * (1 + 3 * 0.044715 * x * x)
+        return s + x * xp.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
 
     def extra_repr(self) -> str:
         return f"approximate={self.approximate!r}"
@@ -183,18 +186,18 @@ _K = math.sqrt(2.0 / math.pi)
 _ONE_SIXTH_FP32 = float(np.float32(1.0) / np.float32(6.0))  # host: a constant
 
 
-def erf(x):
-    """The error function on either device (CuPy's, SciPy's where installed, else math.erf
-    element by element: exact, slower)."""
+def erfc(x):
+    """The complementary error function on either device (CuPy's, SciPy's where installed,
+    else math.erfc element by element: exact, slower)."""
     if _args.is_cupy(x):
-        from cupyx.scipy.special import erf as cupy_erf  # noqa: PLC0415 - with CuPy only
+        from cupyx.scipy.special import erfc as cupy_erfc  # noqa: PLC0415 - with CuPy only
 
-        return cupy_erf(x)
+        return cupy_erfc(x)
     try:
-        from scipy.special import erf as scipy_erf  # noqa: PLC0415 - optional
+        from scipy.special import erfc as scipy_erfc  # noqa: PLC0415 - optional
     except ImportError:
-        return np.frompyfunc(math.erf, 1, 1)(x).astype(x.dtype)  # host: NumPy input only
-    return scipy_erf(x)
+        return np.frompyfunc(math.erfc, 1, 1)(x).astype(x.dtype)  # host: NumPy input only
+    return scipy_erfc(x)
 
 
 class PReLU(Module):

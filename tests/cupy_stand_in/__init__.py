@@ -153,12 +153,14 @@ class FakeCupy(types.ModuleType):
 
 
 def _cupyx() -> dict:
-    """cupyx.scipy.special.erf: an elementwise kernel (math.erf on the host memory)."""
+    """cupyx.scipy.special.erf/erfc: elementwise kernels (math's on the host memory)."""
     import math
 
     special = types.ModuleType("cupyx.scipy.special")
-    erf = np.frompyfunc(math.erf, 1, 1)
-    special.erf = lambda x: run(lambda a: erf(a).astype(a.dtype), (x,), {}, what="erf")
+    for name in ("erf", "erfc"):
+        fn = np.frompyfunc(getattr(math, name), 1, 1)
+        kernel = (lambda f: lambda a: f(a).astype(a.dtype))(fn)
+        setattr(special, name, (lambda k, n: lambda x: run(k, (x,), {}, what=n))(kernel, name))
     scipy = types.ModuleType("cupyx.scipy")
     scipy.special = special
     cupyx = types.ModuleType("cupyx")
