@@ -47,13 +47,14 @@ def mpiexec() -> list[str]:
     return [found, *flags]
 
 
-def environment() -> dict[str, str]:
-    """One BLAS thread per rank; the repository importable from every rank."""
+def environment(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """One BLAS thread per rank; the repository importable from every rank; then ``extra``."""
     env = dict(os.environ)
     env.update(
         OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1", MCONV_NUM_THREADS="1"
     )
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), str(HERE), env.get("PYTHONPATH")]))
+    env.update(extra or {})
     return env
 
 
@@ -68,15 +69,22 @@ class Finished:
         return f"--- stdout ---\n{self.stdout[-chars:]}\n--- stderr ---\n{self.stderr[-chars:]}"
 
 
-def launch(ranks: int, argv: list[str], timeout: float, use_mpi4py_runner: bool = True) -> Finished:
-    """Run ``argv`` (a script and its arguments) on ``ranks`` ranks; kill everything on timeout."""
+def launch(
+    ranks: int,
+    argv: list[str],
+    timeout: float,
+    use_mpi4py_runner: bool = True,
+    env: dict[str, str] | None = None,
+) -> Finished:
+    """Run ``argv`` (a script and its arguments) on ``ranks`` ranks, with ``env`` added to the
+    environment; kill everything on timeout."""
     runner = ["-m", "mpi4py"] if use_mpi4py_runner else []
     command = [*mpiexec(), "-n", str(ranks), sys.executable, *runner, *map(str, argv)]
     start = time.monotonic()
     process = subprocess.Popen(
         command,
         cwd=ROOT,
-        env=environment(),
+        env=environment(env),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
