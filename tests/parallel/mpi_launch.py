@@ -100,15 +100,15 @@ def launch(
     return Finished(process.returncode, stdout, stderr, time.monotonic() - start, timed_out)
 
 
-def check_results(tmp_path_factory, main: str):
-    """``results(ranks)``: (job, {check: failures} or None) of ``mpiexec -n ranks main OUT``,
-    one job per rank count, run on first use."""
+def check_results(tmp_path_factory, main: str, env: dict[str, str] | None = None):
+    """``results(ranks)``: (job, {check: failures} or None) of ``mpiexec -n ranks main OUT``
+    (``env`` added to the environment), one job per rank count, run on first use."""
     jobs = {}
 
     def results(ranks: int):
         if ranks not in jobs:
             out = tmp_path_factory.mktemp(f"ranks{ranks}") / "results.json"
-            job = launch(ranks, [HERE / main, out], timeout=300)
+            job = launch(ranks, [HERE / main, out], timeout=300, env=env)
             jobs[ranks] = (job, json.loads(out.read_text()) if out.exists() else None)
         return jobs[ranks]
 
