@@ -127,7 +127,7 @@ class ShardedConv(Module):
         return 1 if x.ndim == n + 2 else 0
 
     def _check_ranks_agree(self, x, axis: int) -> None:
-        """One small allgather: every rank's input has one batch and spatial size (the
+        """One small allreduce: every rank's input has one batch and spatial size (the
         channel axis left out), or every rank raises the same ValueError."""
         if self.comm.size == 1:
             return
@@ -135,9 +135,9 @@ class ShardedConv(Module):
         if axis == 0:
             sizes.insert(0, -1)  # unbatched
         mine = np.array(sizes, dtype=np.int64)  # host: (1 + spatial rank,)
-        every = self.comm.allgather(mine[None], sizes=[1] * self.comm.size, check=False)
-        differ = np.flatnonzero((every != every[0]).any(axis=1))
-        if differ.size:
+        extremes = self.comm.allreduce(np.concatenate([mine, -mine]), op="max")  # (max, -min)
+        if (extremes[: mine.size] != -extremes[mine.size :]).any():  # then, on every rank:
+            every = self.comm.allgather(mine[None], sizes=[1] * self.comm.size, check=False)
             shown = ", ".join(
                 f"rank {r}: {'unbatched ' if row[0] < 0 else ''}{tuple(int(v) for v in row if v >= 0)}"
                 for r, row in enumerate(every)
