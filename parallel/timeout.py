@@ -151,7 +151,8 @@ def dup(mpi_comm, what: str = "init (duplicating the communicator)"):
 def allgather_object(mpi_comm, obj: Any, what: str) -> list:
     """Every rank's picklable ``obj`` in rank order (mpi4py's ``allgather``), within the
     timeout: the sizes, then the pickled bytes."""
-    data = np.frombuffer(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL), dtype=np.uint8)
+    pickled = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    data = np.frombuffer(pickled, dtype=np.uint8)  # host: this rank's pickle
     sizes = np.empty(mpi_comm.Get_size(), dtype=np.int64)  # host: byte counts per rank
     wait(mpi_comm.Iallgather(np.array([data.size], dtype=np.int64), sizes), what)
     starts = np.concatenate(([0], np.cumsum(sizes)[:-1]))  # host: where each rank's bytes start
@@ -168,6 +169,7 @@ def bcast_object(mpi_comm, obj: Any, root: int, what: str) -> Any:
     data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL) if mine else b""
     size = np.array([len(data)], dtype=np.int64)  # host: the pickle's byte count
     wait(mpi_comm.Ibcast(size, root=root), what)
-    buf = np.frombuffer(data, dtype=np.uint8).copy() if mine else np.empty(int(size[0]), np.uint8)
+    n = int(size[0])
+    buf = np.frombuffer(data, np.uint8).copy() if mine else np.empty(n, np.uint8)  # host: pickle
     wait(mpi_comm.Ibcast(buf, root=root), what)
     return obj if mine else pickle.loads(buf)
