@@ -11,6 +11,12 @@ ranks (strong scaling):
                   for a slower rank counts as communication)
 
     python benchmarks/bench_parallel.py [--steps 30] [--markdown]
+    python benchmarks/bench_parallel.py --faults   # what the fault checks cost, 2 ranks
+
+``--faults`` times, at 2 ranks, each collective without and with a timeout
+(``parallel.timeout``: non-blocking MPI polled with ``Test``) and the batch
+and spatial size check of parallel layers per forward call: the median of
+blocks of calls, the two settings interleaved block by block.
 
 Needs mpi4py and mpiexec (``pip install mpi4py mpich``).
 """
@@ -121,7 +127,59 @@ def worker(model_name: str, mode: str, steps: int) -> None:
         print("RESULT " + json.dumps(result), flush=True)
 
 
-def launch(ranks: int, model_name: str, mode: str, steps: int) -> dict:
+def per_call(fn, calls: int, blocks: int = 15) -> list[float]:
+    """Seconds per call of each block of ``calls`` calls (every rank in step)."""
+    from mpi4py import MPI
+
+    times = []
+    for _ in range(blocks):
+        MPI.COMM_WORLD.Barrier()
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        times.append((time.perf_counter() - start) / calls)
+    return times
+
+
+def fault_costs() -> None:
+    """Rank 0 prints the microseconds per call of each collective with no timeout and with
+    one, and of the parallel layers' size check."""
+    import parallel
+    from parallel import timeout
+
+    comm = parallel.init()
+    cases = {
+        f"allreduce {n * 4} B": (lambda x: lambda: comm.allreduce(x))(np.ones(n, np.float32))
+        for n in (1, 2**16, 2**20)
+    }
+    cases["check_same (pickled object)"] = lambda: comm.check_same(("conv", 3, 64), "a config")
+    cases["barrier"] = comm.barrier
+    rows = {}
+    for name, fn in cases.items():
+        calls = 20 if "4194304" in name else 400
+        per_call(fn, calls, blocks=2)  # warm-up
+        plain, bounded = [], []
+        for _ in range(9):  # interleaved: the machine's load hits both alike
+            timeout.configure(None)
+            plain += per_call(fn, calls, blocks=1)
+            timeout.configure(600)
+            bounded += per_call(fn, calls, blocks=1)
+        timeout.configure(None)
+        rows[name] = (statistics.median(plain) * 1e6, statistics.median(bounded) * 1e6)
+    layer = parallel.GroupParallelConv2d(32, 32, 3, padding=1, groups=8, comm=comm)
+    x = np.ones((8, 32, 16, 16), np.float32)
+    check = statistics.median(per_call(lambda: layer._check_ranks_agree(x, 1), 400)) * 1e6
+    forward = statistics.median(per_call(lambda: layer(x), 20)) * 1e6
+    if comm.rank == 0:
+        print("| call (2 ranks) | no timeout, us | timeout set, us | overhead |")
+        print("|---|---:|---:|---:|")
+        for name, (a, b) in rows.items():
+            print(f"| {name} | {a:.1f} | {b:.1f} | {b / a - 1:+.0%} |")
+        print(f"\nsize check per forward call: {check:.1f} us (GroupParallelConv2d 32->32, "
+              f"groups=8, input 8x32x16x16: forward {forward:.0f} us, check {check / forward:.1%})")
+
+
+def launch(ranks: int, model_name: str, mode: str, steps: int, raw: bool = False):
     beside = Path(sys.executable).parent / "mpiexec"
     mpiexec = str(beside) if beside.exists() else "mpiexec"
     env = dict(
@@ -137,6 +195,8 @@ def launch(ranks: int, model_name: str, mode: str, steps: int) -> dict:
                "--worker", model_name, mode, "--steps", str(steps)]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    if raw and done.returncode == 0:
+        return done.stdout.strip()
     if done.returncode != 0 or not lines:
         raise RuntimeError(f"{' '.join(command)} failed:\n{done.stdout}\n{done.stderr}")
     return json.loads(lines[-1][len("RESULT ") :])
@@ -146,10 +206,17 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--markdown", action="store_true")
+    parser.add_argument("--faults", action="store_true", help="the fault checks' cost, 2 ranks")
     parser.add_argument("--worker", nargs=2, metavar=("MODEL", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.worker == ["faults", "-"]:
+        fault_costs()
+        return 0
     if args.worker:
         worker(*args.worker, args.steps)
+        return 0
+    if args.faults:
+        print(launch(2, "faults", "-", 0, raw=True))
         return 0
     rows = []
     for name in MODELS:

@@ -16,7 +16,8 @@ send raw bytes, so every dtype works. NumPy arrays go through MPI; CuPy
 arrays through the transport chosen in ``parallel.gpu``.
 
 Collectives are called by every rank of the communicator in the same
-order. With ``check=True`` (the default) a collective first exchanges
+order. Each waits at most the job's timeout (``parallel.init(timeout=...)``,
+``parallel.timeout``) and then aborts the job. With ``check=True`` (the default) a collective first exchanges
 shapes and dtypes, and a mismatch raises the same ValueError on every rank.
 
 >>> import numpy as np, parallel
@@ -38,7 +39,7 @@ import numpy as np
 from mconv import _args
 from mconv.precision import accumulator
 
-from . import gpu
+from . import gpu, timeout
 from .sharding import shard_sizes
 from .transport import MpiTransport
 
@@ -169,7 +170,7 @@ class Communicator:
 
     def _check_alike(self, op: str, meta: tuple, what: str) -> list:
         """Exchange ``meta``; raise the same ValueError on every rank unless ``what`` agrees."""
-        metas = self.mpi.allgather(meta)
+        metas = timeout.allgather_object(self.mpi, meta, f"{op} (checking {what})")
         for r, other in enumerate(metas):
             if other[:-1] != metas[0][:-1]:
                 raise ValueError(
@@ -293,7 +294,7 @@ class Communicator:
                 meta = (x.shape, x.dtype, xp.__name__)
             except (TypeError, ValueError) as err:
                 meta = err
-        meta = self.mpi.bcast(meta, root=root)
+        meta = timeout.bcast_object(self.mpi, meta, root, "broadcast (shape and dtype)")
         if isinstance(meta, Exception):
             raise type(meta)(f"{meta} (on root {root})")
         shape, dtype, module = meta
@@ -351,14 +352,14 @@ class Communicator:
     # -- objects, groups, control -----------------------------------------------------------
     def allgather_object(self, obj: Any) -> list:
         """Every rank's picklable ``obj``, in rank order."""
-        return self.mpi.allgather(obj)
+        return timeout.allgather_object(self.mpi, obj, "allgather_object")
 
     def broadcast_object(self, obj: Any, root: int = 0) -> Any:
-        return self.mpi.bcast(obj, root=self._check_root(root))
+        return timeout.bcast_object(self.mpi, obj, self._check_root(root), "broadcast_object")
 
     def check_same(self, value: Any, what: str) -> None:
         """Raise the same ValueError on every rank unless ``value`` is equal on all of them."""
-        values = self.mpi.allgather(value)
+        values = timeout.allgather_object(self.mpi, value, f"check_same ({what})")
         for r, other in enumerate(values):
             if other != values[0]:
                 mine, theirs = _first_difference(values[0], other)
@@ -368,7 +369,7 @@ class Communicator:
                 )
 
     def barrier(self) -> None:
-        self.mpi.Barrier()
+        timeout.barrier(self.mpi)
 
     def abort(self, code: int = 1) -> None:
         """End every rank of the job now (``MPI_Abort``)."""
@@ -378,6 +379,7 @@ class Communicator:
         """Ranks with the same ``color`` form a new communicator, ordered by ``key``."""
         color = _args.check_int(color, "color", minimum=0)
         key = self.rank if key is None else _args.check_int(key, "key")
+        timeout.barrier(self.mpi, "split")  # MPI_Comm_split has no non-blocking form
         return Communicator(self.mpi.Split(color, key))
 
     def grid(self, group_parallel: int = 1) -> tuple["Communicator", "Communicator"]:

@@ -41,6 +41,7 @@ import numpy as np
 
 from mconv import _args
 
+from . import timeout
 from .transport import MpiTransport, displacements
 
 TRANSPORTS = ("nccl", "cuda-aware-mpi", "host")
@@ -148,7 +149,7 @@ def bind_device(local_rank: int) -> int | None:
 
 def make_transport(mpi_comm):
     """Collective: agree on a transport for CuPy arrays and build it."""
-    flags = mpi_comm.allgather(local_flags())
+    flags = timeout.allgather_object(mpi_comm, local_flags(), "choosing the GPU transport")
     name = choose_transport(flags, os.environ.get("MCONV_PARALLEL_GPU_TRANSPORT"))
     if name == "nccl":
         return NcclTransport(mpi_comm)
@@ -200,7 +201,13 @@ class HostStagingTransport:
 class NcclTransport:
     """NCCL on the current stream of the communicator's GPU (the one current when it was
     built); uneven blocks are padded to the largest one. Buffers on another GPU are refused:
-    NCCL would read and write them as memory of its own device."""
+    NCCL would read and write them as memory of its own device.
+
+    With a timeout (``parallel.timeout``) the host waits for each call's work on the stream
+    (an event, polled with NCCL's asynchronous error): past the timeout the NCCL
+    communicator is aborted (``ncclCommAbort``), then the job. Without one, calls stay
+    asynchronous, as NCCL's are.
+    """
 
     name = "nccl"
 
@@ -212,7 +219,7 @@ class NcclTransport:
         self.device = cupy.cuda.runtime.getDevice()
         self.rank, self.size = mpi_comm.Get_rank(), mpi_comm.Get_size()
         uid = nccl.get_unique_id() if self.rank == 0 else None
-        uid = mpi_comm.bcast(uid, root=0)
+        uid = timeout.bcast_object(mpi_comm, uid, 0, "NCCL set-up (unique id)")
         self._comm = nccl.NcclCommunicator(self.size, uid, self.rank)
         self._ops = {"sum": nccl.NCCL_SUM, "max": nccl.NCCL_MAX, "min": nccl.NCCL_MIN}
         self._types = {
@@ -241,6 +248,22 @@ class NcclTransport:
                 )
         return cupy.cuda.get_current_stream(self.device).ptr
 
+    def _wait(self, op: str) -> None:
+        """Within the timeout: the host waits until the stream has run this call."""
+        if timeout.seconds() is None:
+            return
+        import cupy
+
+        event = cupy.cuda.Event(block=False, disable_timing=True)
+        event.record(cupy.cuda.get_current_stream(self.device))
+
+        def done() -> bool:
+            self._comm.check_async_error()  # raises NcclError for a failed communicator
+            return event.done
+
+        timeout.until(done, f"{op} (nccl, {self.size} ranks)", pause=True,
+                      on_expiry=self._comm.abort)  # fmt: skip
+
     def _type(self, array):
         if array.dtype.char not in self._types:
             raise TypeError(f"NCCL reduces ints and fp32/fp64 only, but got dtype={array.dtype}")
@@ -260,6 +283,7 @@ class NcclTransport:
         self._comm.allReduce(
             send.data.ptr, recv.data.ptr, send.size, self._type(send), self._ops[op], stream
         )
+        self._wait("allreduce")
 
     def allgatherv(self, send, recv, counts):
         import cupy
@@ -268,6 +292,7 @@ class NcclTransport:
         stream = self._stream(send, recv)
         if all(c == block for c in counts):
             self._comm.allGather(send.data.ptr, recv.data.ptr, block, self._nccl.NCCL_UINT8, stream)
+            self._wait("allgather")
             return
         padded = cupy.zeros(block, dtype=cupy.uint8)
         padded[: send.size] = send
@@ -275,6 +300,7 @@ class NcclTransport:
         self._comm.allGather(
             padded.data.ptr, gathered.data.ptr, block, self._nccl.NCCL_UINT8, stream
         )
+        self._wait("allgather")
         for r, (start, count) in enumerate(zip(displacements(counts), counts)):
             recv[start : start + count] = gathered[r * block : r * block + count]
 
@@ -295,6 +321,7 @@ class NcclTransport:
         self._comm.reduceScatter(
             send.data.ptr, out.data.ptr, block, self._type(send), self._ops[op], stream
         )
+        self._wait("reduce_scatter")
         if out is not recv:
             recv[...] = out[: recv.size]
 
@@ -302,6 +329,7 @@ class NcclTransport:
         self._comm.broadcast(
             buf.data.ptr, buf.data.ptr, buf.size, self._nccl.NCCL_UINT8, root, self._stream(buf)
         )
+        self._wait("broadcast")
 
     def alltoallv(self, send, send_counts, recv, recv_counts):
         """Grouped send/recv; empty blocks are skipped on both sides (counts agree)."""
@@ -316,3 +344,4 @@ class NcclTransport:
                     self._comm.recv(recv.data.ptr + start, count, uint8, peer, stream)
         finally:
             self._nccl.groupEnd()
+        self._wait("alltoall")

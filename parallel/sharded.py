@@ -23,6 +23,8 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
+import numpy as np
+
 from mconv import _args
 from mconv.call import check_like
 from mconv.nn.module import Module, Parameter
@@ -129,6 +131,27 @@ class Sharded(Module):
         _args.check_array(x, "input", type(self).__name__)
         return 1
 
+    def _check_ranks_agree(self, x, axis: int) -> None:
+        """One small allreduce: every rank's input has one batch and spatial size (the
+        channel axis left out), or every rank raises the same ValueError."""
+        if self.comm.size == 1:
+            return
+        sizes = [d for i, d in enumerate(x.shape) if i != axis]
+        if axis == 0:
+            sizes.insert(0, -1)  # unbatched
+        mine = np.array(sizes, dtype=np.int64)  # host: (1 + spatial rank,)
+        extremes = self.comm.allreduce(np.concatenate([mine, -mine]), op="max")  # (max, -min)
+        if (extremes[: mine.size] != -extremes[mine.size :]).any():  # then, on every rank:
+            every = self.comm.allgather(mine[None], sizes=[1] * self.comm.size, check=False)
+            shown = ", ".join(
+                f"rank {r}: {'unbatched ' if row[0] < 0 else ''}{tuple(int(v) for v in row if v >= 0)}"
+                for r, row in enumerate(every)
+            )
+            raise ValueError(
+                f"{type(self).__name__}: every rank must pass input of the same batch and "
+                f"spatial size (channels left out), but got {shown}"
+            )
+
     def _expected_channels(self) -> tuple[int, str]:
         if getattr(self, "input_is_sharded", False):
             return self.in_channels // self.comm.size, "this rank's shard"
@@ -144,6 +167,7 @@ class Sharded(Module):
                 f"{type(self).__name__}: expected input with {expected} channels ({what}), but "
                 f"got input of size {_args.shape_str(x.shape)}"
             )
+        self._check_ranks_agree(x, axis)
         y = self.after.forward(self.local(self.before.forward(x, axis), **extra), axis)
         self._cache = (axis, y.shape, x.dtype)
         return y

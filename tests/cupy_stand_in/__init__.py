@@ -61,7 +61,7 @@ import numpy as np
 from . import device
 from .arrays import empty, ndarray, new_array, run, unsupported
 from .cublas import make_cublas
-from .device import Device, RaceError, State, TrackedStream, current_stream, make_runtime
+from .device import Device, Event, RaceError, State, TrackedStream, current_stream, make_runtime
 from .device import version_code
 from .kernels import RawModule
 from .nccl import make_nccl
@@ -79,6 +79,7 @@ _DTYPE_FUNCTIONS = {"dtype", "result_type", "promote_types", "issubdtype", "can_
 def _cuda(state: State, with_nccl: bool) -> types.ModuleType:
     cuda = types.ModuleType("cupy.cuda")
     cuda.Device, cuda.Stream, cuda.runtime = Device, TrackedStream, make_runtime(state)
+    cuda.Event = Event
     cuda.get_current_stream = lambda device_id=-1: current_stream(device_id)
     cuda.device = types.SimpleNamespace(get_cublas_handle=lambda: 1000 + state.device)
     if with_nccl:

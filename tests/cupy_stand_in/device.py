@@ -113,6 +113,23 @@ class Stream:
         return f"<Stream {self.ptr:#x} (device {self.device_id})>"
 
 
+class Event:
+    """``cupy.cuda.Event``: ``record(stream)`` marks the stream's work so far; ``done`` is
+    True once that work has run (here, at once: the stream catches up when asked)."""
+
+    def __init__(self, block: bool = False, disable_timing: bool = False, interprocess=False):
+        self.stream: Stream | None = None
+
+    def record(self, stream: Stream | None = None) -> None:
+        self.stream = current_stream() if stream is None else stream
+
+    @property
+    def done(self) -> bool:
+        if self.stream is not None:
+            self.stream.catch_up()
+        return True
+
+
 def current_stream(device: int | None = None) -> Stream:
     """The current stream of ``device`` (default, or < 0: the current device)."""
     st = state()

@@ -72,9 +72,20 @@ def make_nccl(state: State) -> types.ModuleType:
             if (self.mpi.Get_size(), self.mpi.Get_rank()) != (ndev, rank):
                 raise NcclError(f"ndev={ndev}, rank={rank} disagree with the ranks that joined")
             self.rank, self.size, self.device = rank, ndev, state.device
+            self.aborted = False
             gpus = self.mpi.allgather((MPI.Get_processor_name(), Device().pci_bus_id))
             if len(set(gpus)) < len(gpus):
                 raise NcclError(f"invalid usage: Duplicate GPU detected ({gpus})")
+
+        def check_async_error(self) -> None:
+            """ncclCommGetAsyncError: raises NcclError once the communicator has failed."""
+            if self.aborted:
+                raise NcclError("the communicator was aborted")
+
+        def abort(self) -> None:
+            """ncclCommAbort."""
+            nccl.calls.append(("abort", 0))
+            self.aborted = True
 
         def _stream(self, name, ptr) -> Stream:
             stream = stream_by_ptr(self.device, ptr)

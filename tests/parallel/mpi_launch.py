@@ -47,13 +47,14 @@ def mpiexec() -> list[str]:
     return [found, *flags]
 
 
-def environment() -> dict[str, str]:
-    """One BLAS thread per rank; the repository importable from every rank."""
+def environment(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """One BLAS thread per rank; the repository importable from every rank; then ``extra``."""
     env = dict(os.environ)
     env.update(
         OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1", MCONV_NUM_THREADS="1"
     )
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), str(HERE), env.get("PYTHONPATH")]))
+    env.update(extra or {})
     return env
 
 
@@ -68,15 +69,22 @@ class Finished:
         return f"--- stdout ---\n{self.stdout[-chars:]}\n--- stderr ---\n{self.stderr[-chars:]}"
 
 
-def launch(ranks: int, argv: list[str], timeout: float, use_mpi4py_runner: bool = True) -> Finished:
-    """Run ``argv`` (a script and its arguments) on ``ranks`` ranks; kill everything on timeout."""
+def launch(
+    ranks: int,
+    argv: list[str],
+    timeout: float,
+    use_mpi4py_runner: bool = True,
+    env: dict[str, str] | None = None,
+) -> Finished:
+    """Run ``argv`` (a script and its arguments) on ``ranks`` ranks, with ``env`` added to the
+    environment; kill everything on timeout."""
     runner = ["-m", "mpi4py"] if use_mpi4py_runner else []
     command = [*mpiexec(), "-n", str(ranks), sys.executable, *runner, *map(str, argv)]
     start = time.monotonic()
     process = subprocess.Popen(
         command,
         cwd=ROOT,
-        env=environment(),
+        env=environment(env),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -92,15 +100,15 @@ def launch(ranks: int, argv: list[str], timeout: float, use_mpi4py_runner: bool 
     return Finished(process.returncode, stdout, stderr, time.monotonic() - start, timed_out)
 
 
-def check_results(tmp_path_factory, main: str):
-    """``results(ranks)``: (job, {check: failures} or None) of ``mpiexec -n ranks main OUT``,
-    one job per rank count, run on first use."""
+def check_results(tmp_path_factory, main: str, env: dict[str, str] | None = None):
+    """``results(ranks)``: (job, {check: failures} or None) of ``mpiexec -n ranks main OUT``
+    (``env`` added to the environment), one job per rank count, run on first use."""
     jobs = {}
 
     def results(ranks: int):
         if ranks not in jobs:
             out = tmp_path_factory.mktemp(f"ranks{ranks}") / "results.json"
-            job = launch(ranks, [HERE / main, out], timeout=300)
+            job = launch(ranks, [HERE / main, out], timeout=300, env=env)
             jobs[ranks] = (job, json.loads(out.read_text()) if out.exists() else None)
         return jobs[ranks]
 

@@ -6,7 +6,8 @@ results to OUT on rank 0.
 
 import sys
 
-import mpi_checks_comm  # noqa: F401  (registers checks)
+import mpi_checks_agreement  # noqa: F401  (registers checks)
+import mpi_checks_comm  # noqa: F401
 import mpi_checks_layers  # noqa: F401
 import mpi_checks_norm  # noqa: F401
 import mpi_checks_training  # noqa: F401

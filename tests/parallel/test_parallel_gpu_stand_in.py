@@ -3,7 +3,10 @@ NCCL (tests/cupy_stand_in, with the host build of the CUDA kernels; the checks a
 ``mpi_checks_gpu``): the transports, DataParallel and the parallel layers.
 
 One job per rank count, as in test_parallel_mpi; each check is reported as
-its own test. On real GPUs the same collectives are run by tests/gpu.
+its own test. On real GPUs the same collectives are run by tests/gpu. These
+jobs run with a collective timeout (``MCONV_PARALLEL_TIMEOUT``), so every
+transport's bounded path is checked here (NCCL's waits on an event); the
+CPU jobs of test_parallel_mpi run without one.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ CASES = [(ranks, name) for ranks in (1, 2, 3, 4) for name in names_for(ranks, GP
 @pytest.fixture(scope="module")
 def job_results(tmp_path_factory):
     host.build()  # the kernels' host build, once, before the ranks look for it in the cache
-    return check_results(tmp_path_factory, "mpi_main_gpu.py")
+    return check_results(tmp_path_factory, "mpi_main_gpu.py", {"MCONV_PARALLEL_TIMEOUT": "300"})
 
 
 @pytest.mark.parametrize("ranks,name", CASES, ids=[f"{r}ranks-{n}" for r, n in CASES])

@@ -7,7 +7,8 @@ a second); each check is then reported as its own test. A job that dies
 
 from __future__ import annotations
 
-import mpi_checks_comm  # noqa: F401  (registers checks)
+import mpi_checks_agreement  # noqa: F401  (registers checks)
+import mpi_checks_comm  # noqa: F401
 import mpi_checks_layers  # noqa: F401
 import mpi_checks_norm  # noqa: F401
 import mpi_checks_training  # noqa: F401

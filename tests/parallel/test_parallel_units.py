@@ -77,6 +77,7 @@ def test_make_transport_builds_the_chosen_one(monkeypatch, flags, env, expected)
     for name in ("NcclTransport", "MpiTransport", "HostStagingTransport"):
         monkeypatch.setattr(gpu, name, lambda *a, _n=name, **k: built.append((_n, k)) or _n)
     monkeypatch.setattr(gpu, "local_flags", lambda: flags[0])
+    monkeypatch.setattr(gpu.timeout, "allgather_object", lambda comm, obj, what: comm.allgather(obj))
     if env is None:
         monkeypatch.delenv("MCONV_PARALLEL_GPU_TRANSPORT", raising=False)
     else:
