@@ -30,7 +30,7 @@ def parallel_layers_refuse_inputs_of_different_sizes(comm, t):
         for what, odd in cases.items():
             shape = odd(channels) if comm.rank == last else (2, channels, 5, 5)
             x = np.ones(shape, dtype=np.float32)
-            err = t.raises(ValueError, lambda: layer(x), f"{name}, {what} on rank {last}",
+            err = t.raises(ValueError, lambda: layer(x), f"{name}, {what} on rank {last}",  # noqa: B023
                            match=f"{name}: every rank must pass input of the same batch")  # fmt: skip
             if err is not None:
                 t.true(f"rank {last}: " in str(err) and "rank 0: (2, 5, 5)" in str(err),
