@@ -26,7 +26,7 @@ import numpy as np
 
 from .dtypes import ml_dtype, widen_bfloat16
 from .errors import CheckpointError
-from . import zip_records
+from . import module_records, torchscript, zip_records
 from .files import map_bytes, open_regular
 from .safe_pickle import (CONTAINER_GLOBALS, NUMPY_GLOBALS, Inert, short_repr, load_pickle_at,
                           rebuild, restricted_load)  # fmt: skip
@@ -312,10 +312,19 @@ def read_torch_zip(path: str, size: int | None = None) -> tuple[Any, dict]:
         return handle
 
     data = zip_records.read_record(mm, infos[pickles[0]], source, size + _SMALL_RECORD)
-    obj = restricted_load(data, source, TORCH_GLOBALS, persistent_load)
+    scripted = torchscript.is_torchscript(infos, prefix)
+    modules = scripted or module_records.holds_modules(data)
+    allowed = module_records.with_records({**TORCH_GLOBALS, **torchscript.TORCHSCRIPT_GLOBALS}) \
+        if modules else TORCH_GLOBALS  # fmt: skip
+    obj = restricted_load(data, source, allowed, persistent_load)
     _check_no_overlap(used, source)
+    meta = {"format": "torchscript" if scripted else "torch-zip", "byteorder": byteorder}
+    if modules:
+        code = torchscript.read_code(mm, infos, prefix, source) if scripted else None
+        obj, specs, _ = module_records.replace_modules(obj, lambda x: isinstance(x, TensorRef), code)
+        meta["_specs"] = specs
     result = resolve_tensors(obj, storages, byteorder == "big", source)
-    return result, {"format": "torch-zip", "byteorder": byteorder}
+    return result, meta
 
 
 def _check_no_overlap(ranges: list[tuple[int, int, str]], source: str) -> None:
