@@ -92,12 +92,13 @@ def file_specs(ckpt: Checkpoint, spec: str | os.PathLike | None = None,
                source: str = "the checkpoint") -> dict[str, ParamSpec]:  # fmt: skip
     """Every tensor's spec from the evidence, best first: the file's structure, mconv's
     metadata, ``--groups``/``--kind``, the ``--spec`` file, shape facts."""
+    shapes = shape_facts(ckpt.tensors, ckpt.framework)
     return merge([
         ("the file's structure", ckpt.specs),
         ("mconv metadata", specs_from_metadata(ckpt.metadata)),
         ("--groups/--kind", _override_specs(ckpt, overrides or {}, source)),
-        ("--spec", read_spec(spec, ckpt.tensors) if spec is not None else {}),
-        ("shape", shape_facts(ckpt.tensors, ckpt.framework)),
+        ("--spec", read_spec(spec, ckpt.tensors, shapes) if spec is not None else {}),
+        ("shape", shapes),
     ], ckpt.tensors)  # fmt: skip
 
 

@@ -112,12 +112,13 @@ def _rank(attrs: dict, qualname: str) -> int | None:
 
 def module_roles(qualname: str, attrs: Mapping[str, Any]) -> dict[str, ParamSpec] | None:
     """Role of each tensor attribute name of one module (by its class and attributes);
-    None for a class not known to be a conv, BatchNorm or Linear."""
+    None for a module that is not a conv, BatchNorm or Linear (a class read as a record is
+    never trusted to be "other": its tensors' roles then come from the shape facts)."""
     short = qualname.rpartition(".")[2]
     evidence = f"pickled {short} module"
     if "BatchNorm" in short:
         return {k: ParamSpec(v, evidence=evidence) for k, v in BN_ROLES.items()}
-    if "kernel_size" in attrs and "groups" in attrs and "in_channels" in attrs:
+    if "kernel_size" in attrs and "groups" in attrs:  # OneFlow's ConvTranspose: no in_channels
         groups, in_channels = _int(attrs.get("groups")), _int(attrs.get("in_channels"))
         transposed = attrs.get("transposed")
         if not isinstance(transposed, bool):
@@ -134,10 +135,7 @@ def module_roles(qualname: str, attrs: Mapping[str, Any]) -> dict[str, ParamSpec
     if "in_features" in attrs and "out_features" in attrs:
         return {"weight": ParamSpec("linear_weight", evidence=evidence),
                 "bias": ParamSpec("other", evidence=evidence)}  # fmt: skip
-    if qualname.startswith(("torch.nn.modules.", "megengine.module.", "oneflow.nn.modules.",
-                            "__torch__.torch.nn.modules.")):  # fmt: skip
-        return {}  # a framework module that is none of these: its tensors are "other"
-    return None
+    return None  # no claim: shape facts decide (and refuse where they must)
 
 
 def _expand(key: str, value: Any, is_tensor: Callable[[Any], bool], depth: int):
@@ -198,9 +196,8 @@ def module_state(root: Record, is_tensor: Callable[[Any], bool],
             seen.add(id(leaf))
             full = prefix + name
             state[full] = leaf
-            if roles is not None:
-                specs[full] = roles.get(name) or ParamSpec("other", evidence=f"pickled "
-                                                           f"{qualname.rpartition('.')[2]}")  # fmt: skip
+            if roles is not None and name in roles:
+                specs[full] = roles[name]
             if megengine_norm:
                 flatten.add(full)
         todo.extend((child, f"{prefix}{name}.", depth + 1) for name, child in reversed(children))

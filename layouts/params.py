@@ -135,8 +135,9 @@ def parse_spec_fields(name: str, fields: Any, source: str) -> ParamSpec:
     kind, role = fields.get("kind"), fields.get("role")
     if kind in ("linear", "batchnorm", "other") and role is None:  # the short forms
         role, kind = {"linear": "linear_weight", "other": "other"}.get(kind, role), None
-    if role is None:
-        role = "conv_weight" if kind is not None or "groups" in fields else "other"
+    if role is None:  # kind, groups or ndim only make sense for a conv weight
+        role = "conv_weight" if any(fields.get(k) is not None for k in ("kind", "groups", "ndim")) \
+            else "other"  # fmt: skip
     if role not in ROLES:
         raise CheckpointError(f"{source}: the entry for {name!r} has role={role!r}, but role "
                               f"must be one of {ROLES}")  # fmt: skip

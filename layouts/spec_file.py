@@ -34,8 +34,20 @@ MAX_SPEC_BYTES = 64 << 20
 _PATTERN = set("*?[")
 
 
-def read_spec(path: str | os.PathLike, tensors: Mapping[str, np.ndarray]) -> dict[str, ParamSpec]:
-    """name -> ParamSpec for every tensor the spec file at ``path`` names or matches."""
+def _fits(spec: ParamSpec, known: ParamSpec | None) -> bool:
+    """Whether a pattern's entry applies to a tensor the shapes say is ``known``: a conv
+    entry to conv weights, a Linear/other entry to 2-d weights, and so on."""
+    if known is None:
+        return True
+    return known.role == spec.role or (known.role == "matrix" and spec.role in (
+        "linear_weight", "other"))  # fmt: skip
+
+
+def read_spec(path: str | os.PathLike, tensors: Mapping[str, np.ndarray],
+              known: Mapping[str, ParamSpec] | None = None) -> dict[str, ParamSpec]:  # fmt: skip
+    """name -> ParamSpec for every tensor the spec file at ``path`` names or matches. A
+    pattern only applies to the tensors whose role (from ``known``, the shape facts) it fits:
+    ``{"*": {"ndim": 2}}`` gives every conv weight its rank and leaves BatchNorm alone."""
     source = f"--spec {os.fspath(path)}"
     f, size = open_regular(os.fspath(path), "the spec file")
     with f:
@@ -57,7 +69,8 @@ def read_spec(path: str | os.PathLike, tensors: Mapping[str, np.ndarray]) -> dic
     patterns = [k for k in entries if _PATTERN & set(k) and k not in tensors]
     for key, fields in entries.items():
         spec = parse_spec_fields(key, fields, source)
-        names = [n for n in tensors if fnmatch.fnmatchcase(n, key)] if key in patterns else (
+        names = [n for n in tensors if fnmatch.fnmatchcase(n, key)
+                 and _fits(spec, (known or {}).get(n))] if key in patterns else (
             [key] if key in tensors else [])  # fmt: skip
         if not names:
             unmatched.append(key)
