@@ -76,8 +76,8 @@ def read_megengine(path: str) -> tuple[Any, dict]:
     f, size = open_regular(path)
     with f:
         buffer, _ = map_bytes(f, size, source)
-    modules = module_records.holds_modules(buffer)
-    obj = restricted_load(buffer, source, module_records.with_records(GLOBALS) if modules else GLOBALS)
+    obj, modules = module_records.load_modules(
+        lambda table: restricted_load(buffer, source, table), buffer, GLOBALS)
     meta: dict = {"format": "pickle"}
     flat: set = set()
     if modules:

@@ -80,6 +80,23 @@ class _WithRecords(dict):
         return made
 
 
+STATE_DICT_HINT = ("; this file saves a whole model, and what it refuses cannot be read as data: "
+                   "save the model's state_dict() instead (torch.save(model.state_dict(), path), "
+                   "megengine.save(module.state_dict(), path)) and convert that, with --spec "
+                   "where a layout needs to know its convs")  # fmt: skip
+
+
+def load_modules(load, data, allowed: Mapping[tuple[str, str], Any]):
+    """``load(allowlist)``, in record mode when ``data`` names framework modules; a refusal
+    of such a pickle says how to get a file that can be read."""
+    if not holds_modules(data):
+        return load(allowed), False
+    try:
+        return load(with_records(allowed)), True
+    except UnsafePickleError as error:
+        raise UnsafePickleError(f"{error}{STATE_DICT_HINT}") from None
+
+
 def with_records(allowed: Mapping[tuple[str, str], Any]) -> dict:
     return _WithRecords(allowed)
 

@@ -283,9 +283,8 @@ def _read_pickle(path: str, base_dir: str | None) -> tuple[Any, dict]:
     f, size = open_regular(path, "the pickled object")
     with f:
         buffer, _ = map_bytes(f, size, path)
-    modules = module_records.holds_modules(buffer)
-    allowed = module_records.with_records(ONEFLOW_GLOBALS) if modules else ONEFLOW_GLOBALS
-    obj = restricted_load(buffer, path, allowed)
+    obj, modules = module_records.load_modules(
+        lambda table: restricted_load(buffer, path, table), buffer, ONEFLOW_GLOBALS)
     magic = next((k for k in MAGIC_KEYS if isinstance(obj, dict) and k in obj), None)
     if not isinstance(obj, dict) or "data" not in obj or (base_dir is None and magic is None):
         raise CheckpointError(f"{path}: not a OneFlow pickle (expected a dict with "

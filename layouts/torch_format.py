@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from .dtypes import ml_dtype, widen_bfloat16
-from .errors import CheckpointError
+from .errors import CheckpointError, UnsafePickleError
 from . import module_records, torchscript, zip_records
 from .files import map_bytes, open_regular
 from .safe_pickle import (CONTAINER_GLOBALS, NUMPY_GLOBALS, Inert, short_repr, load_pickle_at,
@@ -313,10 +313,9 @@ def read_torch_zip(path: str, size: int | None = None) -> tuple[Any, dict]:
 
     data = zip_records.read_record(mm, infos[pickles[0]], source, size + _SMALL_RECORD)
     scripted = torchscript.is_torchscript(infos, prefix)
-    modules = scripted or module_records.holds_modules(data)
-    allowed = module_records.with_records({**TORCH_GLOBALS, **torchscript.TORCHSCRIPT_GLOBALS}) \
-        if modules else TORCH_GLOBALS  # fmt: skip
-    obj = restricted_load(data, source, allowed, persistent_load)
+    allowed = {**TORCH_GLOBALS, **torchscript.TORCHSCRIPT_GLOBALS} if scripted else TORCH_GLOBALS
+    obj, modules = module_records.load_modules(
+        lambda table: restricted_load(data, source, table, persistent_load), data, allowed)
     _check_no_overlap(used, source)
     meta = {"format": "torchscript" if scripted else "torch-zip", "byteorder": byteorder}
     if modules:
@@ -376,7 +375,11 @@ def read_torch_legacy(path: str, size: int | None = None) -> tuple[Any, dict]:
         raise CheckpointError(f"{source}: unsupported legacy protocol version {short_repr(version)}")
     sys_info = next_pickle({})
     big_endian = isinstance(sys_info, dict) and sys_info.get("little_endian") is False
-    obj = next_pickle(TORCH_GLOBALS, persistent_load)
+    try:
+        obj = next_pickle(TORCH_GLOBALS, persistent_load)
+    except UnsafePickleError as error:  # a whole model in the legacy format: not read as records
+        hint = module_records.STATE_DICT_HINT if module_records.holds_modules(buffer) else ""
+        raise UnsafePickleError(f"{error}{hint}") from None
     keys = next_pickle({})
     if not isinstance(keys, list) or len(keys) != len(records) or set(map(str, keys)) != set(
             records):  # fmt: skip
