@@ -113,6 +113,8 @@ def atomic_write(path: str | os.PathLike) -> Iterator[BinaryIO]:
     """``with atomic_write(p) as f: f.write(...)`` -- ``p`` appears only when the block succeeds."""
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"cannot write {path!r}: no such directory {directory!r}")
     clean_stale(directory)
     with _lock:
         fd, tmp = _create(directory)

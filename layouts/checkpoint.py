@@ -27,6 +27,7 @@ from . import megengine_format, onnx_format, safetensors_format, torch_format
 from .adapters import FRAMEWORKS
 from .errors import CheckpointError
 from .files import open_regular
+from .roles import ParamSpec
 from .safe_pickle import MAX_DEPTH, short_repr
 
 _STATE_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "params", "weights")
@@ -39,6 +40,7 @@ class Checkpoint:
     tensors: dict[str, np.ndarray]
     framework: str
     metadata: dict[str, Any] = field(default_factory=dict)
+    specs: dict[str, ParamSpec] = field(default_factory=dict)  # roles the file's structure gives
 
 
 def _is_array(value: Any) -> bool:
@@ -163,7 +165,8 @@ def read_checkpoint(path: str, framework: str | None = None) -> Checkpoint:
         )
     if kind == "onnx":
         tensors, meta = onnx_format.read_onnx(path)
-        return Checkpoint(tensors, framework or "onnx", meta)
+        specs = meta.pop("_specs", {})
+        return Checkpoint(tensors, framework or "onnx", meta, specs)
     if kind == "torch-zip":
         obj, meta = torch_format.read_torch_zip(path)
         implied = "torch"
@@ -174,7 +177,21 @@ def read_checkpoint(path: str, framework: str | None = None) -> Checkpoint:
         obj, meta = _oneflow().read_oneflow(path)
         implied = "oneflow"
     else:
-        obj, meta = megengine_format.read_numpy_pickle(path), {"format": "pickle"}
+        obj, meta = megengine_format.read_megengine(path)
         implied = "megengine"
+    specs = meta.pop("_specs", {})
     tensors, extra = flatten(obj, path)
-    return Checkpoint(tensors, framework or implied, {**extra, **meta})
+    return Checkpoint(tensors, framework or implied, {**extra, **meta}, _aligned(specs, tensors))
+
+
+def _aligned(specs: dict[str, ParamSpec], tensors: dict) -> dict[str, ParamSpec]:
+    """Specs keyed by the path in the saved object -> keyed by the flattened tensor names
+    (which drop an unwrapped ``{"model": ...}`` key and a ``module.`` prefix)."""
+    out = {}
+    for key, spec in specs.items():
+        tail = key.partition(".")[2]
+        for name in (key, tail, key.removeprefix("module."), tail.removeprefix("module.")):
+            if name in tensors:
+                out[name] = spec
+                break
+    return out

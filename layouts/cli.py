@@ -2,13 +2,15 @@
 ``mconv`` command line through the ``mconv.commands`` entry point (mconv itself never
 imports layouts).
 
-    mconv convert SRC DST [--from F] [--to F] [--dtype D] [--groups NAME=G] [--kind NAME=K]
-    mconv inspect FILE [--from F]               format, layout and a table of tensors
+    mconv convert SRC DST [--from F] [--to F] [--dtype D] [--spec FILE] [--groups NAME=G]
+                  [--kind NAME=K]
+    mconv inspect FILE [--from F] [--spec-out FILE]   format, layout and a table of tensors
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -40,6 +42,11 @@ def _overrides(args, parser) -> dict[str, dict]:
 def _run(command: str, action) -> int:
     try:
         action()
+        sys.stdout.flush()
+    except BrokenPipeError:  # `mconv inspect FILE | head`: the reader has what it wanted
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # the interpreter's final flush must not fail
+        return 0
     except (OSError, ValueError, TypeError) as error:
         print(f"mconv {command}: error: {error}", file=sys.stderr)
         return 1
@@ -63,6 +70,8 @@ def convert_command(commands) -> None:
                         help="groups of a conv weight")  # fmt: skip
     parser.add_argument("--kind", action="append", metavar="NAME=KIND", help=f"one of {KINDS}")
     parser.add_argument("--progress", action="store_true", help="always show the progress bar")
+    parser.add_argument("--spec", metavar="FILE", help="JSON: what each tensor is (kind, groups, "
+                        "ndim, role); `mconv inspect SRC --spec-out FILE` writes one to edit")  # fmt: skip
 
     def run(args) -> int:
         from . import convert as tool
@@ -71,7 +80,8 @@ def convert_command(commands) -> None:
 
         def action():
             out = tool.convert(args.src, args.dst, args.from_framework, args.to_framework,
-                               args.dtype, overrides, progress=args.progress)  # fmt: skip
+                               args.dtype, overrides, progress=args.progress,
+                               spec=args.spec)  # fmt: skip
             print(f"wrote {len(out)} tensors ({args.to_framework} layout) to {args.dst}")
 
         return _run("convert", action)
@@ -86,10 +96,13 @@ def inspect_command(commands) -> None:
     parser = commands.add_parser("inspect", help="show a checkpoint's tensors")
     parser.add_argument("file")
     parser.add_argument("--from", dest="from_framework", choices=FRAMEWORKS)
+    parser.add_argument("--spec-out", metavar="FILE",
+                        help="also write what is known of each tensor as a --spec file to edit")  # fmt: skip
 
     def run(args) -> int:
         from . import convert as tool
 
-        return _run("inspect", lambda: tool.inspect(args.file, args.from_framework))
+        return _run("inspect", lambda: tool.inspect(args.file, args.from_framework,
+                                                    spec_out=args.spec_out))  # fmt: skip
 
     parser.set_defaults(run=run)

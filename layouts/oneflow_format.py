@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from . import module_records
 from .dtypes import ml_dtype, widen_bfloat16
 from .errors import CheckpointError
 from .files import inside, map_bytes, open_regular
@@ -282,7 +283,8 @@ def _read_pickle(path: str, base_dir: str | None) -> tuple[Any, dict]:
     f, size = open_regular(path, "the pickled object")
     with f:
         buffer, _ = map_bytes(f, size, path)
-    obj = restricted_load(buffer, path, ONEFLOW_GLOBALS)
+    obj, modules = module_records.load_modules(
+        lambda table: restricted_load(buffer, path, table), buffer, ONEFLOW_GLOBALS)
     magic = next((k for k in MAGIC_KEYS if isinstance(obj, dict) and k in obj), None)
     if not isinstance(obj, dict) or "data" not in obj or (base_dir is None and magic is None):
         raise CheckpointError(f"{path}: not a OneFlow pickle (expected a dict with "
@@ -290,9 +292,13 @@ def _read_pickle(path: str, base_dir: str | None) -> tuple[Any, dict]:
     if obj.get("protocol_version") != 1:
         raise CheckpointError(f"{path}: unsupported OneFlow protocol_version "
                               f"{short_repr(obj.get('protocol_version'))} (expected 1)")  # fmt: skip
-    data = rebuild(obj["data"], lambda item: _tensor_array(item, base_dir, path), path)
+    data, specs = obj["data"], {}
+    if modules:  # flow.save(module): the module tree as records, its state_dict() kept
+        data, specs, _ = module_records.replace_modules(data, lambda x: isinstance(x, _Tensor))
+    data = rebuild(data, lambda item: _tensor_array(item, base_dir, path), path)
     kind = "oneflow-pickle" if base_dir is None else "oneflow-pickled-dir"
-    return data, {"format": kind, "protocol_version": 1, "magic_key": magic}
+    meta = {"format": kind, "protocol_version": 1, "magic_key": magic}
+    return data, {**meta, "_specs": specs} if modules else meta
 
 
 def read_oneflow(path: str) -> tuple[Any, dict]:

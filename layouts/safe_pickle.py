@@ -177,6 +177,9 @@ CONTAINER_GLOBALS = {
     ("builtins", "set"): set,
     ("builtins", "frozenset"): frozenset,
     ("builtins", "slice"): slice,
+    # protocol 2 names builtins as Python 2 did (torch.save of a module holds a set)
+    ("__builtin__", "set"): set,
+    ("__builtin__", "frozenset"): frozenset,
 }
 
 

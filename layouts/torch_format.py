@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 
 from .dtypes import ml_dtype, widen_bfloat16
-from .errors import CheckpointError
-from . import zip_records
+from .errors import CheckpointError, UnsafePickleError
+from . import module_records, torchscript, zip_records
 from .files import map_bytes, open_regular
 from .safe_pickle import (CONTAINER_GLOBALS, NUMPY_GLOBALS, Inert, short_repr, load_pickle_at,
                           rebuild, restricted_load)  # fmt: skip
@@ -312,10 +312,18 @@ def read_torch_zip(path: str, size: int | None = None) -> tuple[Any, dict]:
         return handle
 
     data = zip_records.read_record(mm, infos[pickles[0]], source, size + _SMALL_RECORD)
-    obj = restricted_load(data, source, TORCH_GLOBALS, persistent_load)
+    scripted = torchscript.is_torchscript(infos, prefix)
+    allowed = {**TORCH_GLOBALS, **torchscript.TORCHSCRIPT_GLOBALS} if scripted else TORCH_GLOBALS
+    obj, modules = module_records.load_modules(
+        lambda table: restricted_load(data, source, table, persistent_load), data, allowed)
     _check_no_overlap(used, source)
+    meta = {"format": "torchscript" if scripted else "torch-zip", "byteorder": byteorder}
+    if modules:
+        code = torchscript.read_code(mm, infos, prefix, source) if scripted else None
+        obj, specs, _ = module_records.replace_modules(obj, lambda x: isinstance(x, TensorRef), code)
+        meta["_specs"] = specs
     result = resolve_tensors(obj, storages, byteorder == "big", source)
-    return result, {"format": "torch-zip", "byteorder": byteorder}
+    return result, meta
 
 
 def _check_no_overlap(ranges: list[tuple[int, int, str]], source: str) -> None:
@@ -367,7 +375,11 @@ def read_torch_legacy(path: str, size: int | None = None) -> tuple[Any, dict]:
         raise CheckpointError(f"{source}: unsupported legacy protocol version {short_repr(version)}")
     sys_info = next_pickle({})
     big_endian = isinstance(sys_info, dict) and sys_info.get("little_endian") is False
-    obj = next_pickle(TORCH_GLOBALS, persistent_load)
+    try:
+        obj = next_pickle(TORCH_GLOBALS, persistent_load)
+    except UnsafePickleError as error:  # a whole model in the legacy format: not read as records
+        hint = module_records.STATE_DICT_HINT if module_records.holds_modules(buffer) else ""
+        raise UnsafePickleError(f"{error}{hint}") from None
     keys = next_pickle({})
     if not isinstance(keys, list) or len(keys) != len(records) or set(map(str, keys)) != set(
             records):  # fmt: skip

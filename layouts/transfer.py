@@ -1,16 +1,16 @@
 """Moving weights between mconv models and files in any framework's layout.
 
-Each parameter's conversion is decided by a ``ParamSpec``: taken from the
-model's own layers when there is a model (conv or transposed conv, groups,
-rank), from the file's ``__metadata__`` when mconv wrote it, and otherwise
-inferred from the shapes.
+Each tensor's conversion is decided by its :class:`~layouts.roles.ParamSpec`: from the
+model's own layers when there is a model (conv or transposed conv, groups, rank; BatchNorm
+by its torch key names; Linear), from the file's ``__metadata__`` when mconv wrote it, and
+otherwise from what the file's structure and certain shape facts say -- never a guess:
+:func:`save_safetensors` of a bare state dict refuses where the layout depends on
+something unknown.
 """
 
 from __future__ import annotations
 
-import json
 import os
-from dataclasses import asdict, dataclass
 from typing import Any, Mapping
 
 import numpy as np
@@ -21,103 +21,44 @@ from mconv.nn.module import IncompatibleKeys, to_device
 from . import adapters
 from .checkpoint import Checkpoint, load_checkpoint
 from .errors import CheckpointError
+from .params import (PARAMS_KEY, convert_state, specs_from_metadata, specs_metadata,
+                     to_torch_param)  # fmt: skip
+from .roles import BN_ROLES, WITH_BN_COUNT, ParamSpec, merge, shape_facts
 from .safetensors_format import write_safetensors
 
-PARAMS_KEY = "mconv.params"
+__all__ = ["load_into", "save_safetensors", "param_specs", "ParamSpec", "PARAMS_KEY",
+           "specs_from_metadata"]  # fmt: skip
 
 
-@dataclass(frozen=True)
-class ParamSpec:
-    """How one parameter converts: ``role`` conv_weight / conv_bias / linear_weight / other."""
-
-    role: str
-    kind: str | None = None
-    groups: int = 1
-    ndim: int = 0
+def _module_roles(module: Module) -> dict[str, ParamSpec] | None:
+    """Roles of one mconv module's own tensors; None: all 'other'."""
+    evidence = f"mconv {type(module).__name__}"
+    if is_conv(module):
+        n = module.weight.ndim - 2
+        kind = "conv_transpose" if module.transposed else "depthwise" if module.depthwise else "conv"
+        return {"weight": ParamSpec("conv_weight", kind, module.groups, n, evidence),
+                "bias": ParamSpec("conv_bias", ndim=n, evidence=evidence)}  # fmt: skip
+    if isinstance(module, Linear):
+        return {"weight": ParamSpec("linear_weight", evidence=evidence)}
+    names = {*module._parameters, *getattr(module, "_buffers", {})}
+    if {"running_mean", "running_var"} <= names:  # BatchNorm, by torch's key names
+        return {k: ParamSpec(v, evidence=evidence) for k, v in BN_ROLES.items()}
+    return None
 
 
 def param_specs(model: Module) -> dict[str, ParamSpec]:
-    """Every parameter and buffer name of ``model`` (as in its state_dict) -> its ParamSpec
-    (buffers, such as BatchNorm's statistics, are 'other': taken as they are)."""
+    """Every parameter and buffer name of ``model`` (as in its state_dict) -> its ParamSpec:
+    convs and Linear from their layers, BatchNorm from its torch key names (``weight, bias,
+    running_mean, running_var, num_batches_tracked``), anything else 'other'."""
     specs = {}
     for prefix, module in model.named_modules():
-        for name in [*module._parameters, *module._buffers]:
-            if getattr(module, name) is None:
+        roles = _module_roles(module) or {}
+        for name in [*module._parameters, *getattr(module, "_buffers", {})]:
+            if getattr(module, name, None) is None:
                 continue
             full = f"{prefix}.{name}" if prefix else name
-            if is_conv(module):
-                n = module.weight.ndim - 2
-                if module.transposed:
-                    kind = "conv_transpose"
-                elif module.depthwise:
-                    kind = "depthwise"
-                else:
-                    kind = "conv"
-                role = "conv_weight" if name == "weight" else "conv_bias"
-                specs[full] = ParamSpec(role, kind, module.groups, n)
-            elif isinstance(module, Linear) and name == "weight":
-                specs[full] = ParamSpec("linear_weight")
-            else:
-                specs[full] = ParamSpec("other")
+            specs[full] = roles.get(name) or ParamSpec("other", evidence=f"mconv {type(module).__name__}")
     return specs
-
-
-def infer_specs(tensors: Mapping[str, np.ndarray], framework: str) -> dict[str, ParamSpec]:
-    """Specs without a model: >=3-d weights are convs (MegEngine's shape gives its groups),
-    2-d weights are linear, the bias next to a conv weight is a conv bias."""
-    specs = {}
-    for name, array in tensors.items():
-        if array.ndim >= 3 and not name.endswith("bias"):
-            groups = array.shape[0] if framework == "megengine" and array.ndim >= 5 else 1
-            n = array.ndim - (3 if groups > 1 else 2)
-            specs[name] = ParamSpec("conv_weight", "conv", groups, n)
-        elif array.ndim == 2 and name.endswith("weight"):
-            specs[name] = ParamSpec("linear_weight")
-    for name in tensors:
-        if name.endswith("bias"):
-            weight = specs.get(name[: -len("bias")] + "weight")
-            is_conv = weight is not None and weight.role == "conv_weight"
-            specs[name] = (
-                ParamSpec("conv_bias", ndim=weight.ndim) if is_conv else ParamSpec("other")
-            )
-        specs.setdefault(name, ParamSpec("other"))
-    return specs
-
-
-def specs_from_metadata(metadata: Mapping[str, Any]) -> dict[str, ParamSpec]:
-    """The ParamSpecs mconv recorded in a safetensors ``__metadata__`` (empty if none)."""
-    raw = metadata.get(PARAMS_KEY)
-    if not raw:
-        return {}
-    try:
-        return {name: ParamSpec(**fields) for name, fields in json.loads(raw).items()}
-    except (TypeError, ValueError, AttributeError) as error:
-        raise CheckpointError(f"malformed {PARAMS_KEY} metadata ({error})") from None
-
-
-def to_torch_param(array: np.ndarray, spec: ParamSpec, framework: str) -> np.ndarray:
-    """One parameter from ``framework``'s layout to PyTorch's."""
-    if spec.role == "conv_weight":
-        # a Keras Conv with groups=C stores (*k, 1, O); the depthwise reading of that
-        # (C=1, M=O) maps it exactly as the conv reading does
-        groups = spec.groups if framework == "megengine" or spec.kind == "depthwise" else None
-        return adapters.to_torch(array, framework, spec.kind, groups, ndim=spec.ndim or None)
-    if spec.role == "conv_bias":
-        return adapters.bias_to_torch(array, framework)
-    if spec.role == "linear_weight" and framework in ("tensorflow", "jax"):
-        return array.T  # Dense kernel (in, out) -> (out, in)
-    return array
-
-
-def from_torch_param(array: np.ndarray, spec: ParamSpec, framework: str) -> np.ndarray:
-    """One parameter from PyTorch's layout to ``framework``'s."""
-    if spec.role == "conv_weight":
-        return adapters.from_torch(array, framework, spec.kind, spec.groups)
-    if spec.role == "conv_bias":
-        return adapters.bias_from_torch(array, framework, ndim=spec.ndim)
-    if spec.role == "linear_weight" and framework in ("tensorflow", "jax"):
-        return array.T
-    return array
 
 
 def _normalised(name: str) -> str:
@@ -163,6 +104,9 @@ def load_into(
     state, missing, mismatched, used = {}, [], [], set()
     for name, spec in specs.items():
         key = name if name in ckpt.tensors else by_normalised.get(name)
+        if key is None and spec.role == "bn_count" and framework not in WITH_BN_COUNT:
+            state[name] = np.zeros(expected[name].shape, np.int64)  # the layout has no counter
+            continue
         if key is None:
             missing.append(name)
             continue
@@ -197,8 +141,11 @@ def save_safetensors(model_or_state_dict: Any, path: str | os.PathLike, layout: 
     """Write a model's (or a state dict's) parameters as safetensors in ``layout``.
 
     ``__metadata__`` records ``format``, ``layout`` and, per parameter, its
-    kind, groups and rank, so that :func:`load_into` and ``mconv convert``
-    convert back without being told. Written atomically.
+    role, kind, groups and rank, so that :func:`load_into` and ``mconv convert``
+    convert back without being told. Written atomically. A bare state dict says
+    nothing of its convs' kinds or groups: where ``layout`` depends on them
+    (megengine, tensorflow, jax) this raises a :class:`CheckpointError` naming the
+    tensors; save the model instead.
     """
     if layout not in adapters.FRAMEWORKS:
         raise ValueError(
@@ -221,14 +168,14 @@ def save_safetensors(model_or_state_dict: Any, path: str | os.PathLike, layout: 
             bad = bad[0]
             raise TypeError(f"save_safetensors: state dict keys must be str, but got "
                             f"{type(bad).__name__}: {bad!r}")  # fmt: skip
-        specs = infer_specs(state, "torch")
+        state = {k: np.asarray(to_device(v, "cpu")) for k, v in state.items()}
+        specs = merge([("shape", shape_facts(state, "torch"))], state)
     else:
         raise TypeError(f"save_safetensors: expected an mconv.nn.Module or a state dict, but got "
                         f"{type(model_or_state_dict).__name__}")  # fmt: skip
-    tensors = {
-        name: from_torch_param(np.asarray(to_device(array, "cpu")), specs[name], layout)
-        for name, array in state.items()
-    }
+    state = {name: np.asarray(to_device(array, "cpu")) for name, array in state.items()}
+    tensors, specs = convert_state(state, specs, "torch", layout,
+                                   f"save_safetensors: {layout} layout for {os.fspath(path)}")  # fmt: skip
     write_safetensors(tensors, path, safetensors_metadata(specs, layout, metadata))
 
 
@@ -240,6 +187,6 @@ def safetensors_metadata(specs: Mapping[str, ParamSpec], layout: str,
         raise ValueError(
             f"save_safetensors: metadata keys {sorted(reserved & set(metadata))} are reserved"
         )
-    params = json.dumps({name: asdict(spec) for name, spec in specs.items()}, sort_keys=True)
+    params = specs_metadata(specs)
     tag = {"torch": "pt", "tensorflow": "tf", "jax": "flax"}.get(layout, layout)  # HF's convention
     return {**(metadata or {}), "format": tag, "layout": layout, PARAMS_KEY: params}

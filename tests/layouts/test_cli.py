@@ -27,8 +27,18 @@ def test_inspect_prints_a_table(sample_files):
 
 @pytest.mark.parametrize("fmt", ["torch-zip", "torch-legacy", "safetensors", "megengine", "onnx"])
 def test_convert_any_format_to_keras_layout(tmp_path, sample_files, fmt):
+    """A bare state dict does not say whether conv.weight is a conv or a transposed conv, nor
+    whether head.weight is a Linear or an Embedding weight: refused until a spec says so."""
     out = tmp_path / "keras.safetensors"
     done = _mconv("convert", sample_files[fmt], out, "--to", "tensorflow")
+    assert done.returncode == 1 and not out.exists()
+    assert "head.weight: [3, 4]" in done.stderr and "--spec FILE" in done.stderr
+    # an ONNX graph says what conv.weight is (its Conv node); a 4-d MegEngine weight may also
+    # be a grouped 1-d conv
+    assert ("conv.weight: [4, 2, 3, 3]" in done.stderr) == (fmt != "onnx")
+    spec = tmp_path / "spec.json"
+    spec.write_text('{"conv.weight": {"kind": "conv", "ndim": 2}, "head.*": {"role": "linear_weight"}}')
+    done = _mconv("convert", sample_files[fmt], out, "--to", "tensorflow", "--spec", spec)
     assert done.returncode == 0, done.stderr
     ckpt = layouts.load_checkpoint(out)
     assert ckpt.framework == "tensorflow"

@@ -244,3 +244,116 @@ def test_megengine_tensor_stand_in_refuses_what_it_cannot_hold(tmp_path, monkeyp
         layouts.load_checkpoint(write("bad.pkl", ("not an array", None, "cpu0"), {}))
     with pytest.raises(CheckpointError, match="qparams"):
         layouts.load_checkpoint(write("q.pkl", (np.arange(3.0), None, "cpu0"), {"qparams": 1}))
+
+
+# -- the ResNet-style model of issue 12 (data/make_real_fixtures.py: resnet_style) ----------
+
+torch = pytest.importorskip("torch")
+
+
+class TorchBlock(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(8, 8, 3, padding=1, groups=2, bias=False)
+        self.bn1 = torch.nn.BatchNorm2d(8)
+        self.dw = torch.nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False)
+        self.bn2 = torch.nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        return x + self.bn2(self.dw(torch.relu(self.bn1(self.conv1(x)))))
+
+
+class TorchNet(torch.nn.Module):
+    """The fixtures' model, written in torch: the judge of every converted file."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Conv2d(4, 8, 3, padding=1, bias=False)
+        self.bn = torch.nn.BatchNorm2d(8)
+        self.block = TorchBlock()
+        self.up = torch.nn.ConvTranspose2d(8, 4, 2, stride=2, groups=2)
+        self.fc = torch.nn.Linear(4 * 8 * 8, 3)
+
+    def forward(self, x):
+        y = self.up(self.block(torch.relu(self.bn(self.stem(x)))))
+        return self.fc(y.reshape(y.shape[0], -1))
+
+
+RESNET = [MGE / "resnet_module.pkl", MGE / "resnet_state_dict.pkl", OF9 / "resnet_module",
+          OF9 / "resnet_state_dict"]  # fmt: skip
+
+
+def _resnet_npz(fixture):
+    return expected(fixture.parent / "resnet.npz")
+
+
+@pytest.mark.parametrize("fixture", RESNET, ids=ids)
+def test_resnet_converts_to_a_torch_file_that_loads_strictly(tmp_path, fixture):
+    """Converted to torch's layout, each real file loads into the same model written in torch
+    with strict=True (MegEngine files have no num_batches_tracked: 0 is added) and gives the
+    framework's own output. A MegEngine state dict does not say its convs' ranks (a 4-d or
+    5-d weight may be a grouped conv of one rank or an ungrouped conv of the next): it needs
+    a spec; the whole module carries its structure and needs none."""
+    from layouts.convert import convert
+
+    out = str(tmp_path / "torch.safetensors")
+    spec = None
+    if fixture.name == "resnet_state_dict.pkl":
+        with pytest.raises(CheckpointError, match=r"(?s)3 tensor.*block\.conv1\.weight.*"
+                           r"block\.dw\.weight.*stem\.weight.*spatial rank or groups.*--spec FILE"):  # fmt: skip
+            convert(str(fixture), out)
+        assert not (tmp_path / "torch.safetensors").exists()
+        spec = tmp_path / "spec.json"
+        spec.write_text('{"*": {"ndim": 2}}')  # every conv weight is 2-d; BN is left alone
+    convert(str(fixture), out, spec=spec)
+    from safetensors.torch import load_file
+
+    model = TorchNet().eval()
+    model.load_state_dict(load_file(out), strict=True)
+    saved = _resnet_npz(fixture)
+    with torch.no_grad():  # float64: the framework's float32 output is the only rounding
+        y = model.double()(torch.from_numpy(saved["__input__"]).double()).numpy()
+    np.testing.assert_allclose(y, saved["__output__"], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("target, data", [("megengine", MGE), ("oneflow", OF9)])
+@pytest.mark.parametrize("save", ["module", "torchscript"])
+def test_torch_model_converts_to_exactly_the_frameworks_state_dict(tmp_path, target, data, save):
+    """A whole torch model (pickled or scripted: structure in the file, no hints) converted to
+    MegEngine / OneFlow has exactly the names and shapes that framework's own state_dict() of
+    the same model has; and converting back gives the torch values."""
+    from layouts.convert import convert
+
+    model = TorchNet().eval()
+    src = tmp_path / "model.pt"
+    if save == "module":
+        torch.save(model, src)
+    else:
+        torch.jit.save(torch.jit.script(model), src)
+    out = tmp_path / ("model.pkl" if target == "megengine" else "model.safetensors")
+    written = convert(str(src), str(out), to_framework=target)
+    theirs = {k: v.shape for k, v in tensors_of(data / "resnet.npz").items()}
+    assert {k: v.shape for k, v in written.items()} == theirs
+    back = convert(str(out), str(tmp_path / "back.safetensors"), from_framework=target,
+                   spec=_write(tmp_path / "s.json", '{"*": {"ndim": 2}}'))  # fmt: skip
+    for name, value in model.state_dict().items():
+        np.testing.assert_array_equal(back[name], value.numpy(), err_msg=name)
+
+
+def _write(path, text):
+    path.write_text(text)
+    return path
+
+
+def test_torch_state_dict_to_megengine_is_refused_naming_every_conv(tmp_path):
+    from layouts.convert import convert
+
+    src = tmp_path / "sd.pt"
+    torch.save(TorchNet().state_dict(), src)
+    with pytest.raises(CheckpointError) as info:
+        convert(str(src), str(tmp_path / "m.pkl"), to_framework="megengine")
+    message = str(info.value)
+    for name in ("stem.weight", "block.conv1.weight", "block.dw.weight", "up.weight"):
+        assert f"{name}: [" in message and "unknown groups" in message
+    assert "bn.weight" not in message and "fc.weight" not in message
+    assert "4 tensor(s)" in message and not (tmp_path / "m.pkl").exists()

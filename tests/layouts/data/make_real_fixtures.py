@@ -147,6 +147,7 @@ def make_oneflow() -> None:
     # own flow.load then raises NotImplementedError (no numpy dtype for bfloat16)
     for name in ("state_dict", "checkpoint"):
         flow.load(os.path.join(out, name))
+    make_resnet_oneflow(out)
     try:
         flow.load(os.path.join(out, "dtypes"))
     except NotImplementedError:
@@ -209,6 +210,109 @@ def make_megengine() -> None:
 
     for name in ("state_dict.pkl", "checkpoint.pkl", "tensors.pkl"):
         mge.load(os.path.join(out, name))
+    make_resnet_megengine(out)
+
+
+# -- a ResNet-style model (issue 12): BN, a residual, grouped, depthwise and transposed convs
+#
+#   stem: Conv2d(4, 8, 3, padding=1, bias=False) -> BatchNorm2d(8) -> ReLU
+#   block (residual): x + bn2(dw(relu(bn1(conv1(x)))))
+#       conv1: Conv2d(8, 8, 3, padding=1, groups=2, bias=False); dw: Conv2d(8, 8, 3, padding=1,
+#       groups=8, bias=False) (depthwise); bn1, bn2: BatchNorm2d(8)
+#   up: ConvTranspose2d(8, 4, 2, stride=2, groups=2)
+#   fc: Linear(4 * 8 * 8, 3) on the flattened output
+# Written as it is in each framework (the module API is the same in all three); a few training
+# steps give the BatchNorm statistics values, then eval. Saved: the state dict, and the whole
+# module (megengine.save(module) / flow.save(module, dir)); resnet.npz holds __input__,
+# __output__ and every state_dict() tensor as the framework itself returns it (its names and
+# shapes are the judge of what a conversion to that framework must write).
+
+
+def resnet_style(nn, F):
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1 = nn.Conv2d(8, 8, 3, padding=1, groups=2, bias=False)
+            self.bn1 = nn.BatchNorm2d(8)
+            self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False)
+            self.bn2 = nn.BatchNorm2d(8)
+
+        def forward(self, x):
+            return x + self.bn2(self.dw(F.relu(self.bn1(self.conv1(x)))))
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(4, 8, 3, padding=1, bias=False)
+            self.bn = nn.BatchNorm2d(8)
+            self.block = Block()
+            self.up = nn.ConvTranspose2d(8, 4, 2, stride=2, groups=2)
+            self.fc = nn.Linear(4 * 8 * 8, 3)
+
+        def forward(self, x):
+            y = self.up(self.block(F.relu(self.bn(self.stem(x)))))
+            return self.fc(y.reshape(y.shape[0], -1))
+
+    for cls in (Block, Net):  # module-level names, so that the whole module can be pickled
+        cls.__qualname__ = cls.__name__
+        globals()[cls.__name__] = cls
+    return Net
+
+
+def resnet_input() -> np.ndarray:
+    return np.random.default_rng(12).standard_normal((2, 4, 4, 4)).astype(np.float32)
+
+
+def make_resnet_megengine(out: str) -> None:
+    import megengine as mge
+    import megengine.functional as F
+    import megengine.module as M
+    from megengine.module import init
+
+    np.random.seed(12)
+    mge.random.seed(12)
+    model = resnet_style(M, F)()
+    for name, p in model.named_parameters():
+        if "bn" in name or name.endswith("bias"):
+            init.normal_(p)  # BN affine and biases are not trivially 1 / 0
+    model.train()
+    for step in range(3):  # BN running statistics from real batches
+        model(mge.tensor(np.random.default_rng(step).standard_normal((8, 4, 4, 4)).astype("f4")))
+    model.eval()
+    x = resnet_input()
+    y = model(mge.tensor(x)).numpy()
+    state = model.state_dict()
+    mge.save(state, fresh(os.path.join(out, "resnet_state_dict.pkl")))
+    mge.save(model, fresh(os.path.join(out, "resnet_module.pkl")))
+    np.savez(os.path.join(out, "resnet.npz"), __input__=x, __output__=y, **state)
+    back = mge.load(os.path.join(out, "resnet_module.pkl"))
+    assert np.array_equal(back(mge.tensor(x)).numpy(), y)
+
+
+def make_resnet_oneflow(out: str) -> None:
+    import oneflow as flow
+    import oneflow.nn.functional as F
+
+    flow.manual_seed(12)
+    nn = flow.nn
+    model = resnet_style(nn, F)()
+    with flow.no_grad():
+        for name, p in model.named_parameters():
+            if "bn" in name or name.endswith("bias"):
+                p.copy_(flow.randn(*p.shape))
+    model.train()
+    for step in range(3):
+        model(flow.tensor(np.random.default_rng(step).standard_normal((8, 4, 4, 4)).astype("f4")))
+    model.eval()
+    x = resnet_input()
+    y = model(flow.tensor(x)).numpy()
+    state = model.state_dict()
+    flow.save(state, fresh(os.path.join(out, "resnet_state_dict")))
+    flow.save(model, fresh(os.path.join(out, "resnet_module")))
+    np.savez(os.path.join(out, "resnet.npz"), __input__=x, __output__=y,
+             **{k: v.numpy() for k, v in state.items()})  # fmt: skip
+    back = flow.load(os.path.join(out, "resnet_module"))
+    assert np.array_equal(back(flow.tensor(x)).numpy(), y)
 
 
 if __name__ == "__main__":
