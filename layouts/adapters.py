@@ -31,13 +31,11 @@ from typing import Any
 
 import numpy as np
 
+from mconv._args import shape_str
+
 FRAMEWORKS = ("torch", "megengine", "oneflow", "tensorflow", "onnx", "jax", "tripy")
 KINDS = ("conv", "conv_transpose", "depthwise")
 _TORCH_LIKE = ("torch", "tripy", "onnx")
-
-
-def _shape(a) -> str:
-    return "[" + ", ".join(str(s) for s in a.shape) + "]"
 
 
 def _check_common(w: Any, framework: Any, kind: Any, groups: Any, ndim: Any, what: str):
@@ -58,7 +56,7 @@ def _check_common(w: Any, framework: Any, kind: Any, groups: Any, ndim: Any, wha
             raise ValueError(f"{what}: {name} must be >= 1, but got {name}={value!r}")
     if w.ndim < 3:
         raise ValueError(
-            f"{what}: a conv weight has at least 3 dimensions, but got w of size {_shape(w)}"
+            f"{what}: a conv weight has at least 3 dimensions, but got w of size {shape_str(w.shape)}"
         )
 
 
@@ -84,7 +82,7 @@ def _megengine_rank(w: np.ndarray, groups: int | None, ndim: int | None) -> int:
     if ndim is not None:
         if w.ndim not in (ndim + 2, ndim + 3):
             raise ValueError(f"to_torch: a MegEngine weight for ndim={ndim} has {ndim + 2} or "
-                             f"{ndim + 3} dimensions, but got w of size {_shape(w)}")  # fmt: skip
+                             f"{ndim + 3} dimensions, but got w of size {shape_str(w.shape)}")  # fmt: skip
         return ndim
     if groups is not None:
         return w.ndim - (3 if groups > 1 else 2)
@@ -124,12 +122,12 @@ def to_torch(w: np.ndarray, framework: str, kind: str = "conv", groups: int | No
         n = _megengine_rank(w, groups, ndim)
         if w.ndim == n + 2:  # ungrouped: (O, I, *k) or (I, O, *k), already torch's
             if groups not in (None, 1):
-                raise ValueError(f"to_torch: an ungrouped MegEngine weight of size {_shape(w)} does "
+                raise ValueError(f"to_torch: an ungrouped MegEngine weight of size {shape_str(w.shape)} does "
                                  f"not match groups={groups}")  # fmt: skip
             return w
         if groups is not None and w.shape[0] != groups:
             raise ValueError(f"to_torch: the MegEngine weight's group axis holds {w.shape[0]} groups, "
-                             f"but got groups={groups} (w of size {_shape(w)})")  # fmt: skip
+                             f"but got groups={groups} (w of size {shape_str(w.shape)})")  # fmt: skip
         # (G, O/G, I/G, *k) -> (O, I/G, *k);  transposed (G, I/G, O/G, *k) -> (I, O/G, *k)
         return w.reshape(w.shape[0] * w.shape[1], *w.shape[2:])
     if framework == "tensorflow" and kind == "depthwise":  # (*k, C, M) -> (C*M, 1, *k)
@@ -172,7 +170,7 @@ def from_torch(w: np.ndarray, framework: str, kind: str = "conv", groups: int | 
         groups = _require_groups(groups, framework, kind)
         if w.shape[0] % groups:
             raise ValueError(
-                f"from_torch: dimension 0 of w (size {_shape(w)}) is not divisible by groups={groups}"
+                f"from_torch: dimension 0 of w (size {shape_str(w.shape)}) is not divisible by groups={groups}"
             )
         if groups == 1:
             return w
@@ -182,7 +180,7 @@ def from_torch(w: np.ndarray, framework: str, kind: str = "conv", groups: int | 
         channels = _require_groups(groups, framework, kind)
         if w.shape[1] != 1 or w.shape[0] % channels:
             raise ValueError(f"from_torch: a depthwise weight is (C*M, 1, *k) with C=groups={channels}, "
-                             f"but got w of size {_shape(w)}")  # fmt: skip
+                             f"but got w of size {shape_str(w.shape)}")  # fmt: skip
         return _spatial_first(w.reshape(channels, -1, *w.shape[2:]), 2)
     if kind == "conv_transpose":
         if groups not in (None, 1):
@@ -215,12 +213,12 @@ def bias_to_torch(b: np.ndarray, framework: str) -> np.ndarray:
     if framework == "megengine" and b.ndim >= 2:
         if b.shape[0] != 1 or any(s != 1 for s in b.shape[2:]):
             raise ValueError(
-                f"bias_to_torch: a MegEngine bias is (1, O, 1, ...), but got b of size {_shape(b)}"
+                f"bias_to_torch: a MegEngine bias is (1, O, 1, ...), but got b of size {shape_str(b.shape)}"
             )
         return b.reshape(b.shape[1])
     if b.ndim != 1:
         raise ValueError(
-            f"bias_to_torch: a {framework} bias is 1-dimensional, but got b of size {_shape(b)}"
+            f"bias_to_torch: a {framework} bias is 1-dimensional, but got b of size {shape_str(b.shape)}"
         )
     return b
 
@@ -234,7 +232,7 @@ def bias_from_torch(b: np.ndarray, framework: str, ndim: int | None = None) -> n
     _check_bias(b, framework, "bias_from_torch")
     if b.ndim != 1:
         raise ValueError(
-            f"bias_from_torch: a PyTorch bias is 1-dimensional, but got b of size {_shape(b)}"
+            f"bias_from_torch: a PyTorch bias is 1-dimensional, but got b of size {shape_str(b.shape)}"
         )
     if framework != "megengine":
         return b

@@ -19,16 +19,14 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from mconv._args import shape_str
+
 from . import adapters
 from .errors import CheckpointError
 from .roles import ROLES, WITH_BN_COUNT, ParamSpec, describe, needs, refusal
 
 PARAMS_KEY = "mconv.params"
 _BN_SHAPED = ("bn_weight", "bn_bias", "bn_stat")
-
-
-def _shape(a) -> str:
-    return "[" + ", ".join(str(s) for s in a.shape) + "]"
 
 
 def to_torch_param(array: np.ndarray, spec: ParamSpec, framework: str) -> np.ndarray:
@@ -45,10 +43,12 @@ def to_torch_param(array: np.ndarray, spec: ParamSpec, framework: str) -> np.nda
         if framework == "megengine" and array.ndim >= 2:
             if array.shape[0] != 1 or any(s != 1 for s in array.shape[2:]):
                 raise ValueError(f"a MegEngine BatchNorm tensor is (1, C, 1, 1), but got "
-                                 f"{_shape(array)}")  # fmt: skip
+                                 f"{shape_str(array.shape)}")  # fmt: skip
             return array.reshape(array.shape[1])
         if array.ndim != 1:
-            raise ValueError(f"a {framework} BatchNorm tensor is (C,), but got {_shape(array)}")
+            raise ValueError(
+                f"a {framework} BatchNorm tensor is (C,), but got {shape_str(array.shape)}"
+            )
     if spec.role == "linear_weight" and framework in ("tensorflow", "jax"):
         return array.T  # Dense kernel (in, out) -> (out, in)
     return array
@@ -95,7 +95,7 @@ def convert_state(tensors: Mapping[str, np.ndarray], specs: Mapping[str, ParamSp
     for name, array in tensors.items():
         missing = needs(specs[name], src, dst)
         if missing:
-            problems[name] = (f"{_shape(array)} {describe(specs[name])} (from "
+            problems[name] = (f"{shape_str(array.shape)} {describe(specs[name])} (from "
                               f"{specs[name].evidence or 'shape'}): unknown " + "; ".join(missing))  # fmt: skip
     if problems:
         raise refusal(what, problems)
@@ -107,7 +107,7 @@ def convert_state(tensors: Mapping[str, np.ndarray], specs: Mapping[str, ParamSp
         try:
             out[name] = from_torch_param(to_torch_param(array, spec, src), spec, dst)
         except ValueError as error:
-            problems[name] = f"{_shape(array)} as {describe(spec)}: {error}"
+            problems[name] = f"{shape_str(array.shape)} as {describe(spec)}: {error}"
             continue
         new_specs[name] = spec
     if problems:

@@ -15,6 +15,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from mconv._args import shape_str
+
 from mconv.nn import Linear, Module, is_conv
 from mconv.nn.module import IncompatibleKeys, to_device
 
@@ -35,7 +37,9 @@ def _module_roles(module: Module) -> dict[str, ParamSpec] | None:
     evidence = f"mconv {type(module).__name__}"
     if is_conv(module):
         n = module.weight.ndim - 2
-        kind = "conv_transpose" if module.transposed else "depthwise" if module.depthwise else "conv"
+        kind = (
+            "conv_transpose" if module.transposed else "depthwise" if module.depthwise else "conv"
+        )
         return {"weight": ParamSpec("conv_weight", kind, module.groups, n, evidence),
                 "bias": ParamSpec("conv_bias", ndim=n, evidence=evidence)}  # fmt: skip
     if isinstance(module, Linear):
@@ -57,7 +61,9 @@ def param_specs(model: Module) -> dict[str, ParamSpec]:
             if getattr(module, name, None) is None:
                 continue
             full = f"{prefix}.{name}" if prefix else name
-            specs[full] = roles.get(name) or ParamSpec("other", evidence=f"mconv {type(module).__name__}")
+            specs[full] = roles.get(name) or ParamSpec(
+                "other", evidence=f"mconv {type(module).__name__}"
+            )
     return specs
 
 
@@ -70,10 +76,6 @@ def _normalised(name: str) -> str:
     if last in ("kernel", "depthwise_kernel"):
         name = f"{head}.weight" if head else "weight"
     return name
-
-
-def _shape(a) -> str:
-    return "[" + ", ".join(str(s) for s in a.shape) + "]"
 
 
 def load_into(
@@ -118,16 +120,20 @@ def load_into(
             mismatched.append(f"{name}: {error}")
             continue
         if value.shape != expected[name].shape:
-            mismatched.append(f"{name}: the checkpoint's {key} of size {_shape(array)} ({framework} layout) "
-                              f"is {_shape(value)} in PyTorch's layout, but the model expects "
-                              f"{_shape(expected[name])}")  # fmt: skip
+            mismatched.append(f"{name}: the checkpoint's {key} of size {shape_str(array.shape)} ({framework} layout) "
+                              f"is {shape_str(value.shape)} in PyTorch's layout, but the model expects "
+                              f"{shape_str(expected[name].shape)}")  # fmt: skip
             continue
         state[name] = value
     unexpected = [key for key in ckpt.tensors if key not in used]
     problems = [f"size mismatch for {m}" for m in mismatched]
     if strict:
-        problems += [f"missing key {k} (model expects {_shape(expected[k])})" for k in missing]
-        problems += [f"unexpected key {k} of size {_shape(ckpt.tensors[k])}" for k in unexpected]
+        problems += [
+            f"missing key {k} (model expects {shape_str(expected[k].shape)})" for k in missing
+        ]
+        problems += [
+            f"unexpected key {k} of size {shape_str(ckpt.tensors[k].shape)}" for k in unexpected
+        ]
     if problems:
         where = source if not isinstance(source, Checkpoint) else "checkpoint"
         raise CheckpointError(f"load_into: cannot load {where} ({framework} layout) into "

@@ -74,3 +74,34 @@ def test_model_errors():
     with pytest.raises(ValueError, match=r"BasicBlock only supports groups=1"):
         models.ResNet("basic", [1, 1, 1, 1], groups=2)
     assert isinstance(models.resnet18().layer1[0].relu, nn.ReLU)
+
+
+def test_a_megengine_checkpoint_of_the_architecture_loads_through_the_conversion(tmp_path):
+    """mconv model -> MegEngine layout (grouped weights 5-D, no num_batches_tracked) as
+    safetensors and as a MegEngine .pkl (through ``mconv convert``) -> a fresh model, strict:
+    the same outputs."""
+    import subprocess
+    import sys
+
+    from layouts import checkpoint
+
+    nn.manual_seed(3)
+    model = models.ResNet("bottleneck", [1, 1, 1, 1], 5, groups=4, width_per_group=8,
+                          dtype="float64")  # fmt: skip
+    model(np.random.default_rng(5).standard_normal((4, 3, 32, 32)) * 3 + 1)  # BN statistics
+    model.eval()
+    source = tmp_path / "model.safetensors"
+    layouts.save_safetensors(model, source, layout="megengine")
+    pkl = tmp_path / "model.pkl"
+    done = subprocess.run([sys.executable, "-m", "mconv", "convert", str(source), str(pkl),
+                           "--to", "megengine"], capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    for path in (source, pkl):
+        tensors = checkpoint.load_checkpoint(path).tensors
+        assert tensors["layer1.0.conv2.weight"].shape == (4, 8, 8, 3, 3)  # (G, O/G, I/G, k, k)
+        assert not any(name.endswith("num_batches_tracked") for name in tensors)
+        fresh = models.ResNet("bottleneck", [1, 1, 1, 1], 5, groups=4, width_per_group=8,
+                              dtype="float64").eval()  # fmt: skip
+        layouts.load_into(fresh, path, strict=True)
+        x = np.random.default_rng(4).standard_normal((2, 3, 32, 32))
+        assert_close(fresh(x), model(x), 1e-12)
