@@ -240,3 +240,29 @@ def test_batch_norm_fp16_gradients_against_torch_float64():
             np.abs(ours.state_dict()[key].astype(np.float64) - exact).max()
             <= 2e-3 * np.abs(exact).max()
         )
+
+
+@pytest.mark.parametrize(
+    "make_ours,make_theirs",
+    [
+        (lambda: nn.AdaptiveAvgPool2d((2, 3)), lambda: torch.nn.AdaptiveAvgPool2d((2, 3))),
+        (lambda: nn.PReLU(3, dtype="float16"), lambda: torch.nn.PReLU(3).double()),
+        (lambda: nn.Softmax(dim=1), lambda: torch.nn.Softmax(dim=1)),
+        (lambda: nn.Dropout(0.5).eval(), lambda: torch.nn.Dropout(0.5).eval()),
+    ],
+)
+def test_more_layers_in_fp16_against_torch_float64(make_ours, make_theirs):
+    """fp16 in, fp32 inside, one rounding out: within an fp16 spacing of the exact value."""
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((2, 3, 7, 5)).astype(np.float16)
+    dy = rng.standard_normal(make_ours()(x).shape).astype(np.float16)
+    theirs = make_theirs()
+    if isinstance(theirs, torch.nn.PReLU):
+        with torch.no_grad():
+            theirs.weight.fill_(0.25)
+    want = _torch_run(theirs, x.astype(np.float64), dy.astype(np.float64))
+    got = _ours(make_ours(), x, dy)
+    for mine, exact in zip(got[:2], want[:2]):
+        assert mine.dtype == np.float16
+        spacing = np.spacing(np.abs(exact).astype(np.float16)).astype(np.float64)
+        assert np.all(np.abs(mine.astype(np.float64) - exact) <= spacing + 1e-6)
