@@ -14,10 +14,8 @@ import json
 import os
 import pickle
 import resource
-import struct
 import sys
 import zipfile
-import zlib
 
 import numpy as np
 

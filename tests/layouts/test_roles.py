@@ -13,7 +13,7 @@ import torch
 
 import layouts
 from layouts import CheckpointError
-from layouts.convert import convert, inspect
+from layouts.convert import convert
 from layouts.roles import ParamSpec, merge, needs, shape_facts
 
 
@@ -77,7 +77,7 @@ def _onnx_model(path, rng):
     """Conv (grouped), ConvTranspose, BatchNormalization, Gemm(transB=1); the transposed weight
     held in a Constant node, and a depthwise Conv inside an If branch."""
     import onnx
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import helper, numpy_helper
 
     w = {"conv.w": rng.standard_normal((6, 2, 3, 3)), "up.w": rng.standard_normal((6, 4, 2, 2)),
          "bn.s": rng.standard_normal(4), "bn.b": rng.standard_normal(4),
@@ -218,7 +218,6 @@ def test_groups_on_a_tensor_that_is_not_a_conv_weight(tmp_path, sample_files):
 
 
 def test_onnx_folder_reached_through_a_symlink(tmp_path, rng):
-    from onnx import numpy_helper
     import onnx
 
     real = tmp_path / "real"
