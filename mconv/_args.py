@@ -7,6 +7,7 @@ argument and end with what was received.
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Any
 
@@ -21,6 +22,18 @@ FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)
 def is_int(value: Any) -> bool:
     """True for Python and NumPy integers, never for bools."""
     return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+
+
+def check_number(value: Any, name: str, *, sign: str | None = None) -> float:
+    """A finite real number; ``sign`` 'positive' or 'non-negative' narrows it."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, but got {type(value).__name__}: {name}={value!r}")
+    if not math.isfinite(value) or (sign == "positive" and value <= 0) or (
+        sign == "non-negative" and value < 0
+    ):
+        what = f"a finite {sign} number" if sign else "finite"
+        raise ValueError(f"{name} must be {what}, but got {name}={value!r}")
+    return float(value)
 
 
 def check_int(value: Any, name: str, *, minimum: int | None = None) -> int:

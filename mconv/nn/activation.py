@@ -89,7 +89,7 @@ class LeakyReLU(_Elementwise):
 
     def __init__(self, negative_slope: float = 0.01):
         super().__init__()
-        self.negative_slope = _float(negative_slope, "negative_slope")
+        self.negative_slope = _args.check_number(negative_slope, "negative_slope")
 
     def _f(self, x, xp):
         return xp.where(x > 0, x, x * self.negative_slope)
@@ -208,7 +208,7 @@ class PReLU(Module):
                  device: str = "cpu"):  # fmt: skip
         super().__init__()
         self.num_parameters = _args.check_int(num_parameters, "num_parameters", minimum=1)
-        init = _float(init, "init")
+        init = _args.check_number(init, "init")
         self.dtype, self.device = float_dtype(dtype), check_device(device)
         slopes = np.full(self.num_parameters, init, dtype=self.dtype)  # host: then moved
         self.weight = Parameter(to_device(slopes, self.device))
@@ -277,13 +277,3 @@ class Softmax(Module):
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}"
-
-
-def _float(value: Any, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
-        raise TypeError(
-            f"{name} must be a number, but got {type(value).__name__}: {name}={value!r}"
-        )
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, but got {name}={value!r}")
-    return float(value)

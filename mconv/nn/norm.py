@@ -30,7 +30,6 @@ array([[-0.999995  , -0.99999875],
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
@@ -49,8 +48,12 @@ class _BatchNorm(Module):
                  device: str = "cpu"):  # fmt: skip
         super().__init__()
         self.num_features = _args.check_int(num_features, "num_features", minimum=1)
-        self.eps = _number(eps, "eps", positive=True)
-        self.momentum = None if momentum is None else _number(momentum, "momentum")
+        self.eps = _args.check_number(eps, "eps", sign="positive")
+        self.momentum = (
+            None
+            if momentum is None
+            else _args.check_number(momentum, "momentum", sign="non-negative")
+        )
         self.affine = _args.check_bool(affine, "affine")
         self.track_running_stats = _args.check_bool(track_running_stats, "track_running_stats")
         self.dtype, self.device = float_dtype(dtype), check_device(device)
@@ -174,17 +177,6 @@ class _BatchNorm(Module):
             f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
             f"affine={self.affine}, track_running_stats={self.track_running_stats}"
         )
-
-
-def _number(value: Any, name: str, positive: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
-        raise TypeError(
-            f"{name} must be a number, but got {type(value).__name__}: {name}={value!r}"
-        )
-    if not math.isfinite(value) or value < 0 or (positive and value == 0):
-        what = "a positive" if positive else "a non-negative"
-        raise ValueError(f"{name} must be {what} number, but got {name}={value!r}")
-    return float(value)
 
 
 class BatchNorm1d(_BatchNorm):
