@@ -1,5 +1,6 @@
-"""``ShardedConv``: a parallel layer is the serial layer on this rank's shard, between two
-paired communication steps (``parallel.mappings``).
+"""``Sharded`` (and ``ShardedConv``): a parallel layer is the serial layer on this rank's
+shard, between two paired communication steps (``parallel.mappings``). Convolutions and
+BatchNorm (``parallel.norm``) are built this way.
 
     forward:   x -> before.forward -> local(x) -> after.forward -> y
     backward:  dy -> after.backward -> local.backward -> before.backward -> dx
@@ -188,7 +189,6 @@ class Sharded(Module):
             if key in self.__dict__
         )
         return f"{self._full_repr}, rank={self.comm.rank}/{self.comm.size}, {flags}"
-
 
 
 class ShardedConv(Sharded):

@@ -172,7 +172,7 @@ class _ConvNd(Module):
         layer = object.__new__(type(self))
         Module.__init__(layer)
         for key, value in self.__dict__.items():
-            if key not in ("_parameters", "_modules", "training"):
+            if key not in ("_parameters", "_buffers", "_modules", "training"):
                 object.__setattr__(layer, key, value)
         lead, per_group = weight.shape[:2]
         layer.groups, layer.partial_sums, layer._cache = groups, partial_sums, None
