@@ -291,12 +291,15 @@ class Communicator:
                     raise TypeError(
                         "broadcast: x must not hold Python objects, but got dtype=object"
                     )
-                meta = (x.shape, x.dtype, xp.__name__)
+                dtype = x.dtype.descr if x.dtype.fields else x.dtype.str  # plain data
+                meta = (tuple(int(s) for s in x.shape), dtype, xp.__name__)
             except (TypeError, ValueError) as err:
-                meta = err
+                meta = ("error", type(err).__name__, str(err))
         meta = timeout.bcast_object(self.mpi, meta, root, "broadcast (shape and dtype)")
-        if isinstance(meta, Exception):
-            raise type(meta)(f"{meta} (on root {root})")
+        if meta[0] == "error":
+            raise {"TypeError": TypeError, "ValueError": ValueError}[meta[1]](
+                f"{meta[2]} (on root {root})"
+            )
         shape, dtype, module = meta
         if self.rank == root:
             buf = xp.ascontiguousarray(x)
@@ -351,10 +354,13 @@ class Communicator:
 
     # -- objects, groups, control -----------------------------------------------------------
     def allgather_object(self, obj: Any) -> list:
-        """Every rank's picklable ``obj``, in rank order."""
+        """Every rank's ``obj`` (plain data: None, bools, ints, floats, strings, bytes, and tuples,
+        lists, dicts and sets of them), in rank order. Other objects raise TypeError on every
+        rank: what arrives is read by the restricted unpickler and never runs code."""
         return timeout.allgather_object(self.mpi, obj, "allgather_object")
 
     def broadcast_object(self, obj: Any, root: int = 0) -> Any:
+        """Root's ``obj`` (plain data, as ``allgather_object``) on every rank."""
         return timeout.bcast_object(self.mpi, obj, self._check_root(root), "broadcast_object")
 
     def check_same(self, value: Any, what: str) -> None:

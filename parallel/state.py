@@ -106,11 +106,11 @@ def _full_shapes(model: Module, specs) -> OrderedDict:
 
 
 def _problems(full_state_dict: Any, shapes: OrderedDict, strict: bool):
-    """(exception class, message) for what is wrong with a full state dict, or None."""
+    """(exception class name, message) for what is wrong with a full state dict, or None."""
     if not hasattr(full_state_dict, "keys") or not hasattr(full_state_dict, "__getitem__"):
         got = type(full_state_dict).__name__
         return (
-            TypeError,
+            "TypeError",
             f"scatter_state_dict: full_state_dict must be a mapping of names to arrays, but got {got}",
         )
     errors = []
@@ -124,7 +124,7 @@ def _problems(full_state_dict: Any, shapes: OrderedDict, strict: bool):
         value = full_state_dict[name]
         if not _args.is_ndarray(value):
             return (
-                TypeError,
+                "TypeError",
                 f"scatter_state_dict: full_state_dict[{name!r}] must be an ndarray, but got {type(value).__name__}",
             )
         if tuple(value.shape) != shape:
@@ -134,7 +134,7 @@ def _problems(full_state_dict: Any, shapes: OrderedDict, strict: bool):
                 f"{_args.shape_str(shape)}."
             )
     if errors:
-        return ValueError, "Error(s) in scatter_state_dict:\n\t" + "\n\t".join(errors)
+        return "ValueError", "Error(s) in scatter_state_dict:\n\t" + "\n\t".join(errors)
     return None
 
 
@@ -167,7 +167,7 @@ def scatter_state_dict(
     )
     if header[0] is not None:
         kind, message = header[0]
-        raise kind(message)
+        raise {"TypeError": TypeError, "ValueError": ValueError}[kind](message)
     local = OrderedDict()
     for name in header[1]:
         if root is None:

@@ -13,7 +13,9 @@ sleeping, as MPI's own blocking calls do: MPI makes progress only inside its cal
 sleeping rank would slow every large transfer; polling costs what ``MPI_Wait`` costs (see
 docs/parallel.md, "Faults", for the measured overhead). Pickled objects travel as bytes
 (``allgather_object``, ``bcast_object``): mpi4py's pickle collectives have no non-blocking
-form.
+form. They carry plain data only (None, bools, ints, floats, strings, bytes, and tuples, lists,
+dicts and sets of them) and are read back through ``layouts``' restricted unpickler with an
+empty allowlist, like a checkpoint: nothing a peer sends can run code.
 
 >>> seconds_from(None, {"MCONV_PARALLEL_TIMEOUT": "2.5"})
 2.5
@@ -159,8 +161,11 @@ def allgather_object(mpi_comm, obj: Any, what: str) -> list:
     from mpi4py import MPI
 
     recv = np.empty(int(sizes.sum()), dtype=np.uint8)  # host: every rank's pickle
-    wait(mpi_comm.Iallgatherv([data, MPI.BYTE], [recv, (sizes.tolist(), starts.tolist()), MPI.BYTE]), what)
-    return [pickle.loads(recv[s : s + n]) for s, n in zip(starts.tolist(), sizes.tolist())]
+    wait(
+        mpi_comm.Iallgatherv([data, MPI.BYTE], [recv, (sizes.tolist(), starts.tolist()), MPI.BYTE]),
+        what,
+    )
+    return [_plain(recv[s : s + n], what) for s, n in zip(starts.tolist(), sizes.tolist())]
 
 
 def bcast_object(mpi_comm, obj: Any, root: int, what: str) -> Any:
@@ -172,4 +177,19 @@ def bcast_object(mpi_comm, obj: Any, root: int, what: str) -> Any:
     n = int(size[0])
     buf = np.frombuffer(data, np.uint8).copy() if mine else np.empty(n, np.uint8)  # host: pickle
     wait(mpi_comm.Ibcast(buf, root=root), what)
-    return obj if mine else pickle.loads(buf)
+    value = _plain(buf, what)  # root too: a refusal raises on every rank
+    return obj if mine else value
+
+
+def _plain(data, what: str) -> Any:
+    """Unpickle plain data (no globals at all), or raise TypeError naming the collective."""
+    from layouts.errors import CheckpointError  # noqa: PLC0415 - layouts loads readers
+    from layouts.safe_pickle import restricted_load  # noqa: PLC0415
+
+    try:
+        return restricted_load(bytes(data), what, allowed={})
+    except CheckpointError as error:
+        raise TypeError(
+            f"{what}: objects sent between ranks must be plain data (None, bools, ints, floats, "
+            f"strings, bytes, and tuples, lists, dicts and sets of them), but got: {error}"
+        ) from None

@@ -54,3 +54,15 @@ def collectives_with_a_timeout_equal_the_default(comm, t):
         t.true(comm.allgather_object(comm.rank) == list(range(comm.size)), "allgather_object")
     finally:
         timeout.configure(before)
+
+
+@check(sizes=(1, 2))
+def objects_between_ranks_are_plain_data(comm, t):
+    """What a peer sends is read by the restricted unpickler: a class instance never loads."""
+    odd = np.float64(1.0) if comm.rank == 0 else 1.0  # numpy scalar: needs a global to load
+    for name, call in (("allgather_object", lambda: comm.allgather_object(odd)),
+                       ("broadcast_object", lambda: comm.broadcast_object(odd, 0))):  # fmt: skip
+        t.raises(TypeError, call, f"{name} of a numpy scalar from rank 0",
+                 match=f"{name}: objects sent between ranks must be plain data")  # fmt: skip
+    plain = {"a": [1, 2.5, "s", b"b", None, (True,)], "b": {3}}
+    t.true(comm.broadcast_object(plain if comm.rank == 0 else None) == plain, "plain data arrives")
