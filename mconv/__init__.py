@@ -11,6 +11,7 @@ from . import functional, losses, models, nn, optim
 from .nn.init import manual_seed
 from .backends.numpy_threads import get_num_threads, set_num_threads
 from .geometry import ConvGeometry
+from .precision import get_algorithm, set_algorithm
 
 __version__ = "0.1.0"
 __all__ = [
@@ -23,5 +24,7 @@ __all__ = [
     "manual_seed",
     "get_num_threads",
     "set_num_threads",
+    "get_algorithm",
+    "set_algorithm",
     "__version__",
 ]

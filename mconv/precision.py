@@ -7,6 +7,9 @@ bias and a rounding meet a result.
   accumulator under ``compute_mode='float32'`` (one rounding, at the end), the input dtype
   under ``'default'``. The CPU always keeps the accumulator (NumPy's fp16 GEMM is hundreds of
   times slower than widening), so both modes round once there.
+- ``set_algorithm('fast' | 'exact')``: whether float32 sums may take algorithms that
+  round differently from the plain sum (Winograd, ``backends/numpy_winograd``; errors of a
+  few 1e-6 of the output's scale), where they are faster. Float64 never does.
 - ``store(result, dest, bias)``: a result (in the accumulator) is written into its output
   (any dtype: the one rounding) with the bias added first, in the accumulator. Every
   primitive that writes a result, and every ``add_bias``, goes through it.
@@ -18,9 +21,50 @@ bias and a rounding meet a result.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from ._args import array_module
+
+ALGORITHMS = ("fast", "exact")
+_algorithm = {"name": None}
+
+
+def _default_algorithm() -> str:
+    value = os.environ.get("MCONV_ALGORITHM", "fast")
+    if value not in ALGORITHMS:
+        raise ValueError(f"MCONV_ALGORITHM must be 'fast' or 'exact', but got {value!r}")
+    return value
+
+
+def get_algorithm() -> str:
+    """'fast' (the default; ``MCONV_ALGORITHM`` sets it) or 'exact' (see ``set_algorithm``)."""
+    if _algorithm["name"] is None:
+        _algorithm["name"] = _default_algorithm()
+    return _algorithm["name"]
+
+
+def set_algorithm(name: str) -> None:
+    """'exact': every convolution is the plain sum of products (im2col, direct), as in float64;
+    'fast': float32 sums may also use Winograd where it is faster (errors of a few 1e-6 of
+    the output's scale; docs/benchmarks.md).
+
+    >>> import mconv
+    >>> mconv.set_algorithm("exact"); mconv.get_algorithm()
+    'exact'
+    >>> mconv.set_algorithm("fast")
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"algorithm must be a str, but got algorithm={name!r}")
+    if name not in ALGORITHMS:
+        raise ValueError(f"algorithm must be 'fast' or 'exact', but got algorithm={name!r}")
+    _algorithm["name"] = name
+
+
+def fast_algorithms() -> bool:
+    """Whether float32 sums may round differently from the plain sum (``set_algorithm``)."""
+    return get_algorithm() == "fast"
 
 
 def accumulator(dtype) -> np.dtype:

@@ -20,21 +20,24 @@ from strategies import conv_cases
 
 import mconv
 from mconv import functional as F
+from mconv import precision
 from mconv.geometry import conv_geometry
 from mconv.backends import (
     numpy_backend,
     numpy_depthwise,
     numpy_im2col,
+    numpy_jit,
     numpy_threads,
     numpy_wide,
 )
 
 
-@pytest.fixture(params=["one-thread", "threads", "col2im", "wide"])
+@pytest.fixture(params=["one-thread", "threads", "col2im", "wide", "no-jit"])
 def tiny_tiles(request, monkeypatch):
     """Tiles of a few hundred bytes; two forced worker threads; backward_data through col2im
     instead of the stride phases wherever it applies; every stride-1 call (the phases of
-    backward_data included) through the wide path, however many columns it wastes."""
+    backward_data included) through the wide path, however many columns it wastes; the
+    NumPy-only paths that run without numba."""
     monkeypatch.setattr(numpy_im2col, "COLUMN_BYTES", 600)
     monkeypatch.setattr(numpy_depthwise, "_TASK_BYTES", 600)
     if request.param == "col2im":
@@ -42,6 +45,8 @@ def tiny_tiles(request, monkeypatch):
     if request.param == "wide":
         monkeypatch.setattr(numpy_wide, "WASTE_LIMIT", math.inf)
         monkeypatch.setattr(numpy_wide, "NARROW_GROUP", math.inf)
+    if request.param == "no-jit":
+        monkeypatch.setitem(numpy_jit._state, "enabled", False)
     threads = 1 if request.param == "one-thread" else 2
     before = mconv.get_num_threads()
     mconv.set_num_threads(threads)
@@ -151,6 +156,7 @@ def test_threads_do_not_change_the_forward_bits(monkeypatch):
 
 
 def _peak_bytes(fn) -> int:
+    fn()  # JIT kernels compile (or load from numba's cache) on first use: not the call's memory
     tracemalloc.start()
     try:
         fn()
@@ -205,8 +211,10 @@ def test_fp16_is_widened_per_tile_not_per_array():
 )
 def test_fp16_results_are_rounded_once_without_a_wide_copy(monkeypatch, wshape, kw):
     """fp16 results (the output with its bias, and dx) are rounded into fp16 tile by tile: the
-    same bits as rounding the fp32 result once, and no fp32 copy of a whole result is held."""
+    same bits as rounding the fp32 result once, and no fp32 copy of a whole result is held.
+    (The exact algorithm: Winograd's own bound is in test_fast_algorithms.)"""
     monkeypatch.setattr(numpy_im2col, "COLUMN_BYTES", 128 << 10)
+    monkeypatch.setitem(precision._algorithm, "name", "exact")
     rng = np.random.default_rng(0)
     x = rng.standard_normal((4, wshape[1], 112, 112)).astype(np.float16)
     w = rng.standard_normal(wshape).astype(np.float16)
@@ -304,19 +312,22 @@ def _forced(path: str):
     if path == "col2im":
         settings[numpy_backend, "SCATTER_RATIO"] = 0
     saved = {key: getattr(*key) for key in settings}
-    threads = mconv.get_num_threads()
+    threads, jit = mconv.get_num_threads(), numpy_jit._state["enabled"]
     try:
         for (module, name), value in settings.items():
             setattr(module, name, value)
         mconv.set_num_threads(2)
+        if path == "no-jit":
+            numpy_jit.set_enabled(False)
         yield
     finally:
         for (module, name), value in saved.items():
             setattr(module, name, value)
         mconv.set_num_threads(threads)
+        numpy_jit._state["enabled"] = jit
 
 
-@given(conv_cases(max_rank=3), st.sampled_from(["wide", "im2col", "col2im"]))
+@given(conv_cases(max_rank=3), st.sampled_from(["wide", "im2col", "col2im", "no-jit"]))
 def test_every_path_matches_torch_on_random_geometries(case, path):
     """y, dx and dW through each path, on random geometries and padding modes, against torch
     float64; and <conv(x, w), dy> == <x, dx(dy)> == <w, dw(dy)>."""

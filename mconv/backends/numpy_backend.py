@@ -46,7 +46,8 @@ from ..geometry import ConvGeometry
 from ..padding import pad_backward_unchecked as pad_backward  # noqa: F401 - backend interface
 from ..padding import pad_unchecked as pad  # noqa: F401 - backend interface
 from ..precision import accumulator, bias_view, store
-from . import numpy_depthwise, numpy_im2col, numpy_pointwise, numpy_threads, numpy_wide
+from . import (numpy_depthwise, numpy_im2col, numpy_pointwise, numpy_threads, numpy_wide,
+               numpy_winograd)  # fmt: skip
 
 name = "numpy"
 
@@ -90,6 +91,8 @@ def _correlate(x: np.ndarray, w: np.ndarray, g: ConvGeometry, out: np.ndarray, a
         numpy_depthwise.forward(x, w, g, out, acc, bias)
     elif numpy_pointwise.applies(g):
         numpy_pointwise.forward(x, w, g, out, acc, bias)
+    elif numpy_winograd.applies(g, acc):
+        numpy_winograd.correlate(x, w, g, out, bias)
     elif numpy_wide.applies(g):
         numpy_wide.correlate(x, w, g, out, acc, bias)
     else:

@@ -13,6 +13,11 @@ the output is computed "wide": position q sits at the flat index
 other axis runs over its whole padded width; the extra columns are cropped
 (forward) or meet zeros in dy (filter gradient). Other strides copy strided
 windows of shape Q.
+
+With the JIT (``numpy_jit``) and stride 1 no columns are built at all: the
+outputs of a channel are K multiply-adds of the weight with those runs, and
+the filter gradient K dot products of dy with them, straight from the
+padded plane (2 values moved per output instead of K + 2).
 """
 
 from __future__ import annotations
@@ -24,10 +29,39 @@ from numpy.lib.stride_tricks import as_strided
 
 from ..geometry import ConvGeometry
 from ..precision import bias_view, store
-from . import numpy_threads
+from . import numpy_jit, numpy_threads
 
 # Channels per task: enough for long copies, few enough to stay in cache.
 _TASK_BYTES = 4 << 20
+
+
+@numpy_jit.kernel(fastmath={"contract"})
+def _taps_forward(flat, w, offsets, res):
+    # res[c, p] = sum_t w[c, t] * flat[c, p + offsets[t]]: flat (cb, L), w (cb, K), res (cb, P)
+    positions = res.shape[1]
+    for c in range(res.shape[0]):
+        acc = res[c]
+        acc[:] = 0
+        for t in range(offsets.shape[0]):
+            wv, start = w[c, t], offsets[t]
+            run = flat[c, start : start + positions]
+            for p in range(positions):
+                acc[p] += wv * run[p]
+
+
+@numpy_jit.kernel(fastmath={"contract", "reassoc"})
+def _taps_filter_grad(flat, dy, offsets, dw):
+    # dw[c, t] += sum_p dy[c, p] * flat[c, p + offsets[t]]: dy (cb, P), dw (cb, K)
+    positions = dy.shape[1]
+    for c in range(dy.shape[0]):
+        d = dy[c]
+        for t in range(offsets.shape[0]):
+            start = offsets[t]
+            run = flat[c, start : start + positions]
+            total = dw.dtype.type(0)
+            for p in range(positions):
+                total += d[p] * run[p]
+            dw[c, t] += total
 
 
 def applies(g: ConvGeometry) -> bool:
@@ -51,7 +85,14 @@ class _Plan:
             self.slack = reach + self.positions - math.prod(self.padded)
         else:
             self.positions, self.slack = math.prod(g.out_size), 0
-        per_channel = self.dtype.itemsize * (self.taps + 2) * self.positions
+        self.direct = self.wide and numpy_jit.enabled()  # no columns: see the module docstring
+        # flat offset of each tap (kernel axes in C order) in the padded plane
+        steps = [d * p for d, p in zip(g.dilation, self.plane)]
+        self.offsets = np.array(
+            [sum(i * s for i, s in zip(tap, steps)) for tap in np.ndindex(*g.kernel_size)], np.int64
+        )
+        self.rows = 1 if self.direct else self.taps  # column rows per channel
+        per_channel = self.dtype.itemsize * (self.rows + 2) * self.positions
         self.block = max(1, min(g.in_channels, _TASK_BYTES // per_channel))
 
     def tasks(self, batch: int) -> list[tuple[int, slice]]:
@@ -62,10 +103,10 @@ class _Plan:
 
     def scratch(self):
         flat = np.zeros((self.block, math.prod(self.padded) + max(0, self.slack)), self.dtype)
-        return _Scratch(flat, np.empty((self.block, self.taps, self.positions), self.dtype))
+        return _Scratch(flat, np.empty((self.block, self.rows, self.positions), self.dtype))
 
-    def columns(self, x: np.ndarray, b: int, chans: slice, scratch) -> np.ndarray:
-        """cols (cb, K, P) of image b, channels ``chans``."""
+    def pad_into(self, x: np.ndarray, b: int, chans: slice, scratch) -> np.ndarray:
+        """flat (cb, L): channels ``chans`` of image b, zero-padded, each plane flattened."""
         g, cb = self.g, chans.stop - chans.start
         flat = scratch.flat[:cb]
         plane = flat[:, : math.prod(self.padded)].reshape(cb, *self.padded)
@@ -82,6 +123,13 @@ class _Plan:
                 ),
             )
         ] = src
+        return flat
+
+    def columns(self, x: np.ndarray, b: int, chans: slice, scratch) -> np.ndarray:
+        """cols (cb, K, P) of image b, channels ``chans``."""
+        g, cb = self.g, chans.stop - chans.start
+        flat = self.pad_into(x, b, chans, scratch)
+        plane = flat[:, : math.prod(self.padded)].reshape(cb, *self.padded)
         cols = scratch.cols[:cb]
         if self.wide:  # (cb, *k, P_wide): [c, *i, p] = flat[c, p + sum_j i_j*dilation_j*plane_j]
             st = flat.strides
@@ -133,8 +181,13 @@ def forward(x: np.ndarray, w: np.ndarray, g: ConvGeometry, out: np.ndarray, acc,
 
     def work(task, scratch: _Scratch) -> None:
         b, chans = task
-        cols = plan.columns(x, b, chans, scratch)
-        res = np.matmul(wk[chans], cols)  # (cb, 1, K) @ (cb, K, P) -> (cb, 1, P)
+        if plan.direct:
+            flat = plan.pad_into(x, b, chans, scratch)
+            res = scratch.cols[: chans.stop - chans.start]  # (cb, 1, P)
+            _taps_forward(flat, wk[chans, 0], plan.offsets, res[:, 0])
+        else:
+            cols = plan.columns(x, b, chans, scratch)
+            res = np.matmul(wk[chans], cols)  # (cb, 1, K) @ (cb, K, P) -> (cb, 1, P)
         cb = None if bias is None else bias_view(bias[chans], g.ndim + 1, 0)  # (cb,) -> (cb, 1, ..)
         store(plan.crop(res), out[b, chans], cb)
 
@@ -155,9 +208,13 @@ def filter_grad(dy: np.ndarray, x: np.ndarray, g: ConvGeometry, dtype) -> np.nda
     def work(task, s: _Scratch) -> None:
         b, chans = task
         cb = chans.stop - chans.start
-        cols = plan.columns(x, b, chans, s)
         dyc = s.dy[:cb]
         plan.crop(dyc)[...] = dy[b, chans]  # (cb, *Q) into the (wide) row
+        if plan.direct:
+            flat = plan.pad_into(x, b, chans, s)
+            _taps_filter_grad(flat, dyc[:, 0], plan.offsets, s.acc[chans, 0])
+            return
+        cols = plan.columns(x, b, chans, s)
         s.acc[chans] += np.matmul(dyc, cols.swapaxes(1, 2))  # (cb, 1, P) @ (cb, P, K)
 
     tasks = plan.tasks(x.shape[0])
