@@ -47,14 +47,15 @@ _TASK_BYTES = 2 << 20
 
 
 def applies(g: ConvGeometry, dtype) -> bool:
-    """Dense 3x3, stride 1, dilation 1, no crop, float32 sums, channels >= MIN_CHANNELS, the
-    JIT on and ``get_algorithm() == 'fast'``."""
+    """Dense, 2-d 3x3 or 3-d k x 3 x 3 (any depth stride), stride 1 on the last two axes,
+    no dilation, no crop, float32 sums, channels >= MIN_CHANNELS, the JIT on and
+    ``get_algorithm() == 'fast'``."""
     return (
-        g.ndim == 2
-        and g.kernel_size == (R, R)
+        g.ndim in (2, 3)
+        and g.kernel_size[-2:] == (R, R)
         and g.groups == 1
-        and g.stride == (1, 1)
-        and g.dilation == (1, 1)
+        and g.stride[-2:] == (1, 1)
+        and all(d == 1 for d in g.dilation)
         and min(g.in_channels, g.out_channels) >= MIN_CHANNELS
         and all(lo >= 0 and hi >= 0 for lo, hi in g.padding)
         and min(g.out_size) > 0
@@ -182,19 +183,31 @@ def _tasks(batch: int, th: int, row_bytes: int) -> list[list[tuple[int, int, int
 
 
 def correlate(x: np.ndarray, w: np.ndarray, g: ConvGeometry, out: np.ndarray, bias=None):
-    """out (B, O, Q0, Q1) = conv(x (B, C, S0, S1), w (O, C, 3, 3)) (+ bias (O,)) by Winograd
-    F(4x4, 3x3), summed in float32; ``out`` may be any strided view, in any dtype."""
-    batch, channels = x.shape[:2]
-    outs = g.out_channels
-    th, tw = (-(-q // M) for q in g.out_size)  # tiles per column and per row
-    top, left = g.padding[0][0], g.padding[1][0]
-    u = weight_transform(w)  # (36, O, C)
-    tasks = _tasks(batch, th, ALPHA * ALPHA * max(channels, outs) * tw * 4)
+    """out (B, O, [Q_d,] Q0, Q1) = conv(x (B, C, [S_d,] S0, S1), w (O, C, [k_d,] 3, 3))
+    (+ bias (O,)) by Winograd F(4x4, 3x3) on the last two axes, summed in float32; ``out``
+    may be any strided view, in any dtype.
+
+    A 3-d conv is a sum over its depth taps of 2-d convs of input slices; it is summed in the
+    transformed domain, where each input slice is transformed once: M of output slice z is
+    U (36, O, k_d*C) @ V of input slices z*s_d - p_d + 0..k_d-1 (36, k_d*C, T), one GEMM."""
+    if g.ndim == 2:  # as 3-d with one slice: (B, C, 1, S0, S1)
+        x, w, out = x[:, :, None], w[:, :, None], out[:, :, None]
+        (dlo, dhi), sd = (0, 0), 1
+    else:
+        (dlo, dhi), sd = g.padding[0], g.stride[0]
+    batch, channels, depth = x.shape[:3]
+    outs, kd, qd = g.out_channels, w.shape[2], out.shape[2]
+    slices = depth + dlo + dhi  # V of every padded input slice; the padding's V is zero
+    th, tw = (-(-q // M) for q in g.out_size[-2:])  # tiles per column and per row
+    top, left = g.padding[-2][0], g.padding[-1][0]
+    # (O, C, k_d, 3, 3) -> (O, k_d, C, 3, 3) -> (O, k_d*C, 3, 3): the slices' order in V
+    u = weight_transform(w.transpose(0, 2, 1, 3, 4).reshape(outs, kd * channels, R, R))
+    tasks = _tasks(batch, th, ALPHA * ALPHA * max(kd * channels, outs) * tw * 4)
     most = max(sum(r1 - r0 for _, r0, r1 in task) for task in tasks) * tw  # tiles of a task
     bias = None if bias is None else bias_view(bias.astype(np.float32, copy=False), 3, 0)
 
     def scratch():
-        return (np.empty(ALPHA * ALPHA * channels * most, np.float32),  # V
+        return (np.empty(ALPHA * ALPHA * slices * channels * most, np.float32),  # V
                 np.empty(ALPHA * ALPHA * outs * most, np.float32),  # M
                 np.empty((outs, min(th, most // tw) * M, tw * M), np.float32),  # Y
                 np.empty((ALPHA, tw * M + 2), np.float32), np.empty((ALPHA, tw * M + 2), np.float32),
@@ -203,26 +216,34 @@ def correlate(x: np.ndarray, w: np.ndarray, g: ConvGeometry, out: np.ndarray, bi
     def work(task, buffers) -> None:
         v, mm, y, lines, lines2, per_tile = buffers
         tiles = sum(r1 - r0 for _, r0, r1 in task) * tw
-        v = v[: ALPHA * ALPHA * channels * tiles].reshape(ALPHA * ALPHA, channels, tiles)
+        v = v[: ALPHA * ALPHA * slices * channels * tiles]
+        v = v.reshape(ALPHA * ALPHA, slices, channels, tiles)
+        v[:, :dlo] = 0
+        v[:, dlo + depth :] = 0
         mm = mm[: ALPHA * ALPHA * outs * tiles].reshape(ALPHA * ALPHA, outs, tiles)
         start = 0
         for b, r0, r1 in task:  # V of each segment's tiles, side by side
             lo = max(0, M * r0 - top)  # the input rows the segment reads, widened alone
-            rows = x[b, :, lo : max(lo, M * r1 - top + R - 1)].astype(np.float32, copy=False)
-            part = v[:, :, start : start + (r1 - r0) * tw]
+            hi = max(lo, M * r1 - top + R - 1)
             cols = per_tile[: ALPHA * ALPHA * (r1 - r0) * tw].reshape(ALPHA, ALPHA, -1)
-            _input_transform(rows, top + lo, left, r0, r1, part, lines, lines2, cols)
+            for d in range(depth):
+                rows = x[b, :, d, lo:hi].astype(np.float32, copy=False)  # (C, rows, S1)
+                part = v[:, dlo + d, :, start : start + (r1 - r0) * tw]  # (36, C, tiles)
+                _input_transform(rows, top + lo, left, r0, r1, part, lines, lines2, cols)
             start += (r1 - r0) * tw
-        np.matmul(u, v, out=mm)  # (36, O, C) @ (36, C, T) -> (36, O, T)
-        start = 0
-        for b, r0, r1 in task:
-            yt = y[:, : (r1 - r0) * M]  # (O, 4 rows, 4 TW)
-            z = per_tile[: ALPHA * M * (r1 - r0) * tw].reshape(ALPHA, M, -1)
-            _output_transform(mm[:, :, start : start + (r1 - r0) * tw], yt, z, lines2[:, : tw * M])
-            start += (r1 - r0) * tw
-            q0 = min(g.out_size[0], r1 * M) - r0 * M  # rows of this segment inside the output
-            dest = out[b, :, r0 * M : r0 * M + q0]  # (O, q0, Q1)
-            store(yt[:, :q0, : g.out_size[1]], dest, bias)
+        for q in range(qd):
+            # (36, O, k_d*C) @ (36, k_d, C, T) as (36, k_d*C, T) -> (36, O, T)
+            np.matmul(u, v[:, q * sd : q * sd + kd].reshape(ALPHA * ALPHA, -1, tiles), out=mm)
+            start = 0
+            for b, r0, r1 in task:
+                yt = y[:, : (r1 - r0) * M]  # (O, 4 rows, 4 TW)
+                z = per_tile[: ALPHA * M * (r1 - r0) * tw].reshape(ALPHA, M, -1)
+                part = mm[:, :, start : start + (r1 - r0) * tw]
+                _output_transform(part, yt, z, lines2[:, : tw * M])
+                start += (r1 - r0) * tw
+                q0 = min(g.out_size[-2], r1 * M) - r0 * M  # rows of the segment in the output
+                dest = out[b, :, q, r0 * M : r0 * M + q0]  # (O, q0, Q1)
+                store(yt[:, :q0, : g.out_size[-1]], dest, bias)
 
-    work_size = batch * outs * channels * math.prod(g.out_size) * R * R
+    work_size = batch * outs * channels * math.prod(g.out_size) * math.prod(g.kernel_size)
     numpy_threads.run(tasks, work, scratch, work_size)
