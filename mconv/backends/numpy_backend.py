@@ -204,6 +204,8 @@ def backward_filter(dy: np.ndarray, x: np.ndarray, geom: ConvGeometry) -> np.nda
         )
     if numpy_depthwise.applies(geom):
         return numpy_depthwise.filter_grad(dy, x, geom, acc)
+    if numpy_winograd.applies(geom, x.dtype):
+        return numpy_winograd.filter_grad(dy, x, geom)
     if numpy_pointwise.applies(geom):
         return numpy_pointwise.filter_grad(dy, x, geom, acc)
     if numpy_wide.applies_to_filter_grad(geom):

@@ -1,4 +1,4 @@
-"""Winograd F(4x4, 3x3) for dense 3x3 stride-1 convolutions in float32 (JIT).
+"""Winograd F(4x4, 3x3) for dense 3x3 stride-1 convolutions in float32 (JIT): y, dx and dW.
 
 A 2-d correlation of a 6x6 input tile d with a 3x3 kernel g gives a 4x4
 output tile as (Lavin & Gray, 2016; interpolation points 0, +-1, +-2, inf)
@@ -13,7 +13,10 @@ instead of 144: per point p the products over channels are one GEMM,
 over the T tiles of a task. The transforms are additions (and scalings by
 2, 4, 5, 8) done in the JIT, one row pass and one column pass each, the
 zero padding read in place; the GEMMs are NumPy's. Tiles past the output's
-edge read zeros and their outputs are cropped.
+edge read zeros and their outputs are cropped. The weight gradient is the
+adjoint: dW = G^T [ sum over tiles of (A dY A^T) * V ] G, one GEMM per point
+too. 3-d k x 3 x 3 convs sum their depth taps in the transformed domain
+(``_Plan``).
 
 The result is not the im2col sum: fp32 rounding errors of the transforms
 reach a few units of 1e-6 of the output's scale (measured against torch
@@ -161,6 +164,59 @@ def _output_transform(m, y, z, lines):
                 y[o, r + 3, w] = c1 - c2 + _F8 * (c3 - c4) + c5
 
 
+@numpy_jit.kernel(fastmath={"contract"})
+def _grad_transform(dy, tw, dm, lines, rows, cols):
+    # dy (O, H', Q1): a segment's rows of dY, zero past them and past Q1; dm (36, O, T) with
+    # T = tile rows * TW: A dY A^T of tile (r, t) (dY rows 4r.., columns 4t..) at column
+    # r*TW + t, point 6j + k; scratch: lines, rows (6, >= 4TW), cols (6, 4, T)
+    outs, height, width = dy.shape
+    tiles = dm.shape[2]
+    span = 4 * tw
+    n = min(width, span)
+    for o in range(outs):
+        for tr in range(tiles // tw):
+            for r in range(4):
+                line = lines[r]
+                ih = 4 * tr + r
+                if ih < height:
+                    src = dy[o, ih]
+                    for w in range(n):
+                        line[w] = src[w]
+                    for w in range(n, span):
+                        line[w] = 0
+                else:
+                    for w in range(span):
+                        line[w] = 0
+            # rows: A dY, along the four lines (contiguous, vectorised)
+            for w in range(span):
+                e0, e1, e2, e3 = lines[0, w], lines[1, w], lines[2, w], lines[3, w]
+                rows[0, w] = e0
+                rows[1, w] = e0 + e1 + e2 + e3
+                rows[2, w] = e0 - e1 + e2 - e3
+                rows[3, w] = e0 + _F2 * e1 + _F4 * e2 + _F8 * e3
+                rows[4, w] = e0 - _F2 * e1 + _F4 * e2 - _F8 * e3
+                rows[5, w] = e3
+            # each tile's four values of each line, tile by tile (the one strided step)
+            base = tr * tw
+            for j in range(6):
+                row = rows[j]
+                for t in range(tw):
+                    for s in range(4):
+                        cols[j, s, base + t] = row[4 * t + s]
+        # columns: (A dY) A^T, over every tile at once (contiguous, vectorised)
+        for j in range(6):
+            e0, e1, e2, e3 = cols[j]  # (4, T): the tiles' four values in line j
+            out = dm[6 * j : 6 * j + 6, o]
+            for t in range(tiles):
+                a0, a1, a2, a3 = e0[t], e1[t], e2[t], e3[t]
+                out[0, t] = a0
+                out[1, t] = a0 + a1 + a2 + a3
+                out[2, t] = a0 - a1 + a2 - a3
+                out[3, t] = a0 + _F2 * a1 + _F4 * a2 + _F8 * a3
+                out[4, t] = a0 - _F2 * a1 + _F4 * a2 - _F8 * a3
+                out[5, t] = a3
+
+
 def weight_transform(w: np.ndarray) -> np.ndarray:
     """U (36, O, C) = G w G^T per (output, input) channel pair (float32 sums of 9 terms)."""
     # U[6a + b, o, c] = sum_ij G[a, i] G[b, j] w[o, c, i, j]: one GEMM with kron(G, G) (36, 9)
@@ -182,68 +238,138 @@ def _tasks(batch: int, th: int, row_bytes: int) -> list[list[tuple[int, int, int
     ]
 
 
+class _Plan:
+    """Tiles, tasks and buffers of one call, 2-d seen as 3-d with one slice.
+
+    A 3-d conv is a sum over its depth taps of 2-d convs of input slices, summed in the
+    transformed domain, where each input slice is transformed once: output slice q takes
+    V of input slices q*s_d - p_d + 0..k_d-1, one GEMM over (k_d*C) (``window``)."""
+
+    def __init__(self, g: ConvGeometry, batch: int):
+        self.g, three = g, g.ndim == 3
+        (self.dlo, dhi), self.sd = (g.padding[0], g.stride[0]) if three else ((0, 0), 1)
+        self.depth, self.kd, self.qd = (
+            (g.in_size[0], g.kernel_size[0], g.out_size[0]) if three else (1, 1, 1)
+        )
+        self.slices = self.depth + self.dlo + dhi  # V of each padded slice; the padding's is 0
+        self.th, self.tw = (-(-q // M) for q in g.out_size[-2:])  # tiles per column, per row
+        self.top, self.left = g.padding[-2][0], g.padding[-1][0]
+        wide = max(self.kd * g.in_channels, g.out_channels)
+        self.tasks = _tasks(batch, self.th, ALPHA * ALPHA * wide * self.tw * 4)
+        self.most = max(self.tiles(task) for task in self.tasks)
+
+    def tiles(self, task) -> int:
+        return sum(r1 - r0 for _, r0, r1 in task) * self.tw
+
+    def segments(self, task):
+        """(image, first tile row, end, first tile column in the task's V, tiles)"""
+        start = 0
+        for b, r0, r1 in task:
+            yield b, r0, r1, start, (r1 - r0) * self.tw
+            start += (r1 - r0) * self.tw
+
+    def scratch(self) -> dict:
+        g, rows, width = self.g, min(self.th, self.most // self.tw), self.tw * M
+        return dict(
+            v=np.empty(ALPHA * ALPHA * self.slices * g.in_channels * self.most, np.float32),
+            m=np.empty(ALPHA * ALPHA * g.out_channels * self.most, np.float32),
+            y=np.empty((g.out_channels, rows * M, width), np.float32),
+            lines=np.empty((ALPHA, width + 2), np.float32),
+            rows=np.empty((ALPHA, width + 2), np.float32),
+            per_tile=np.empty(ALPHA * ALPHA * rows * self.tw, np.float32),
+            acc=None,
+        )
+
+    def per_tile(self, s: dict, shape) -> np.ndarray:
+        return s["per_tile"][: math.prod(shape)].reshape(shape)
+
+    def transform_input(self, x5: np.ndarray, task, s: dict) -> np.ndarray:
+        """V (36, slices, C, T) of the task's tiles: every input slice, padding slices zero."""
+        channels, tiles = self.g.in_channels, self.tiles(task)
+        v = s["v"][: ALPHA * ALPHA * self.slices * channels * tiles]
+        v = v.reshape(ALPHA * ALPHA, self.slices, channels, tiles)
+        v[:, : self.dlo] = 0
+        v[:, self.dlo + self.depth :] = 0
+        for b, r0, r1, start, n in self.segments(task):
+            lo = max(0, M * r0 - self.top)  # the input rows the segment reads, widened alone
+            hi = max(lo, M * r1 - self.top + R - 1)
+            cols = self.per_tile(s, (ALPHA, ALPHA, n))
+            for d in range(self.depth):
+                rows = x5[b, :, d, lo:hi].astype(np.float32, copy=False)  # (C, rows, S1)
+                part = v[:, self.dlo + d, :, start : start + n]  # (36, C, n)
+                _input_transform(rows, self.top + lo, self.left, r0, r1, part, s["lines"],
+                                 s["rows"], cols)  # fmt: skip
+        return v
+
+    def window(self, v: np.ndarray, q: int) -> np.ndarray:
+        """(36, k_d, C, T) of output slice q as (36, k_d*C, T)."""
+        return v[:, q * self.sd : q * self.sd + self.kd].reshape(ALPHA * ALPHA, -1, v.shape[-1])
+
+
+def _as_3d(a: np.ndarray, g: ConvGeometry) -> np.ndarray:
+    """(B, C, S0, S1) -> (B, C, 1, S0, S1); 3-d arrays as they are."""
+    return a[:, :, None] if g.ndim == 2 else a
+
+
+def _work(g: ConvGeometry, batch: int) -> int:
+    return batch * g.out_channels * g.in_channels * math.prod(g.out_size) * math.prod(g.kernel_size)
+
+
 def correlate(x: np.ndarray, w: np.ndarray, g: ConvGeometry, out: np.ndarray, bias=None):
     """out (B, O, [Q_d,] Q0, Q1) = conv(x (B, C, [S_d,] S0, S1), w (O, C, [k_d,] 3, 3))
     (+ bias (O,)) by Winograd F(4x4, 3x3) on the last two axes, summed in float32; ``out``
-    may be any strided view, in any dtype.
-
-    A 3-d conv is a sum over its depth taps of 2-d convs of input slices; it is summed in the
-    transformed domain, where each input slice is transformed once: M of output slice z is
-    U (36, O, k_d*C) @ V of input slices z*s_d - p_d + 0..k_d-1 (36, k_d*C, T), one GEMM."""
-    if g.ndim == 2:  # as 3-d with one slice: (B, C, 1, S0, S1)
-        x, w, out = x[:, :, None], w[:, :, None], out[:, :, None]
-        (dlo, dhi), sd = (0, 0), 1
-    else:
-        (dlo, dhi), sd = g.padding[0], g.stride[0]
-    batch, channels, depth = x.shape[:3]
-    outs, kd, qd = g.out_channels, w.shape[2], out.shape[2]
-    slices = depth + dlo + dhi  # V of every padded input slice; the padding's V is zero
-    th, tw = (-(-q // M) for q in g.out_size[-2:])  # tiles per column and per row
-    top, left = g.padding[-2][0], g.padding[-1][0]
+    may be any strided view, in any dtype."""
+    plan, outs = _Plan(g, x.shape[0]), g.out_channels
+    x5, out5, w5 = _as_3d(x, g), _as_3d(out, g), _as_3d(w, g)
     # (O, C, k_d, 3, 3) -> (O, k_d, C, 3, 3) -> (O, k_d*C, 3, 3): the slices' order in V
-    u = weight_transform(w.transpose(0, 2, 1, 3, 4).reshape(outs, kd * channels, R, R))
-    tasks = _tasks(batch, th, ALPHA * ALPHA * max(kd * channels, outs) * tw * 4)
-    most = max(sum(r1 - r0 for _, r0, r1 in task) for task in tasks) * tw  # tiles of a task
+    u = weight_transform(w5.transpose(0, 2, 1, 3, 4).reshape(outs, -1, R, R))
     bias = None if bias is None else bias_view(bias.astype(np.float32, copy=False), 3, 0)
 
-    def scratch():
-        return (np.empty(ALPHA * ALPHA * slices * channels * most, np.float32),  # V
-                np.empty(ALPHA * ALPHA * outs * most, np.float32),  # M
-                np.empty((outs, min(th, most // tw) * M, tw * M), np.float32),  # Y
-                np.empty((ALPHA, tw * M + 2), np.float32), np.empty((ALPHA, tw * M + 2), np.float32),
-                np.empty(ALPHA * ALPHA * min(th, most // tw) * tw, np.float32))  # fmt: skip
-
-    def work(task, buffers) -> None:
-        v, mm, y, lines, lines2, per_tile = buffers
-        tiles = sum(r1 - r0 for _, r0, r1 in task) * tw
-        v = v[: ALPHA * ALPHA * slices * channels * tiles]
-        v = v.reshape(ALPHA * ALPHA, slices, channels, tiles)
-        v[:, :dlo] = 0
-        v[:, dlo + depth :] = 0
-        mm = mm[: ALPHA * ALPHA * outs * tiles].reshape(ALPHA * ALPHA, outs, tiles)
-        start = 0
-        for b, r0, r1 in task:  # V of each segment's tiles, side by side
-            lo = max(0, M * r0 - top)  # the input rows the segment reads, widened alone
-            hi = max(lo, M * r1 - top + R - 1)
-            cols = per_tile[: ALPHA * ALPHA * (r1 - r0) * tw].reshape(ALPHA, ALPHA, -1)
-            for d in range(depth):
-                rows = x[b, :, d, lo:hi].astype(np.float32, copy=False)  # (C, rows, S1)
-                part = v[:, dlo + d, :, start : start + (r1 - r0) * tw]  # (36, C, tiles)
-                _input_transform(rows, top + lo, left, r0, r1, part, lines, lines2, cols)
-            start += (r1 - r0) * tw
-        for q in range(qd):
-            # (36, O, k_d*C) @ (36, k_d, C, T) as (36, k_d*C, T) -> (36, O, T)
-            np.matmul(u, v[:, q * sd : q * sd + kd].reshape(ALPHA * ALPHA, -1, tiles), out=mm)
-            start = 0
-            for b, r0, r1 in task:
-                yt = y[:, : (r1 - r0) * M]  # (O, 4 rows, 4 TW)
-                z = per_tile[: ALPHA * M * (r1 - r0) * tw].reshape(ALPHA, M, -1)
-                part = mm[:, :, start : start + (r1 - r0) * tw]
-                _output_transform(part, yt, z, lines2[:, : tw * M])
-                start += (r1 - r0) * tw
+    def work(task, s: dict) -> None:
+        v, tiles = plan.transform_input(x5, task, s), plan.tiles(task)
+        mm = s["m"][: ALPHA * ALPHA * outs * tiles].reshape(ALPHA * ALPHA, outs, tiles)
+        for q in range(plan.qd):
+            np.matmul(u, plan.window(v, q), out=mm)  # (36, O, k_d*C) @ (36, k_d*C, T)
+            for b, r0, r1, start, n in plan.segments(task):
+                yt = s["y"][:, : (r1 - r0) * M]  # (O, 4 rows, 4 TW)
+                z = plan.per_tile(s, (ALPHA, M, n))
+                _output_transform(mm[:, :, start : start + n], yt, z, s["rows"][:, : plan.tw * M])
                 q0 = min(g.out_size[-2], r1 * M) - r0 * M  # rows of the segment in the output
-                dest = out[b, :, q, r0 * M : r0 * M + q0]  # (O, q0, Q1)
+                dest = out5[b, :, q, r0 * M : r0 * M + q0]  # (O, q0, Q1)
                 store(yt[:, :q0, : g.out_size[-1]], dest, bias)
 
-    work_size = batch * outs * channels * math.prod(g.out_size) * math.prod(g.kernel_size)
-    numpy_threads.run(tasks, work, scratch, work_size)
+    numpy_threads.run(plan.tasks, work, plan.scratch, _work(g, x.shape[0]))
+
+
+def filter_grad(dy: np.ndarray, x: np.ndarray, g: ConvGeometry) -> np.ndarray:
+    """dW (O, C, [k_d,] 3, 3) of ``correlate``, in float32: by adjointness,
+    dW = G^T [ sum over tiles of (A dY A^T) * (B^T d B) ] G, so per point p one GEMM
+    dU[p] (O, k_d*C) += dM[p] (O, T) @ V[p]^T (T, k_d*C), with dM = A dY A^T."""
+    plan, outs = _Plan(g, x.shape[0]), g.out_channels
+    x5, dy5 = _as_3d(x, g), _as_3d(dy, g)
+
+    def work(task, s: dict) -> None:
+        v, tiles = plan.transform_input(x5, task, s), plan.tiles(task)
+        dm = s["m"][: ALPHA * ALPHA * outs * tiles].reshape(ALPHA * ALPHA, outs, tiles)
+        for q in range(plan.qd):
+            for b, r0, r1, start, n in plan.segments(task):
+                rows = dy5[b, :, q, M * r0 : M * r1].astype(np.float32, copy=False)  # (O, .., Q1)
+                cols = plan.per_tile(s, (ALPHA, M, n))
+                _grad_transform(rows, plan.tw, dm[:, :, start : start + n], s["lines"], s["rows"],
+                                cols)  # fmt: skip
+            # (36, O, T) @ (36, T, k_d*C) -> (36, O, k_d*C)
+            term = np.matmul(dm, plan.window(v, q).transpose(0, 2, 1))
+            if s["acc"] is None:
+                s["acc"] = term
+            else:
+                s["acc"] += term
+
+    sums = numpy_threads.run(plan.tasks, work, plan.scratch, _work(g, x.shape[0]), sums=True)
+    du = sums[0]["acc"]
+    for other in sums[1:]:
+        du += other["acc"]
+    # dW[o, kc, i, j] = sum_ab G[a, i] G[b, j] dU[6a + b, o, kc]: (9, 36) @ (36, O*k_d*C)
+    dw = (_KRON.T @ du.reshape(ALPHA * ALPHA, -1)).reshape(R, R, outs, plan.kd, g.in_channels)
+    # (3, 3, O, k_d, C) -> (O, C, k_d, 3, 3), the k_d axis dropped for 2-d
+    dw = np.ascontiguousarray(dw.transpose(2, 4, 3, 0, 1))
+    return dw.reshape(outs, g.in_channels, *g.kernel_size)
