@@ -44,17 +44,17 @@ def _spy(module, name):
 
 @contextlib.contextmanager
 def _small_tasks(threads: int, task_bytes: int):
-    saved = (numpy_winograd._TASK_BYTES, numpy_winograd.MIN_CHANNELS, numpy_depthwise._TASK_BYTES,
-             numpy_threads.MIN_PARALLEL_WORK, mconv.get_num_threads())  # fmt: skip
+    saved = (numpy_winograd._TASK_BYTES, numpy_winograd.MIN_CHANNELS, numpy_winograd.MIN_TILES,
+             numpy_depthwise._TASK_BYTES, numpy_threads.MIN_PARALLEL_WORK, mconv.get_num_threads())  # fmt: skip
     numpy_winograd._TASK_BYTES = numpy_depthwise._TASK_BYTES = task_bytes
-    numpy_winograd.MIN_CHANNELS, numpy_threads.MIN_PARALLEL_WORK = 1, 0
+    numpy_winograd.MIN_CHANNELS, numpy_winograd.MIN_TILES, numpy_threads.MIN_PARALLEL_WORK = 1, 1, 0
     mconv.set_num_threads(threads)
     try:
         yield
     finally:
-        (numpy_winograd._TASK_BYTES, numpy_winograd.MIN_CHANNELS, numpy_depthwise._TASK_BYTES,
-         numpy_threads.MIN_PARALLEL_WORK) = saved[:4]  # fmt: skip
-        mconv.set_num_threads(saved[4])
+        (numpy_winograd._TASK_BYTES, numpy_winograd.MIN_CHANNELS, numpy_winograd.MIN_TILES,
+         numpy_depthwise._TASK_BYTES, numpy_threads.MIN_PARALLEL_WORK) = saved[:5]  # fmt: skip
+        mconv.set_num_threads(saved[5])
 
 
 @st.composite
@@ -123,7 +123,7 @@ def test_winograd_matches_torch_within_its_bound(case, dtype, threads, task_byte
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_exact_algorithm_and_float64_never_take_winograd(rng, dtype):
-    x = rng.standard_normal((2, 16, 12, 12)).astype(dtype)
+    x = rng.standard_normal((8, 16, 16, 16)).astype(dtype)  # 128 tiles: >= MIN_TILES
     w = rng.standard_normal((16, 16, 3, 3)).astype(dtype)
     before = mconv.get_algorithm()
     try:
@@ -180,6 +180,15 @@ def test_winograd_holds_no_whole_float32_copy(monkeypatch):
     u_bytes = 36 * 64 * 64 * 4
     tasks = 4 * mconv.get_num_threads() * (256 << 10)
     assert peak <= x.nbytes + u_bytes + tasks < 2 * x.nbytes  # a float32 y alone: 2 * x.nbytes
+
+
+def test_winograd_leaves_layers_with_few_tiles_to_im2col(rng):
+    """512 channels at 7x7, batch 8: 32 tiles, where streaming U costs more than it saves."""
+    x = rng.standard_normal((8, 512, 7, 7)).astype(np.float32)
+    w = rng.standard_normal((512, 512, 3, 3)).astype(np.float32)
+    with _spy(numpy_winograd, "correlate") as calls:
+        F.conv(x, w, padding=1)
+    assert not calls
 
 
 def test_set_algorithm_checks_its_argument(monkeypatch):
