@@ -37,12 +37,20 @@ _TASK_BYTES = 4 << 20
 
 @numpy_jit.kernel(fastmath={"contract"})
 def _taps_forward(flat, w, offsets, res):
-    # res[c, p] = sum_t w[c, t] * flat[c, p + offsets[t]]: flat (cb, L), w (cb, K), res (cb, P)
-    positions = res.shape[1]
+    # res[c, p] = sum_t w[c, t] * flat[c, p + offsets[t]]: flat (cb, L), w (cb, K), res (cb, P);
+    # three taps per pass over res (a pass per tap would load and store it K times)
+    positions, taps = res.shape[1], offsets.shape[0]
     for c in range(res.shape[0]):
         acc = res[c]
         acc[:] = 0
-        for t in range(offsets.shape[0]):
+        for t in range(0, taps - 2, 3):
+            w0, w1, w2 = w[c, t], w[c, t + 1], w[c, t + 2]
+            r0 = flat[c, offsets[t] : offsets[t] + positions]
+            r1 = flat[c, offsets[t + 1] : offsets[t + 1] + positions]
+            r2 = flat[c, offsets[t + 2] : offsets[t + 2] + positions]
+            for p in range(positions):
+                acc[p] += w0 * r0[p] + w1 * r1[p] + w2 * r2[p]
+        for t in range(taps - taps % 3, taps):
             wv, start = w[c, t], offsets[t]
             run = flat[c, start : start + positions]
             for p in range(positions):
@@ -51,13 +59,25 @@ def _taps_forward(flat, w, offsets, res):
 
 @numpy_jit.kernel(fastmath={"contract", "reassoc"})
 def _taps_filter_grad(flat, dy, offsets, dw):
-    # dw[c, t] += sum_p dy[c, p] * flat[c, p + offsets[t]]: dy (cb, P), dw (cb, K)
-    positions = dy.shape[1]
+    # dw[c, t] += sum_p dy[c, p] * flat[c, p + offsets[t]]: dy (cb, P), dw (cb, K); three taps
+    # per pass over dy
+    positions, taps = dy.shape[1], offsets.shape[0]
     for c in range(dy.shape[0]):
         d = dy[c]
-        for t in range(offsets.shape[0]):
-            start = offsets[t]
-            run = flat[c, start : start + positions]
+        for t in range(0, taps - 2, 3):
+            r0 = flat[c, offsets[t] : offsets[t] + positions]
+            r1 = flat[c, offsets[t + 1] : offsets[t + 1] + positions]
+            r2 = flat[c, offsets[t + 2] : offsets[t + 2] + positions]
+            s0 = s1 = s2 = dw.dtype.type(0)
+            for p in range(positions):
+                s0 += d[p] * r0[p]
+                s1 += d[p] * r1[p]
+                s2 += d[p] * r2[p]
+            dw[c, t] += s0
+            dw[c, t + 1] += s1
+            dw[c, t + 2] += s2
+        for t in range(taps - taps % 3, taps):
+            run = flat[c, offsets[t] : offsets[t] + positions]
             total = dw.dtype.type(0)
             for p in range(positions):
                 total += d[p] * run[p]
@@ -93,7 +113,8 @@ class _Plan:
         )
         self.rows = 1 if self.direct else self.taps  # column rows per channel
         per_channel = self.dtype.itemsize * (self.rows + 2) * self.positions
-        self.block = max(1, min(g.in_channels, _TASK_BYTES // per_channel))
+        block = max(1, min(g.in_channels, _TASK_BYTES // per_channel))
+        self.block = -(-g.in_channels // -(-g.in_channels // block))  # blocks of even size
 
     def tasks(self, batch: int) -> list[tuple[int, slice]]:
         c, block = self.g.in_channels, self.block
