@@ -9,6 +9,9 @@ sum of absolute products an output is made of).
 """
 
 import contextlib
+import os
+import subprocess
+import sys
 import tracemalloc
 
 import numpy as np
@@ -246,6 +249,42 @@ def test_direct_depthwise_matches_torch(
     for g, r in zip(got, want):
         assert g.dtype == dtype
         assert_close(g, r, tol)
+
+
+COMPILE_JOB = """
+import sys
+import numpy as np
+sys.path.insert(0, sys.argv[1])
+from reference import loop_conv
+from mconv import functional as F
+from mconv.backends import numpy_jit
+rng = np.random.default_rng(int(sys.argv[2]))
+x, w = rng.standard_normal((2, 6, 9, 8)), rng.standard_normal((6, 1, 3, 2))
+y = F.conv(x, w, padding=1, groups=6)
+want = loop_conv(x, w, None, (1, 1), ((1, 1), (1, 1)), (1, 1), 6)
+assert np.abs(y - want).max() <= 1e-10 * np.abs(want).max(), "wrong result"
+assert "_taps_forward" in numpy_jit.compile_seconds()
+"""
+
+
+def test_processes_compiling_at_once_share_the_cache(tmp_path):
+    """Three processes (as MPI ranks do) compile into one empty numba cache at the same time:
+    compiles are serialised by a file lock, so each either writes the cache or loads it."""
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "cache"))
+    tests = os.path.dirname(os.path.abspath(__file__))
+    jobs = [
+        subprocess.Popen(
+            [sys.executable, "-c", COMPILE_JOB, tests, str(i)],
+            env=env,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for i in range(3)
+    ]
+    for job in jobs:
+        _, err = job.communicate(timeout=300)
+        assert job.returncode == 0, err
+    assert any((tmp_path / "cache").rglob("*.nbi"))  # the index numba wrote
 
 
 def test_jit_switch_and_compile_report(monkeypatch, rng):

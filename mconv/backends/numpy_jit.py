@@ -15,7 +15,9 @@ True
 
 from __future__ import annotations
 
+import contextlib
 import os
+import tempfile
 import threading
 import time
 
@@ -56,30 +58,63 @@ def set_enabled(on: bool) -> None:
 
 
 def compile_seconds() -> dict[str, float]:
-    """Seconds each kernel took to become callable in this process: compiling it, or loading
-    it from numba's cache (a few milliseconds once cached)."""
+    """Seconds each kernel took to become callable in this process, over the argument types
+    it was called with: compiling, or loading from numba's cache (milliseconds once cached)."""
     return dict(_compile_seconds)
 
 
+@contextlib.contextmanager
+def _compile_lock():
+    """One compile (or cache load) at a time on this machine. MPI ranks start together and
+    would otherwise compile the same kernel at once, writing numba's cache files (an index
+    and the code, two files) over each other; with the lock the first compiles and writes,
+    the others wait and load. An exclusive ``flock``, released when the descriptor closes
+    (or the process dies); where it is unavailable, no lock."""
+    try:
+        import fcntl
+
+        fd = os.open(
+            os.path.join(tempfile.gettempdir(), "mconv-jit.lock"), os.O_RDONLY | os.O_CREAT, 0o644
+        )
+    except (ImportError, OSError):
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 class Kernel:
-    """A function compiled on first call; ``fastmath`` as numba takes it."""
+    """A function compiled by numba on its first call with each argument types; every
+    compile (or load from numba's cache) runs under ``_compile_lock``."""
 
     def __init__(self, fn, fastmath):
-        self.fn, self.fastmath, self.compiled = fn, fastmath, None
+        self.fn, self.fastmath, self.jitted = fn, fastmath, None
+
+    def _compile(self, *args, **kwargs):
+        with _compile_lock():
+            start = time.perf_counter()
+            try:
+                return self._compile_for_args(*args, **kwargs)
+            finally:
+                seconds = time.perf_counter() - start
+                name = self.fn.__name__
+                _compile_seconds[name] = _compile_seconds.get(name, 0.0) + seconds
 
     def __call__(self, *args):
-        if self.compiled is None:
+        if self.jitted is None:
             with _lock:
-                if self.compiled is None:
-                    start = time.perf_counter()
+                if self.jitted is None:
                     jitted = _numba().njit(
                         nogil=True, cache=True, fastmath=self.fastmath, error_model="numpy"
                     )(self.fn)
-                    result = jitted(*args)  # compile (or load) for these types, and run
-                    _compile_seconds[self.fn.__name__] = time.perf_counter() - start
-                    self.compiled = jitted
-                    return result
-        return self.compiled(*args)
+                    # numba calls this on a miss (new argument types): compile under the lock
+                    self._compile_for_args = jitted._compile_for_args
+                    jitted._compile_for_args = self._compile
+                    self.jitted = jitted
+        return self.jitted(*args)
 
 
 def kernel(fastmath=frozenset()):
