@@ -6,7 +6,8 @@ core each) and ``cache=True`` (the machine code is kept next to the module,
 so later processes load it instead of compiling: see :func:`compile_seconds`).
 Without numba, or with ``MCONV_JIT=0`` in the environment, or after
 ``set_enabled(False)``, :func:`enabled` is false and the backend keeps its
-NumPy-only paths, which compute the same results.
+NumPy-only paths: the same convolutions as plain sums (Winograd, the one JIT
+path that rounds differently, is then off too).
 
 >>> from mconv.backends import numpy_jit
 >>> isinstance(numpy_jit.enabled(), bool)
@@ -30,7 +31,7 @@ def _numba():
     if _state["numba"] is None:
         try:
             import numba
-        except ImportError:
+        except Exception:  # not installed, or broken beside this NumPy: the NumPy-only paths
             numba = False
         _state["numba"] = numba
     return _state["numba"]
