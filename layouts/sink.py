@@ -1,0 +1,244 @@
+"""Streaming tensors into an output file, fast and in bounded memory (the writers of
+safetensors and ``.pkl`` files use it).
+
+- A tensor whose bytes lie, contiguous and already in the written dtype, in a memory-mapped
+  checkpoint (:class:`layouts.files.MappedFile`) is copied file to file in the kernel
+  (``os.copy_file_range``, else ``os.sendfile``) after the source path is reopened and
+  checked to be the same file. Only the array's own bytes are copied, and they lie inside
+  the map, which covers the file as it was read. Otherwise, or when the kernel refuses,
+  the bytes are written from memory.
+- A transposed view of such bytes is read with one ``pread`` into a reused buffer (the
+  map's pages are not touched) and transposed block by block into a reused chunk.
+- Writeback of what is written starts early (``sync_file_range``, where the C library has
+  it), so the final ``fsync`` of :func:`layouts.atomic.atomic_write` has little left.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import BinaryIO
+
+import numpy as np
+
+from .errors import CheckpointError
+from .files import MappedFile
+
+CHUNK = 8 << 20  # a converted tensor is written in pieces of about this size
+BLOCK = 64 << 10  # source bytes per transposed block: stays in the L2 cache
+WRITEBACK = 32 << 20  # start writing back after this much new data
+_PIECE = 1 << 30  # at most this much per system call
+_KERNEL_COPY = True  # tests turn the kernel copy off to compare with the fallback
+
+
+def mapped_origin(array: np.ndarray) -> MappedFile | None:
+    """The :class:`MappedFile` whose memory ``array`` views, if any."""
+    obj = array
+    for _ in range(64):  # ndarray.base, stride_tricks' DummyArray.base, memoryview.obj
+        if isinstance(obj, MappedFile):
+            return obj
+        obj = obj.obj if isinstance(obj, memoryview) else getattr(obj, "base", None)
+        if obj is None:
+            return None
+    return None
+
+
+def extent(array: np.ndarray) -> tuple[int, int]:
+    """(lowest address, bytes spanned) of ``array``'s elements (not empty)."""
+    low = high = array.__array_interface__["data"][0]
+    for n, stride in zip(array.shape, array.strides):
+        if stride < 0:
+            low += stride * (n - 1)
+        else:
+            high += stride * (n - 1)
+    return low, high - low + array.itemsize
+
+
+def is_permuted(array: np.ndarray) -> bool:
+    """True when the elements fill their extent once: a contiguous block, axes permuted."""
+    dims = sorted((abs(s), n) for n, s in zip(array.shape, array.strides) if n > 1)
+    expected = array.itemsize
+    for stride, n in dims:
+        if stride != expected:
+            return False
+        expected *= n
+    return all(s >= 0 for s in array.strides)
+
+
+def copy_blocked(out: np.ndarray, view: np.ndarray) -> None:
+    """``out[...] = view`` (any strides, cast unsafely), in blocks along ``view``'s
+    slowest axis: far faster than one strided copy of a transposed array."""
+    axis = int(np.argmax([abs(s) if n > 1 else 0 for n, s in zip(view.shape, view.strides)]))
+    count = view.shape[axis]
+    step = max(1, BLOCK * count // max(view.nbytes, 1))
+    for start in range(0, count, step):
+        index = (slice(None),) * axis + (slice(start, start + step),)
+        np.copyto(out[index], view[index], casting="unsafe")
+
+
+class ArrayBytes:
+    """``array``'s elements as C-ordered ``dtype`` bytes, not made yet: :meth:`Sink.write`
+    streams them; :meth:`tobytes` makes them (for small tensors)."""
+
+    def __init__(self, array: np.ndarray, dtype: np.dtype):
+        self.array, self.dtype = array, np.dtype(dtype)
+        self.nbytes = array.size * self.dtype.itemsize
+
+    def tobytes(self) -> bytes:
+        return np.ascontiguousarray(self.array.astype(self.dtype, copy=False)).tobytes()
+
+
+class _Writeback:
+    """``sync_file_range(fd, start, n, SYNC_FILE_RANGE_WRITE)``; a no-op without it."""
+
+    call = None
+
+    @classmethod
+    def start(cls, fd: int, offset: int, nbytes: int) -> None:
+        if cls.call is None:
+            try:
+                import ctypes  # noqa: PLC0415 - only when writing a file
+
+                libc = ctypes.CDLL(None, use_errno=True)
+                function = libc.sync_file_range
+                function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+                cls.call = function
+            except (OSError, AttributeError):
+                cls.call = False
+        if cls.call:
+            cls.call(fd, offset, nbytes, 2)  # SYNC_FILE_RANGE_WRITE; errors: fsync reports
+
+
+class Sink:
+    """The writable end of an output file: ``write(bytes)`` and ``write_array(array,
+    dtype)``; used as a context manager around the writes (closes the sources it opened).
+    ``f`` is flushed first; afterwards everything goes straight to its descriptor."""
+
+    def __init__(self, f: BinaryIO):
+        f.flush()
+        self.fd = f.fileno()
+        self.pos = self.flushed = os.lseek(self.fd, 0, os.SEEK_CUR)
+        self._source: tuple[MappedFile, int] | None = None
+        self._buffers: dict[str, np.ndarray] = {}
+
+    def __enter__(self) -> Sink:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._source is not None:
+            os.close(self._source[1])
+            self._source = None
+        self._buffers.clear()
+
+    def _advance(self, nbytes: int) -> None:
+        self.pos += nbytes
+        if self.pos - self.flushed >= WRITEBACK:
+            _Writeback.start(self.fd, self.flushed, self.pos - self.flushed)
+            self.flushed = self.pos
+
+    def write(self, data) -> int:
+        """Write bytes, a contiguous array's bytes or :class:`ArrayBytes`."""
+        if isinstance(data, ArrayBytes):
+            self.write_array(data.array, data.dtype)
+            return data.nbytes
+        if isinstance(data, np.ndarray):
+            data = data.reshape(-1).view(np.uint8)
+        view = memoryview(data).cast("B")
+        done = 0
+        while done < len(view):
+            done += os.write(self.fd, view[done : done + _PIECE])
+        self._advance(len(view))
+        return len(view)
+
+    def _buffer(self, name: str, nbytes: int) -> np.ndarray:
+        """A reused uint8 buffer of at least ``nbytes``."""
+        buffer = self._buffers.get(name)
+        if buffer is None or buffer.size < nbytes:
+            self._buffers[name] = buffer = np.empty(nbytes, np.uint8)
+        return buffer[:nbytes]
+
+    def _open_source(self, mapped: MappedFile) -> int | None:
+        """A descriptor of the file ``mapped`` maps, or None if its path is now another file."""
+        if self._source is not None and self._source[0] is mapped:
+            return self._source[1]
+        self.close()
+        try:
+            fd = os.open(mapped.path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        except (OSError, TypeError, ValueError):
+            return None
+        info = os.fstat(fd)
+        if (info.st_dev, info.st_ino) != mapped.identity:
+            os.close(fd)
+            return None
+        self._source = (mapped, fd)
+        return fd
+
+    def _located(self, array: np.ndarray) -> tuple[int, int, int, MappedFile] | None:
+        """(source descriptor, file offset, bytes, map) of an array mapped from a file."""
+        mapped = mapped_origin(array) if _KERNEL_COPY else None
+        if mapped is None:
+            return None
+        low, nbytes = extent(array)
+        offset = low - mapped.address
+        if offset < 0 or offset + nbytes > len(mapped):  # only ranges inside the map
+            return None
+        fd = self._open_source(mapped)
+        return None if fd is None else (fd, offset, nbytes, mapped)
+
+    def _copy_range(self, src: int, offset: int, nbytes: int, mapped: MappedFile) -> int:
+        """Copy in the kernel; returns how many bytes it copied (the rest is up to the caller)."""
+        done = 0
+        for call in ("copy_file_range", "sendfile"):
+            try:
+                while done < nbytes:
+                    count = min(nbytes - done, _PIECE)
+                    if call == "copy_file_range":
+                        n = os.copy_file_range(src, self.fd, count, offset + done)
+                    else:
+                        n = os.sendfile(self.fd, src, offset + done, count)
+                    if n == 0:
+                        raise CheckpointError(f"{mapped.path}: the file shrank while being read")
+                    done += n
+                    self._advance(n)
+                return done
+            except (OSError, AttributeError):
+                continue  # not supported here (EXDEV, ENOSYS, EINVAL, ...): next way
+        return done
+
+    def write_array(self, array: np.ndarray, dtype: np.dtype) -> None:
+        """Write ``array``'s elements as C-ordered ``dtype`` bytes."""
+        dtype = np.dtype(dtype)
+        if array.size == 0:
+            return
+        same = array.dtype == dtype
+        where = self._located(array) if same else None
+        if same and array.flags.c_contiguous:
+            done = self._copy_range(*where) if where is not None else 0
+            if done < array.nbytes:
+                self.write(array.reshape(-1).view(np.uint8)[done:])
+            return
+        if where is not None and is_permuted(array):
+            fd, offset, nbytes, mapped = where
+            raw = self._buffer("source", nbytes)
+            done = 0
+            while done < nbytes:  # one call reads at most about 2 GiB
+                n = os.preadv(fd, [raw[done : done + _PIECE]], offset + done)
+                if n == 0:
+                    raise CheckpointError(f"{mapped.path}: the file shrank while being read")
+                done += n
+            low = extent(array)[0]
+            start = array.__array_interface__["data"][0] - low
+            array = np.ndarray(array.shape, array.dtype, raw, start, array.strides)
+        self._write_converted(array.reshape(1) if array.ndim == 0 else array, dtype)
+
+    def _write_converted(self, array: np.ndarray, dtype: np.dtype) -> None:
+        """Cast/transpose into a reused chunk along the first axis, write, repeat."""
+        row = array[0].size * dtype.itemsize
+        rows = max(1, CHUNK // max(row, 1))
+        for start in range(0, array.shape[0], rows):
+            part = array[start : start + rows]
+            out = self._buffer("chunk", part.size * dtype.itemsize).view(dtype).reshape(part.shape)
+            copy_blocked(out, part)
+            self.write(out)
