@@ -9,13 +9,17 @@ safetensors and ``.pkl`` files use it).
   the bytes are written from memory.
 - A transposed view of such bytes is read with one ``pread`` into a reused buffer (the
   map's pages are not touched) and transposed block by block into a reused chunk.
+- One writer thread writes while the caller transposes the next chunk.
 - Writeback of what is written starts early (``sync_file_range``, where the C library has
   it), so the final ``fsync`` of :func:`layouts.atomic.atomic_write` has little left.
 """
 
 from __future__ import annotations
 
+import functools
 import os
+import queue
+import threading
 from typing import BinaryIO
 
 import numpy as np
@@ -26,6 +30,7 @@ from .files import MappedFile
 CHUNK = 8 << 20  # a converted tensor is written in pieces of about this size
 BLOCK = 64 << 10  # source bytes per transposed block: stays in the L2 cache
 WRITEBACK = 32 << 20  # start writing back after this much new data
+DEPTH = 3  # chunks being filled, queued or written at a time
 _PIECE = 1 << 30  # at most this much per system call
 _KERNEL_COPY = True  # tests turn the kernel copy off to compare with the fallback
 
@@ -110,33 +115,76 @@ class _Writeback:
 
 class Sink:
     """The writable end of an output file: ``write(bytes)`` and ``write_array(array,
-    dtype)``; used as a context manager around the writes (closes the sources it opened).
-    ``f`` is flushed first; afterwards everything goes straight to its descriptor."""
+    dtype)``, in order. ``f`` is flushed first; afterwards one writer thread does every
+    write, kernel copy and writeback on its descriptor while the caller prepares the
+    next chunk (NumPy and the system calls release the GIL). Memory stays bounded:
+    :data:`DEPTH` chunks in flight. Used as a context manager: leaving it waits for the
+    writes and raises the first error they met."""
 
     def __init__(self, f: BinaryIO):
         f.flush()
         self.fd = f.fileno()
         self.pos = self.flushed = os.lseek(self.fd, 0, os.SEEK_CUR)
         self._source: tuple[MappedFile, int] | None = None
-        self._buffers: dict[str, np.ndarray] = {}
+        self._raw: np.ndarray | None = None  # pread buffer, the caller's only
+        self._chunks: queue.Queue = queue.Queue()
+        for _ in range(DEPTH):
+            self._chunks.put(np.empty(0, np.uint8))
+        self._tasks: queue.Queue = queue.Queue(maxsize=DEPTH)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._work, name="mconv-sink", daemon=True)
+        self._thread.start()
 
     def __enter__(self) -> Sink:
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, kind, error, trace) -> None:
+        self.close(raise_error=kind is None)
 
-    def close(self) -> None:
+    def close(self, raise_error: bool = True) -> None:
+        """Wait for the writes; close the sources; raise the writer's error (if asked)."""
+        if self._thread.is_alive():
+            self._tasks.put(None)
+            self._thread.join()
         if self._source is not None:
             os.close(self._source[1])
             self._source = None
-        self._buffers.clear()
+        self._raw = None
+        if raise_error and self._error is not None:
+            raise self._error
+
+    def _work(self) -> None:
+        while True:
+            task = self._tasks.get()
+            if task is None:
+                return
+            action, chunk = task
+            try:
+                if self._error is None:
+                    action()
+            except BaseException as error:  # noqa: BLE001 - handed to the caller's thread
+                self._error = error
+            finally:
+                if chunk is not None:
+                    self._chunks.put(chunk)
+
+    def _submit(self, action, chunk: np.ndarray | None = None) -> None:
+        if self._error is not None:
+            raise self._error
+        self._tasks.put((action, chunk))
 
     def _advance(self, nbytes: int) -> None:
         self.pos += nbytes
         if self.pos - self.flushed >= WRITEBACK:
             _Writeback.start(self.fd, self.flushed, self.pos - self.flushed)
             self.flushed = self.pos
+
+    def _write_now(self, data) -> None:
+        view = memoryview(data).cast("B")
+        done = 0
+        while done < len(view):
+            done += os.write(self.fd, view[done : done + _PIECE])
+        self._advance(len(view))
 
     def write(self, data) -> int:
         """Write bytes, a contiguous array's bytes or :class:`ArrayBytes`."""
@@ -145,25 +193,17 @@ class Sink:
             return data.nbytes
         if isinstance(data, np.ndarray):
             data = data.reshape(-1).view(np.uint8)
-        view = memoryview(data).cast("B")
-        done = 0
-        while done < len(view):
-            done += os.write(self.fd, view[done : done + _PIECE])
-        self._advance(len(view))
-        return len(view)
-
-    def _buffer(self, name: str, nbytes: int) -> np.ndarray:
-        """A reused uint8 buffer of at least ``nbytes``."""
-        buffer = self._buffers.get(name)
-        if buffer is None or buffer.size < nbytes:
-            self._buffers[name] = buffer = np.empty(nbytes, np.uint8)
-        return buffer[:nbytes]
+        nbytes = memoryview(data).nbytes
+        self._submit(lambda: self._write_now(data))
+        return nbytes
 
     def _open_source(self, mapped: MappedFile) -> int | None:
         """A descriptor of the file ``mapped`` maps, or None if its path is now another file."""
         if self._source is not None and self._source[0] is mapped:
             return self._source[1]
-        self.close()
+        if self._source is not None:  # closed once the copies queued before are done
+            self._submit(functools.partial(os.close, self._source[1]))
+            self._source = None
         try:
             fd = os.open(mapped.path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
         except (OSError, TypeError, ValueError):
@@ -187,8 +227,10 @@ class Sink:
         fd = self._open_source(mapped)
         return None if fd is None else (fd, offset, nbytes, mapped)
 
-    def _copy_range(self, src: int, offset: int, nbytes: int, mapped: MappedFile) -> int:
-        """Copy in the kernel; returns how many bytes it copied (the rest is up to the caller)."""
+    def _copy_now(self, array: np.ndarray, src: int, offset: int, nbytes: int,
+                  mapped: MappedFile) -> None:  # fmt: skip
+        """Copy in the kernel (copy_file_range, else sendfile); what they refuse to copy is
+        written from memory."""
         done = 0
         for call in ("copy_file_range", "sendfile"):
             try:
@@ -202,10 +244,10 @@ class Sink:
                         raise CheckpointError(f"{mapped.path}: the file shrank while being read")
                     done += n
                     self._advance(n)
-                return done
+                return
             except (OSError, AttributeError):
                 continue  # not supported here (EXDEV, ENOSYS, EINVAL, ...): next way
-        return done
+        self._write_now(array.reshape(-1).view(np.uint8)[done:])
 
     def write_array(self, array: np.ndarray, dtype: np.dtype) -> None:
         """Write ``array``'s elements as C-ordered ``dtype`` bytes."""
@@ -215,30 +257,39 @@ class Sink:
         same = array.dtype == dtype
         where = self._located(array) if same else None
         if same and array.flags.c_contiguous:
-            done = self._copy_range(*where) if where is not None else 0
-            if done < array.nbytes:
-                self.write(array.reshape(-1).view(np.uint8)[done:])
+            if where is not None:
+                self._submit(functools.partial(self._copy_now, array, *where))
+            else:
+                self.write(array)
             return
         if where is not None and is_permuted(array):
-            fd, offset, nbytes, mapped = where
-            raw = self._buffer("source", nbytes)
-            done = 0
-            while done < nbytes:  # one call reads at most about 2 GiB
-                n = os.preadv(fd, [raw[done : done + _PIECE]], offset + done)
-                if n == 0:
-                    raise CheckpointError(f"{mapped.path}: the file shrank while being read")
-                done += n
-            low = extent(array)[0]
-            start = array.__array_interface__["data"][0] - low
-            array = np.ndarray(array.shape, array.dtype, raw, start, array.strides)
+            array = self._read(array, *where)
         self._write_converted(array.reshape(1) if array.ndim == 0 else array, dtype)
 
+    def _read(self, array: np.ndarray, fd: int, offset: int, nbytes: int,
+              mapped: MappedFile) -> np.ndarray:  # fmt: skip
+        """``array`` (a permuted view of a map) rebuilt on a pread copy of its bytes."""
+        if self._raw is None or self._raw.size < nbytes:
+            self._raw = np.empty(nbytes, np.uint8)
+        raw, done = self._raw[:nbytes], 0
+        while done < nbytes:  # one call reads at most about 2 GiB
+            n = os.preadv(fd, [raw[done : done + _PIECE]], offset + done)
+            if n == 0:
+                raise CheckpointError(f"{mapped.path}: the file shrank while being read")
+            done += n
+        start = array.__array_interface__["data"][0] - extent(array)[0]
+        return np.ndarray(array.shape, array.dtype, raw, start, array.strides)
+
     def _write_converted(self, array: np.ndarray, dtype: np.dtype) -> None:
-        """Cast/transpose into a reused chunk along the first axis, write, repeat."""
+        """Cast/transpose into a free chunk along the first axis, queue its write, repeat."""
         row = array[0].size * dtype.itemsize
         rows = max(1, CHUNK // max(row, 1))
         for start in range(0, array.shape[0], rows):
             part = array[start : start + rows]
-            out = self._buffer("chunk", part.size * dtype.itemsize).view(dtype).reshape(part.shape)
+            nbytes = part.size * dtype.itemsize
+            chunk = self._chunks.get()
+            if chunk.size < nbytes:
+                chunk = np.empty(max(nbytes, CHUNK), np.uint8)
+            out = chunk[:nbytes].view(dtype).reshape(part.shape)
             copy_blocked(out, part)
-            self.write(out)
+            self._submit(functools.partial(self._write_now, chunk[:nbytes]), chunk)

@@ -124,9 +124,12 @@ def test_source_shrunk_after_reading_is_an_error(tmp_path, checkpoint):
     offset = sink.extent(weight)[0] - sink.mapped_origin(weight).address
     with open(copy, "r+b") as f:
         f.truncate(offset + 8)
-    with open(tmp_path / "o.bin", "wb") as f, sink.Sink(f) as w:  # not via the map: it faults
-        with pytest.raises(CheckpointError, match="shrank"):
+    with pytest.raises(CheckpointError, match="shrank"):  # met by the writer thread
+        with open(tmp_path / "o.bin", "wb") as f, sink.Sink(f) as w:  # not via the map: it faults
             w.write_array(weight, weight.dtype)
+    with pytest.raises(CheckpointError, match="shrank"):  # met by pread
+        with open(tmp_path / "o.bin", "wb") as f, sink.Sink(f) as w:
+            w.write_array(weight.transpose(2, 3, 1, 0), weight.dtype)
 
 
 @pytest.mark.parametrize("shape,axes", [((8, 6, 3, 3), (2, 3, 1, 0)), ((5, 7), (1, 0)),
@@ -157,3 +160,23 @@ def test_scalar_keeps_its_shape_in_a_pkl(tmp_path, checkpoint):
     _convert(src, tmp_path / "o.pkl", spec, "torch")
     with open(tmp_path / "o.pkl", "rb") as f:
         assert pickle.load(f)["steps"].shape == ()
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pkl"])
+def test_a_write_error_in_the_writer_thread_reaches_the_caller(tmp_path, checkpoint, monkeypatch,
+                                                              suffix):  # fmt: skip
+    src, spec = checkpoint
+    real = os.write
+    written = []
+
+    def fail_later(fd, data):
+        written.append(len(data))
+        if len(written) > 2:
+            raise OSError(28, "No space left on device")
+        return real(fd, data)
+
+    monkeypatch.setattr(sink, "_KERNEL_COPY", False)
+    monkeypatch.setattr(os, "write", fail_later)
+    with pytest.raises(OSError, match="No space left"):
+        _convert(src, tmp_path / f"o{suffix}", spec, "tensorflow")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no output, no temporary file
