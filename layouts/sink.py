@@ -132,6 +132,7 @@ class Sink:
             self._chunks.put(np.empty(0, np.uint8))
         self._tasks: queue.Queue = queue.Queue(maxsize=DEPTH)
         self._error: BaseException | None = None
+        self._stop = False
         self._thread = threading.Thread(target=self._work, name="mconv-sink", daemon=True)
         self._thread.start()
 
@@ -144,6 +145,7 @@ class Sink:
     def close(self, raise_error: bool = True) -> None:
         """Wait for the writes; close the sources; raise the writer's error (if asked)."""
         if self._thread.is_alive():
+            self._stop = not raise_error  # the caller failed: skip what is still queued
             self._tasks.put(None)
             self._thread.join()
         if self._source is not None:
@@ -160,7 +162,7 @@ class Sink:
                 return
             action, chunk = task
             try:
-                if self._error is None:
+                if self._error is None and not self._stop:
                     action()
             except BaseException as error:  # noqa: BLE001 - handed to the caller's thread
                 self._error = error

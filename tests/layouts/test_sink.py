@@ -180,3 +180,17 @@ def test_a_write_error_in_the_writer_thread_reaches_the_caller(tmp_path, checkpo
     with pytest.raises(OSError, match="No space left"):
         _convert(src, tmp_path / f"o{suffix}", spec, "tensorflow")
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no output, no temporary file
+
+
+def test_an_interrupted_write_leaves_nothing(tmp_path):
+    from layouts.safetensors_format import write_safetensors
+
+    tensors = {f"w{i}": np.full((64, 64, 3, 3), i, np.float32).transpose(2, 3, 1, 0)
+               for i in range(4)}  # fmt: skip
+
+    def interrupt(nbytes):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        write_safetensors(tensors, tmp_path / "o.safetensors", progress=interrupt)
+    assert list(tmp_path.iterdir()) == []
