@@ -7,8 +7,9 @@ safetensors and ``.pkl`` files use it).
   checked to be the same file. Only the array's own bytes are copied, and they lie inside
   the map, which covers the file as it was read. Otherwise, or when the kernel refuses,
   the bytes are written from memory.
-- A transposed view of such bytes is read with one ``pread`` into a reused buffer (the
-  map's pages are not touched) and transposed block by block into a reused chunk.
+- Other tensors (transposed, cast) are converted block by block into a reused chunk; the
+  map's pages they read are then unmapped (``MADV_DONTNEED``: they stay in the page cache)
+  so that RSS holds about one tensor of them, not the whole file.
 - One writer thread writes while the caller transposes the next chunk.
 - Writeback of what is written starts early (``sync_file_range``, where the C library has
   it), so the final ``fsync`` of :func:`layouts.atomic.atomic_write` has little left.
@@ -17,6 +18,7 @@ safetensors and ``.pkl`` files use it).
 from __future__ import annotations
 
 import functools
+import mmap
 import os
 import queue
 import threading
@@ -58,17 +60,6 @@ def extent(array: np.ndarray) -> tuple[int, int]:
     return low, high - low + array.itemsize
 
 
-def is_permuted(array: np.ndarray) -> bool:
-    """True when the elements fill their extent once: a contiguous block, axes permuted."""
-    dims = sorted((abs(s), n) for n, s in zip(array.shape, array.strides) if n > 1)
-    expected = array.itemsize
-    for stride, n in dims:
-        if stride != expected:
-            return False
-        expected *= n
-    return all(s >= 0 for s in array.strides)
-
-
 def copy_blocked(out: np.ndarray, view: np.ndarray) -> None:
     """``out[...] = view`` (any strides, cast unsafely), in blocks along ``view``'s
     slowest axis: far faster than one strided copy of a transposed array."""
@@ -78,6 +69,23 @@ def copy_blocked(out: np.ndarray, view: np.ndarray) -> None:
     for start in range(0, count, step):
         index = (slice(None),) * axis + (slice(start, start + step),)
         np.copyto(out[index], view[index], casting="unsafe")
+
+
+def _release(array: np.ndarray) -> None:
+    """Unmap the whole pages of a mapped array once it is converted: they stay in the page
+    cache, but leave this process's RSS (a later read faults them back in)."""
+    mapped = mapped_origin(array)
+    if mapped is None or not hasattr(mapped, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    low, nbytes = extent(array)
+    offset = low - mapped.address
+    start = -(-offset // mmap.PAGESIZE) * mmap.PAGESIZE
+    end = (offset + nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
+    if 0 <= start < end <= len(mapped):  # only ranges inside the map
+        try:
+            mapped.madvise(mmap.MADV_DONTNEED, start, end - start)
+        except OSError:  # only an optimisation
+            pass
 
 
 class ArrayBytes:
@@ -126,7 +134,6 @@ class Sink:
         self.fd = f.fileno()
         self.pos = self.flushed = os.lseek(self.fd, 0, os.SEEK_CUR)
         self._source: tuple[MappedFile, int] | None = None
-        self._raw: np.ndarray | None = None  # pread buffer, the caller's only
         self._chunks: queue.Queue = queue.Queue()
         for _ in range(DEPTH):
             self._chunks.put(np.empty(0, np.uint8))
@@ -151,7 +158,6 @@ class Sink:
         if self._source is not None:
             os.close(self._source[1])
             self._source = None
-        self._raw = None
         if raise_error and self._error is not None:
             raise self._error
 
@@ -256,31 +262,15 @@ class Sink:
         dtype = np.dtype(dtype)
         if array.size == 0:
             return
-        same = array.dtype == dtype
-        where = self._located(array) if same else None
-        if same and array.flags.c_contiguous:
+        if array.dtype == dtype and array.flags.c_contiguous:
+            where = self._located(array)
             if where is not None:
                 self._submit(functools.partial(self._copy_now, array, *where))
             else:
                 self.write(array)
             return
-        if where is not None and is_permuted(array):
-            array = self._read(array, *where)
         self._write_converted(array.reshape(1) if array.ndim == 0 else array, dtype)
-
-    def _read(self, array: np.ndarray, fd: int, offset: int, nbytes: int,
-              mapped: MappedFile) -> np.ndarray:  # fmt: skip
-        """``array`` (a permuted view of a map) rebuilt on a pread copy of its bytes."""
-        if self._raw is None or self._raw.size < nbytes:
-            self._raw = np.empty(nbytes, np.uint8)
-        raw, done = self._raw[:nbytes], 0
-        while done < nbytes:  # one call reads at most about 2 GiB
-            n = os.preadv(fd, [raw[done : done + _PIECE]], offset + done)
-            if n == 0:
-                raise CheckpointError(f"{mapped.path}: the file shrank while being read")
-            done += n
-        start = array.__array_interface__["data"][0] - extent(array)[0]
-        return np.ndarray(array.shape, array.dtype, raw, start, array.strides)
+        _release(array)
 
     def _write_converted(self, array: np.ndarray, dtype: np.dtype) -> None:
         """Cast/transpose into a free chunk along the first axis, queue its write, repeat."""
