@@ -193,3 +193,20 @@ def test_an_interrupted_write_leaves_nothing(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         write_safetensors(tensors, tmp_path / "o.safetensors", progress=interrupt)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_without_kernel_copy_or_writeback_calls_the_file_is_the_same(tmp_path, checkpoint,
+                                                                     monkeypatch):  # fmt: skip
+    """No copy_file_range, no sendfile (e.g. not Linux), no sync_file_range in the C library."""
+    src, spec = checkpoint
+    _convert(src, tmp_path / "a.pkl", spec, "megengine")
+
+    def refuse(*args):
+        raise OSError(38, "Function not implemented")  # ENOSYS
+
+    monkeypatch.setattr(os, "copy_file_range", refuse)
+    monkeypatch.setattr(os, "sendfile", refuse)
+    monkeypatch.setattr(sink._Writeback, "call", False)
+    monkeypatch.setattr(sink, "WRITEBACK", 1)  # would start writeback after every write
+    _convert(src, tmp_path / "b.pkl", spec, "megengine")
+    assert (tmp_path / "a.pkl").read_bytes() == (tmp_path / "b.pkl").read_bytes()
