@@ -20,11 +20,10 @@ from .checkpoint import Checkpoint, load_checkpoint
 from .dtypes import is_floating
 from .errors import CheckpointError
 from .megengine_format import write_numpy_pickle
-from .params import PARAMS_KEY, convert_state, specs_from_metadata
+from .params import PARAMS_KEY, convert_state, safetensors_metadata, specs_from_metadata
 from .roles import BN_ROLES, ParamSpec, describe, merge, shape_facts
 from .safetensors_format import write_safetensors
 from .spec_file import read_spec, write_spec
-from .transfer import safetensors_metadata
 
 PROGRESS_MIN_BYTES = 64 * 1024 * 1024
 CAST_DTYPES = ("float16", "float32", "float64", "bfloat16")

@@ -38,15 +38,31 @@ def open_regular(path: str, what: str = "the checkpoint") -> tuple[BinaryIO, int
     return os.fdopen(fd, "rb"), info.st_size
 
 
+class MappedFile(mmap.mmap):
+    """A read-only map that remembers which file it maps (``path``, ``identity``: device
+    and inode), its ``size`` and its ``address``, so that a writer can copy a tensor's
+    bytes file to file (:mod:`layouts.sink`) after reopening the path and checking that
+    it is still the same file."""
+
+    path: str
+    identity: tuple[int, int]
+    address: int
+
+
 def map_bytes(f: BinaryIO, size: int, source: str) -> tuple[mmap.mmap | bytes, np.ndarray]:
-    """The whole file, memory-mapped read-only: (the map, for scanning; a uint8 array view)."""
+    """The whole file, memory-mapped read-only: (the map, for scanning; a uint8 array view).
+    ``source`` is the file's path."""
     if size == 0:
         return b"", np.zeros(0, np.uint8)
     try:
-        mapped = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ)
+        mapped = MappedFile(f.fileno(), size, access=mmap.ACCESS_READ)
     except (OSError, ValueError) as error:
         raise CheckpointError(f"{source}: cannot be memory-mapped ({error})") from None
-    return mapped, np.frombuffer(mapped, np.uint8)
+    info = os.fstat(f.fileno())
+    array = np.frombuffer(mapped, np.uint8)
+    mapped.path, mapped.identity = source, (info.st_dev, info.st_ino)
+    mapped.address = array.__array_interface__["data"][0]
+    return mapped, array
 
 
 def inside(real_root: str, path: str) -> bool:

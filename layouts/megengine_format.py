@@ -24,6 +24,7 @@ from .atomic import atomic_write
 from .dtypes import is_floating
 from .errors import CheckpointError
 from .files import map_bytes, open_regular
+from .sink import ArrayBytes, Sink
 from .safe_pickle import (CONTAINER_GLOBALS, NUMPY_GLOBALS, plain_array, rebuild,
                           restricted_load, short_repr)  # fmt: skip
 
@@ -100,37 +101,60 @@ def read_megengine(path: str) -> tuple[Any, dict]:
     return obj, meta
 
 
-class _Lazy:
-    """Pickles as the ndarray ``make()`` returns, made only when the pickler reaches it."""
+class _Tensor4:
+    """Pickles as numpy pickles an ndarray of ``dtype`` (protocol 4), its raw bytes being
+    an :class:`~layouts.sink.ArrayBytes`."""
 
-    def __init__(self, make):
-        self.make = make
+    def __init__(self, array: np.ndarray, dtype: np.dtype):
+        if dtype.hasobject:
+            raise TypeError(f"write_numpy_pickle: cannot write a tensor of dtype {dtype}")
+        self.array, self.dtype = array, dtype
 
     def __reduce__(self):
-        return self.make().__reduce__()
+        function, args, state = np.empty(0, self.dtype).__reduce_ex__(4)
+        version, _, dtype, _, _ = state
+        return function, args, (version, self.array.shape, dtype, False,
+                                ArrayBytes(self.array, self.dtype))  # fmt: skip
+
+
+class _Pickler(pickle._Pickler):  # the Python pickler: its dispatch table can be extended
+    """Protocol-4 pickler, no memo (``fast``: each tensor's bytes are freed once written);
+    large :class:`~layouts.sink.ArrayBytes` go to the :class:`~layouts.sink.Sink` as the pickler's
+    own large ``bytes`` would (``BINBYTES`` outside any frame), a small one as bytes."""
+
+    dispatch = dict(pickle._Pickler.dispatch)
+
+    def __init__(self, sink: Sink, progress: Callable[[int], None] | None):
+        super().__init__(sink, protocol=4)
+        self.fast, self.progress = True, progress
+
+    def save_payload(self, payload: ArrayBytes) -> None:
+        n = payload.nbytes
+        if n < self.framer._FRAME_SIZE_TARGET:
+            self.save_bytes(payload.tobytes())
+        else:
+            header = pickle.BINBYTES8 + n.to_bytes(8, "little") if n > 0xFFFFFFFF else (
+                pickle.BINBYTES + n.to_bytes(4, "little"))  # fmt: skip
+            self._write_large_bytes(header, payload)
+        if self.progress is not None:
+            self.progress(n)
+
+    dispatch[ArrayBytes] = save_payload
 
 
 def write_numpy_pickle(tensors: Mapping[str, np.ndarray], path: str | os.PathLike,
                        float_dtype: np.dtype | None = None,
                        progress: Callable[[int], None] | None = None) -> None:  # fmt: skip
     """A MegEngine-style state dict: ``{name: ndarray}`` pickled with protocol 4, as plain
-    numpy arrays (``pickle.load`` / ``megengine.load`` read it). Streamed: each tensor is
-    cast, made contiguous and written in turn, and nothing is memoised (the pickler's
-    ``fast`` mode), so memory holds one tensor's bytes at a time, not the whole file."""
+    numpy arrays (``pickle.load`` / ``megengine.load`` read it), the same bytes as
+    ``pickle.dump``. Streamed: each tensor is cast and laid out while it is written
+    (file to file where its bytes are already in a mapped checkpoint), so memory holds
+    at most one tensor's bytes, not the whole file."""
 
-    def make(array: np.ndarray):
-        def build() -> np.ndarray:
-            if float_dtype is not None and is_floating(array.dtype):
-                out = array.astype(float_dtype)
-            else:
-                out = np.ascontiguousarray(array)
-            if progress is not None:
-                progress(out.nbytes)
-            return out
+    def dtype(array: np.ndarray) -> np.dtype:
+        cast = float_dtype is not None and is_floating(array.dtype)
+        return np.dtype(float_dtype) if cast else array.dtype
 
-        return _Lazy(build)
-
-    with atomic_write(path) as f:
-        pickler = pickle.Pickler(f, protocol=4)
-        pickler.fast = True  # no memo: each tensor's bytes are freed once written
-        pickler.dump({name: make(array) for name, array in tensors.items()})
+    with atomic_write(path) as f, Sink(f) as sink:
+        _Pickler(sink, progress).dump({name: _Tensor4(array, dtype(array))
+                                       for name, array in tensors.items()})  # fmt: skip

@@ -171,3 +171,16 @@ def specs_from_metadata(metadata: Mapping[str, Any]) -> dict[str, ParamSpec]:
             fields = {**fields, "ndim": None}
         out[name] = parse_spec_fields(name, fields, source)
     return out
+
+
+def safetensors_metadata(specs: Mapping[str, ParamSpec], layout: str,
+                         metadata: Mapping[str, str] | None = None) -> dict[str, str]:  # fmt: skip
+    """``__metadata__`` that lets mconv convert the file back: format, layout, specs."""
+    reserved = {"format", "layout", PARAMS_KEY}
+    if metadata and reserved & set(metadata):
+        raise ValueError(
+            f"save_safetensors: metadata keys {sorted(reserved & set(metadata))} are reserved"
+        )
+    params = specs_metadata(specs)
+    tag = {"torch": "pt", "tensorflow": "tf", "jax": "flax"}.get(layout, layout)  # HF's convention
+    return {**(metadata or {}), "format": tag, "layout": layout, PARAMS_KEY: params}

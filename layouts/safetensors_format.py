@@ -20,6 +20,7 @@ from .dtypes import is_floating, ml_dtype, widen_bfloat16
 from .errors import CheckpointError
 from .files import map_bytes, open_regular
 from .safe_pickle import short_repr
+from .sink import Sink
 
 MAX_HEADER = 100 * 1024 * 1024
 MAX_JSON_DEPTH = 64
@@ -160,9 +161,9 @@ def write_safetensors(tensors: Mapping[str, np.ndarray], path: str | os.PathLike
     ``float_dtype`` casts the floating tensors; ``progress(nbytes)`` is called
     after each tensor is written.
 
-    Tensors are made contiguous (and cast) one at a time while writing, so
-    views of a memory-mapped checkpoint stream to disk without a second copy
-    of the checkpoint in memory."""
+    Tensors stream to disk one at a time through a :class:`~layouts.sink.Sink` (file to
+    file where a tensor's bytes are already in a mapped checkpoint), so the checkpoint is
+    never copied whole in memory."""
     header: dict[str, Any] = {}
     if metadata:
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
@@ -187,12 +188,10 @@ def write_safetensors(tensors: Mapping[str, np.ndarray], path: str | os.PathLike
         offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # pad so the data region starts 8-byte aligned
-    with atomic_write(path) as f:
-        f.write(len(raw).to_bytes(8, "little"))
-        f.write(raw)
+    with atomic_write(path) as f, Sink(f) as sink:
+        sink.write(len(raw).to_bytes(8, "little") + raw)
         for name in names:
             array = tensors[name]
-            array = np.ascontiguousarray(array.astype(target(array).newbyteorder("<"), copy=False))
-            f.write(array.reshape(-1).view(np.uint8).data if array.size else b"")
+            sink.write_array(array, target(array).newbyteorder("<"))
             if progress is not None:
-                progress(array.nbytes)
+                progress(array.size * target(array).itemsize)

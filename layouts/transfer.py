@@ -23,7 +23,7 @@ from mconv.nn.module import IncompatibleKeys, to_device
 from . import adapters
 from .checkpoint import Checkpoint, load_checkpoint
 from .errors import CheckpointError
-from .params import (PARAMS_KEY, convert_state, specs_from_metadata, specs_metadata,
+from .params import (PARAMS_KEY, convert_state, safetensors_metadata, specs_from_metadata,
                      to_torch_param)  # fmt: skip
 from .roles import BN_ROLES, WITH_BN_COUNT, ParamSpec, merge, shape_facts
 from .safetensors_format import write_safetensors
@@ -183,16 +183,3 @@ def save_safetensors(model_or_state_dict: Any, path: str | os.PathLike, layout: 
     tensors, specs = convert_state(state, specs, "torch", layout,
                                    f"save_safetensors: {layout} layout for {os.fspath(path)}")  # fmt: skip
     write_safetensors(tensors, path, safetensors_metadata(specs, layout, metadata))
-
-
-def safetensors_metadata(specs: Mapping[str, ParamSpec], layout: str,
-                         metadata: Mapping[str, str] | None = None) -> dict[str, str]:  # fmt: skip
-    """``__metadata__`` that lets mconv convert the file back: format, layout, specs."""
-    reserved = {"format", "layout", PARAMS_KEY}
-    if metadata and reserved & set(metadata):
-        raise ValueError(
-            f"save_safetensors: metadata keys {sorted(reserved & set(metadata))} are reserved"
-        )
-    params = specs_metadata(specs)
-    tag = {"torch": "pt", "tensorflow": "tf", "jax": "flax"}.get(layout, layout)  # HF's convention
-    return {**(metadata or {}), "format": tag, "layout": layout, PARAMS_KEY: params}
