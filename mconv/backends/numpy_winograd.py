@@ -238,7 +238,10 @@ def _tasks(batch: int, th: int, row_bytes: int) -> list[list[tuple[int, int, int
     rows = max(1, _TASK_BYTES // row_bytes)
     if rows < th:
         return [[(b, r0, min(th, r0 + rows))] for b in range(batch) for r0 in range(0, th, rows)]
-    per_task = max(1, min(rows // th, -(-batch // numpy_threads.get_num_threads())))
+    workers = numpy_threads.get_num_threads()
+    count = -(-batch // (rows // th))  # fewest tasks within the budget,
+    count = -(-count // workers) * workers  # a multiple of the workers: even shares
+    per_task = -(-batch // count)
     return [
         [(b, 0, th) for b in range(i, min(batch, i + per_task))] for i in range(0, batch, per_task)
     ]
@@ -283,7 +286,8 @@ class _Plan:
             lines=np.empty((ALPHA, width + 2), np.float32),
             rows=np.empty((ALPHA, width + 2), np.float32),
             per_tile=np.empty(ALPHA * ALPHA * rows * self.tw, np.float32),
-            acc=None,
+            acc=None,  # the weight gradient's sum dU, and a buffer for each term of it
+            term=None,
         )
 
     def per_tile(self, s: dict, shape) -> np.ndarray:
@@ -363,12 +367,13 @@ def filter_grad(dy: np.ndarray, x: np.ndarray, g: ConvGeometry) -> np.ndarray:
                 cols = plan.per_tile(s, (ALPHA, M, n))
                 _grad_transform(rows, plan.tw, dm[:, :, start : start + n], s["lines"], s["rows"],
                                 cols)  # fmt: skip
-            # (36, O, T) @ (36, T, k_d*C) -> (36, O, k_d*C)
-            term = np.matmul(dm, plan.window(v, q).transpose(0, 2, 1))
+            # (36, O, T) @ (36, T, k_d*C) -> (36, O, k_d*C), summed over tasks and slices
             if s["acc"] is None:
-                s["acc"] = term
+                s["acc"] = np.matmul(dm, plan.window(v, q).transpose(0, 2, 1))
+                s["term"] = np.empty_like(s["acc"])
             else:
-                s["acc"] += term
+                np.matmul(dm, plan.window(v, q).transpose(0, 2, 1), out=s["term"])
+                s["acc"] += s["term"]
 
     sums = numpy_threads.run(plan.tasks, work, plan.scratch, _work(g, x.shape[0]), sums=True)
     du = sums[0]["acc"]
