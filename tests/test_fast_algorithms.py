@@ -9,6 +9,7 @@ sum of absolute products an output is made of).
 """
 
 import contextlib
+import math
 import os
 import subprocess
 import sys
@@ -48,16 +49,19 @@ def _spy(module, name):
 @contextlib.contextmanager
 def _small_tasks(threads: int, task_bytes: int):
     saved = (numpy_winograd._TASK_BYTES, numpy_winograd.MIN_CHANNELS, numpy_winograd.MIN_TILES,
-             numpy_depthwise._TASK_BYTES, numpy_threads.MIN_PARALLEL_WORK, mconv.get_num_threads())  # fmt: skip
+             numpy_depthwise._TASK_BYTES, numpy_threads.MIN_PARALLEL_WORK,
+             numpy_winograd.MAX_U_BYTES_PER_TILE, mconv.get_num_threads())  # fmt: skip
     numpy_winograd._TASK_BYTES = numpy_depthwise._TASK_BYTES = task_bytes
     numpy_winograd.MIN_CHANNELS, numpy_winograd.MIN_TILES, numpy_threads.MIN_PARALLEL_WORK = 1, 1, 0
+    numpy_winograd.MAX_U_BYTES_PER_TILE = math.inf
     mconv.set_num_threads(threads)
     try:
         yield
     finally:
         (numpy_winograd._TASK_BYTES, numpy_winograd.MIN_CHANNELS, numpy_winograd.MIN_TILES,
-         numpy_depthwise._TASK_BYTES, numpy_threads.MIN_PARALLEL_WORK) = saved[:5]  # fmt: skip
-        mconv.set_num_threads(saved[5])
+         numpy_depthwise._TASK_BYTES, numpy_threads.MIN_PARALLEL_WORK,
+         numpy_winograd.MAX_U_BYTES_PER_TILE) = saved[:6]  # fmt: skip
+        mconv.set_num_threads(saved[6])
 
 
 @st.composite
@@ -185,10 +189,11 @@ def test_winograd_holds_no_whole_float32_copy(monkeypatch):
     assert peak <= x.nbytes + u_bytes + tasks < 2 * x.nbytes  # a float32 y alone: 2 * x.nbytes
 
 
-def test_winograd_leaves_layers_with_few_tiles_to_im2col(rng):
-    """512 channels at 7x7, batch 8: 32 tiles, where streaming U costs more than it saves."""
-    x = rng.standard_normal((8, 512, 7, 7)).astype(np.float32)
-    w = rng.standard_normal((512, 512, 3, 3)).astype(np.float32)
+@pytest.mark.parametrize("shape", [(8, 512, 7, 7), (8, 256, 14, 14), (1, 128, 28, 28)])
+def test_winograd_leaves_layers_with_few_tiles_to_im2col(rng, shape):
+    """32, 128 and 49 tiles: too few for U's size (streaming U costs more than it saves)."""
+    x = rng.standard_normal(shape).astype(np.float32)
+    w = rng.standard_normal((shape[1], shape[1], 3, 3)).astype(np.float32)
     with _spy(numpy_winograd, "correlate") as calls:
         F.conv(x, w, padding=1)
     assert not calls

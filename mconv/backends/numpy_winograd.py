@@ -45,22 +45,28 @@ _F2, _F4, _F5, _F8 = (np.float32(c) for c in (2, 4, 5, 8))
 _KRON = np.kron(G, G).astype(np.float32)  # (36, 9): [6a + b, 3i + j] = G[a, i] * G[b, j]
 # Smallest layer worth the transforms (measured on 2 cores: the GEMMs must dominate)
 MIN_CHANNELS = 16
-# Fewest output tiles per call: each element of U takes part in one multiply-add per tile, so
-# with few tiles the GEMMs only stream U (on 2 cores: 512 channels at 7x7, 32 tiles, ran 1.2-2x
-# slower than im2col; 256 at 14x14, 128 tiles, 1.3x faster)
+# Each element of U (36 * O * k_d*C floats) takes part in one multiply-add per output tile,
+# so with few tiles for its size the GEMMs mostly stream U (and the weight gradient writes
+# a U-sized sum per task). Measured on 2 cores: 64 channels at 56x56 (batch 8: 1568 tiles,
+# 0.4 KiB of U per tile) and 128 at 28x28 (392 tiles, 6 KiB) ran 1.3-2x faster than
+# im2col; 256 at 14x14 (128 tiles, 72 KiB) 1.3x faster on one thread but 1.4x slower
+# (fwd+bwd) on two; 512 at 7x7 (32 tiles) slower on both.
 MIN_TILES = 64
+MAX_U_BYTES_PER_TILE = 16 << 10
 # V (36, C, T) and M (36, O, T) of a task: each about this many bytes at most
 _TASK_BYTES = 2 << 20
 
 
 def applies(g: ConvGeometry, dtype, batch: int) -> bool:
     """Dense, 2-d 3x3 or 3-d k x 3 x 3 (any depth stride), stride 1 on the last two axes,
-    no dilation, no crop, float32 sums, channels >= MIN_CHANNELS, tiles >= MIN_TILES, the
-    JIT on and ``get_algorithm() == 'fast'``."""
+    no dilation, no crop, float32 sums, channels >= MIN_CHANNELS, enough output tiles for
+    U's size (MIN_TILES, MAX_U_BYTES_PER_TILE), the JIT on and ``get_algorithm() == 'fast'``."""
     tiles = batch * math.prod(g.out_size[:-2]) * math.prod(-(-q // M) for q in g.out_size[-2:])
+    u_bytes = ALPHA * ALPHA * g.out_channels * g.in_channels * math.prod(g.kernel_size[:-2]) * 4
     return (
         g.ndim in (2, 3)
         and tiles >= MIN_TILES
+        and u_bytes <= MAX_U_BYTES_PER_TILE * tiles
         and g.kernel_size[-2:] == (R, R)
         and g.groups == 1
         and g.stride[-2:] == (1, 1)
