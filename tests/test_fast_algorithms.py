@@ -219,27 +219,31 @@ def test_set_algorithm_checks_its_argument(monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "shape,kernel,dilation,pairs",
+    "shape,kernel,stride,dilation,pairs",
     [
-        ((3, 5, 17), (4,), (2,), ((3, 1),)),
-        ((2, 7, 9, 11), (3, 3), (1, 1), ((1, 1), (1, 1))),
-        ((2, 4, 8, 6), (2, 3), (2, 1), ((0, 2), (2, 0))),
-        ((2, 3, 5, 6, 7), (3, 2, 3), (1, 2, 1), ((1, 1), (0, 1), (2, 2))),
+        ((3, 5, 17), (4,), (1,), (2,), ((3, 1),)),
+        ((2, 7, 9, 11), (3, 3), (1, 1), (1, 1), ((1, 1), (1, 1))),
+        ((2, 4, 8, 6), (2, 3), (1, 1), (2, 1), ((0, 2), (2, 0))),
+        ((2, 3, 5, 6, 7), (3, 2, 3), (1, 1, 1), (1, 2, 1), ((1, 1), (0, 1), (2, 2))),
+        ((3, 5, 23), (5,), (3,), (1,), ((2, 1),)),
+        ((2, 6, 12, 11), (3, 3), (2, 2), (1, 1), ((1, 1), (1, 1))),  # MobileNet's downsampling
+        ((2, 4, 9, 10), (3, 2), (2, 3), (2, 1), ((0, 2), (1, 0))),
+        ((2, 3, 7, 8, 9), (3, 3, 2), (2, 1, 3), (1, 2, 1), ((1, 1), (0, 2), (2, 1))),
     ],
-    ids=["1d", "2d", "2d-dilated", "3d"],
+    ids=["1d", "2d", "2d-dilated", "3d", "1d-s3", "2d-s2", "2d-s23-dilated", "3d-strided"],
 )
 @pytest.mark.parametrize("dtype", [np.float64, np.float32, np.float16])
 @pytest.mark.parametrize("threads,task_bytes", [(1, 4 << 20), (2, 600)])
 def test_direct_depthwise_matches_torch(
-    rng, shape, kernel, dilation, pairs, dtype, threads, task_bytes
+    rng, shape, kernel, stride, dilation, pairs, dtype, threads, task_bytes
 ):
-    """Stride-1 depthwise convs (and their backward_data, a depthwise conv too) run the JIT
-    taps; dW its dot products. Plain sums: float64 to 1e-10."""
+    """Depthwise convs (and their backward_data, depthwise convs too) run the JIT taps, a
+    stride through phase planes; dW its dot products. Plain sums: float64 to 1e-10."""
     channels = shape[1]
     x = rng.standard_normal(shape).astype(dtype)
     w = rng.standard_normal((channels, 1, *kernel)).astype(dtype)
     b = rng.standard_normal(channels).astype(dtype)
-    kw = dict(stride=1, padding=pairs, dilation=dilation, groups=channels)
+    kw = dict(stride=stride, padding=pairs, dilation=dilation, groups=channels)
     with (
         _small_tasks(threads, task_bytes),
         _spy(numpy_depthwise, "_taps_forward") as fwd,

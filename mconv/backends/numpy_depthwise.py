@@ -14,10 +14,13 @@ other axis runs over its whole padded width; the extra columns are cropped
 (forward) or meet zeros in dy (filter gradient). Other strides copy strided
 windows of shape Q.
 
-With the JIT (``numpy_jit``) and stride 1 no columns are built at all: the
-outputs of a channel are K multiply-adds of the weight with those runs, and
-the filter gradient K dot products of dy with them, straight from the
-padded plane (2 values moved per output instead of K + 2).
+With the JIT (``numpy_jit``) no columns are built at all: the outputs of a
+channel are K multiply-adds of the weight with those runs, and the filter
+gradient K dot products of dy with them, straight from the padded plane (2
+values moved per output instead of K + 2). A stride splits the padded plane
+into prod(stride) phase planes (index u of phase r holds padded index
+u*s + r): tap i then reads phase (i*d) % s at a shift of (i*d) // s, a
+stride-1 run again, and the output is wide over the phase planes' width.
 """
 
 from __future__ import annotations
@@ -97,20 +100,33 @@ class _Plan:
         self.padded = g.padded_size
         self.taps = math.prod(g.kernel_size)
         self.wide = all(s == 1 for s in g.stride)
-        # flat strides of the padded plane, in elements
-        self.plane = tuple(math.prod(self.padded[j + 1 :]) for j in range(g.ndim))
-        if self.wide:  # output rows x full padded width of the other axes
+        self.direct = numpy_jit.enabled()  # no columns: see the module docstring
+        # the planes the taps read: the padded plane, or with the JIT and a stride, its
+        # prod(stride) phase planes (padded index u*s + r of an axis is index u of phase r)
+        phased = self.direct and not self.wide
+        self.phase = (
+            tuple(-(-p // s) for p, s in zip(self.padded, g.stride)) if phased else self.padded
+        )
+        self.phases = math.prod(g.stride) if phased else 1
+        # flat strides of a plane, in elements
+        self.plane = tuple(math.prod(self.phase[j + 1 :]) for j in range(g.ndim))
+        size = math.prod(self.phase)
+        if self.wide or self.direct:  # output rows x full plane width of the other axes
             self.positions = g.out_size[0] * self.plane[0]
-            reach = sum((k - 1) * d * p for k, d, p in zip(g.kernel_size, g.dilation, self.plane))
-            self.slack = reach + self.positions - math.prod(self.padded)
+            # tap i reads phase (i*d) % s at (i*d) // s: flat offset of each tap, C order
+            self.offsets = np.array(
+                [
+                    np.ravel_multi_index([i * d % s for i, d, s in zip(tap, g.dilation, g.stride)],
+                                         g.stride) * size
+                    + sum(i * d // s * p for i, d, s, p in zip(tap, g.dilation, g.stride, self.plane))
+                    for tap in np.ndindex(*g.kernel_size)
+                ],
+                np.int64,
+            )  # fmt: skip
+            self.slack = int(self.offsets.max()) + self.positions - self.phases * size
         else:
             self.positions, self.slack = math.prod(g.out_size), 0
-        self.direct = self.wide and numpy_jit.enabled()  # no columns: see the module docstring
-        # flat offset of each tap (kernel axes in C order) in the padded plane
-        steps = [d * p for d, p in zip(g.dilation, self.plane)]
-        self.offsets = np.array(
-            [sum(i * s for i, s in zip(tap, steps)) for tap in np.ndindex(*g.kernel_size)], np.int64
-        )
+        self.length = self.phases * size + max(0, self.slack)  # per channel, with a zero tail
         self.rows = 1 if self.direct else self.taps  # column rows per channel
         per_channel = self.dtype.itemsize * (self.rows + 2) * self.positions
         block = max(1, min(g.in_channels, _TASK_BYTES // per_channel))
@@ -123,27 +139,28 @@ class _Plan:
         ]
 
     def scratch(self):
-        flat = np.zeros((self.block, math.prod(self.padded) + max(0, self.slack)), self.dtype)
+        flat = np.zeros((self.block, self.length), self.dtype)
         return _Scratch(flat, np.empty((self.block, self.rows, self.positions), self.dtype))
 
     def pad_into(self, x: np.ndarray, b: int, chans: slice, scratch) -> np.ndarray:
-        """flat (cb, L): channels ``chans`` of image b, zero-padded, each plane flattened."""
+        """flat (cb, L): channels ``chans`` of image b, zero-padded, in the planes the taps
+        read (each flattened). Only the places the input lands are written: the rest of the
+        scratch stays zero from its allocation."""
         g, cb = self.g, chans.stop - chans.start
         flat = scratch.flat[:cb]
-        plane = flat[:, : math.prod(self.padded)].reshape(cb, *self.padded)
-        crop = tuple(
-            slice(max(0, -lo), s - max(0, -hi)) for s, (lo, hi) in zip(g.in_size, g.padding)
-        )
-        src = x[(b, chans, *crop)]
-        plane[
-            (
-                slice(None),
-                *(
-                    slice(max(0, lo), max(0, lo) + n)
-                    for n, (lo, _) in zip(src.shape[1:], g.padding)
-                ),
-            )
-        ] = src
+        size = math.prod(self.phase)
+        steps = g.stride if self.phases > 1 else (1,) * g.ndim  # one plane: the padded one
+        for pid, phase in enumerate(np.ndindex(*steps)):
+            plane = flat[:, pid * size : (pid + 1) * size].reshape(cb, *self.phase)
+            dest, src = [slice(None)], [b, chans]
+            for r, s, n, lo, u_end in zip(phase, steps, g.in_size, (lo for lo, _ in g.padding),
+                                          self.phase):  # fmt: skip
+                u0 = max(0, -((r - lo) // s))  # first index u whose input u*s + r - lo >= 0
+                i0 = u0 * s + r - lo
+                count = max(0, min(u_end - u0, -(-(n - i0) // s)))
+                dest.append(slice(u0, u0 + count))
+                src.append(slice(i0, i0 + s * (count - 1) + 1 if count else i0, s))
+            plane[tuple(dest)] = x[tuple(src)]
         return flat
 
     def columns(self, x: np.ndarray, b: int, chans: slice, scratch) -> np.ndarray:
@@ -179,9 +196,9 @@ class _Plan:
 
     def crop(self, wide: np.ndarray) -> np.ndarray:
         """(cb, 1, P_wide) -> (cb, *Q): drop the columns past each axis' output size."""
-        if not self.wide:
+        if not (self.wide or self.direct):
             return wide.reshape(wide.shape[0], *self.g.out_size)
-        full = wide.reshape(wide.shape[0], self.g.out_size[0], *self.padded[1:])
+        full = wide.reshape(wide.shape[0], self.g.out_size[0], *self.phase[1:])
         return full[(slice(None), slice(None), *(slice(0, q) for q in self.g.out_size[1:]))]
 
 
