@@ -166,6 +166,41 @@ def test_winograd_handles_large_layers_within_its_bound(rng):
     _bounded(y, want, absolute, WINOGRAD_BOUND)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("where", ["x", "w"])
+def test_non_finite_operands_take_the_plain_sum(rng, dtype, where):
+    """A Winograd transform mixes a whole tile (an inf would make NaN of outputs that do not
+    depend on it), so inf and NaN operands take the plain sum: inf and NaN land exactly where
+    torch puts them, forward and gradients."""
+    x = rng.standard_normal((8, 16, 16, 16)).astype(dtype)
+    w = rng.standard_normal((16, 16, 3, 3)).astype(dtype)
+    dy = rng.standard_normal((8, 16, 16, 16)).astype(dtype)
+    if where == "x":
+        x[0, 0, 5, 5], x[1, 3, 0, 0] = np.inf, np.nan
+    else:
+        w[2, 1, 0, 0] = -np.inf
+    with (
+        _spy(numpy_winograd, "correlate") as calls,
+        _spy(numpy_winograd, "filter_grad") as grads,
+        np.errstate(invalid="ignore"),  # inf * 0 in the plain sums, as in torch
+    ):
+        got = (F.conv(x, w, padding=1), *F.conv_backward(dy, x, w, has_bias=False, padding=1)[:2])
+    kw = dict(stride=1, padding=((1, 1), (1, 1)), dilation=1, groups=1)
+    with np.errstate(invalid="ignore"):
+        want = torch_conv(
+            *(a.astype(np.float64) for a in (x, w)), None, dy.astype(np.float64), **kw
+        )
+    # an infinite weight: y only (mconv's backward_data multiplies it with the zero padding
+    # of dy, NaN at the border where torch leaves the products out)
+    for g, r in zip(got if where == "x" else got[:1], want):
+        np.testing.assert_array_equal(np.isnan(g), np.isnan(r))
+        np.testing.assert_array_equal(np.isposinf(g), np.isposinf(r))
+        np.testing.assert_array_equal(np.isneginf(g), np.isneginf(r))
+    # calls whose operands are all finite still take it: dx's phase (dy, w) when x is the
+    # infinite one, dW (dy, x) when w is
+    assert len(calls) == (where == "x") and len(grads) == (where == "w")
+
+
 def test_winograd_holds_no_whole_float32_copy(monkeypatch):
     """float16 in and out: rows are widened per task and each tile row rounded once into the
     result, so the peak is the float16 result, the transformed weight U (36/9 of the weight,

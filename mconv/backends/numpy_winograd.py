@@ -21,7 +21,10 @@ too. 3-d k x 3 x 3 convs sum their depth taps in the transformed domain
 The result is not the im2col sum: fp32 rounding errors of the transforms
 reach a few units of 1e-6 of the output's scale (measured against torch
 float64 in tests/test_fast_algorithms.py; docs/benchmarks.md has the
-figures). It runs only for float32 sums (float32, and float16 widened) with
+figures). A transform mixes a whole tile, so an infinite or NaN input would
+spread NaN over outputs that do not depend on it: calls with a non-finite
+operand (``finite``) take the plain sum instead. It runs only for float32
+sums (float32, and float16 widened) with
 ``mconv.get_algorithm() == 'fast'``; float64 and ``set_algorithm('exact')``
 keep the exact paths.
 """
@@ -235,6 +238,29 @@ def weight_transform(w: np.ndarray) -> np.ndarray:
     outs, channels = w.shape[:2]
     u = _KRON @ w.reshape(outs * channels, R * R).T.astype(np.float32)  # (36, 9) @ (9, O*C)
     return u.reshape(ALPHA * ALPHA, outs, channels)
+
+
+def finite(*arrays: np.ndarray) -> bool:
+    """No inf or NaN in any of ``arrays`` (float16: from the bits, NumPy's float16 isfinite
+    being slow); block by block, so the test's temporaries stay small. One pass over the
+    operands: a few percent of the convolution's time."""
+    for a in arrays:
+        for part in _blocks(a):
+            if a.dtype == np.float16:
+                if (part.view(np.uint16) & 0x7FFF).max() >= 0x7C00:  # exponent all ones
+                    return False
+            elif not np.isfinite(part).all():
+                return False
+    return True
+
+
+def _blocks(a: np.ndarray, most: int = 1 << 20):
+    """Views of ``a`` of at most ``most`` bytes (or 1-d), split along the leading axes."""
+    if a.nbytes <= most or a.ndim < 2:
+        yield a
+    else:
+        for sub in a:
+            yield from _blocks(sub, most)
 
 
 def _tasks(batch: int, th: int, row_bytes: int) -> list[list[tuple[int, int, int]]]:
