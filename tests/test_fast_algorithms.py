@@ -166,6 +166,7 @@ def test_winograd_handles_large_layers_within_its_bound(rng):
     _bounded(y, want, absolute, WINOGRAD_BOUND)
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # worker threads
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
 @pytest.mark.parametrize("where", ["x", "w"])
 def test_non_finite_operands_take_the_plain_sum(rng, dtype, where):
