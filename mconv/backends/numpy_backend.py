@@ -91,7 +91,7 @@ def _correlate(x: np.ndarray, w: np.ndarray, g: ConvGeometry, out: np.ndarray, a
         numpy_depthwise.forward(x, w, g, out, acc, bias)
     elif numpy_pointwise.applies(g):
         numpy_pointwise.forward(x, w, g, out, acc, bias)
-    elif numpy_winograd.applies(g, acc, x.shape[0]) and numpy_winograd.finite(x, w):
+    elif numpy_winograd.applies(g, x, w):
         numpy_winograd.correlate(x, w, g, out, bias)
     elif numpy_wide.applies(g):
         numpy_wide.correlate(x, w, g, out, acc, bias)
@@ -204,7 +204,7 @@ def backward_filter(dy: np.ndarray, x: np.ndarray, geom: ConvGeometry) -> np.nda
         )
     if numpy_depthwise.applies(geom):
         return numpy_depthwise.filter_grad(dy, x, geom, acc)
-    if numpy_winograd.applies(geom, x.dtype, x.shape[0]) and numpy_winograd.finite(dy, x):
+    if numpy_winograd.applies(geom, dy, x):
         return numpy_winograd.filter_grad(dy, x, geom)
     if numpy_pointwise.applies(geom):
         return numpy_pointwise.filter_grad(dy, x, geom, acc)

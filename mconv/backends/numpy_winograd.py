@@ -23,7 +23,7 @@ reach a few units of 1e-6 of the output's scale (measured against torch
 float64 in tests/test_fast_algorithms.py; docs/benchmarks.md has the
 figures). A transform mixes a whole tile, so an infinite or NaN input would
 spread NaN over outputs that do not depend on it: calls with a non-finite
-operand (``finite``) take the plain sum instead. It runs only for float32
+operand take the plain sum instead (``applies``). It runs only for float32
 sums (float32, and float16 widened) with
 ``mconv.get_algorithm() == 'fast'``; float64 and ``set_algorithm('exact')``
 keep the exact paths.
@@ -60,10 +60,13 @@ MAX_U_BYTES_PER_TILE = 16 << 10
 _TASK_BYTES = 2 << 20
 
 
-def applies(g: ConvGeometry, dtype, batch: int) -> bool:
-    """Dense, 2-d 3x3 or 3-d k x 3 x 3 (any depth stride), stride 1 on the last two axes,
-    no dilation, no crop, float32 sums, channels >= MIN_CHANNELS, enough output tiles for
-    U's size (MIN_TILES, MAX_U_BYTES_PER_TILE), the JIT on and ``get_algorithm() == 'fast'``."""
+def applies(g: ConvGeometry, a: np.ndarray, b: np.ndarray) -> bool:
+    """For operands ``a`` (x or dy: the batch and dtype) and ``b``: dense, 2-d 3x3 or 3-d
+    k x 3 x 3 (any depth stride), stride 1 on the last two axes, no dilation, no crop,
+    float32 sums, channels >= MIN_CHANNELS, enough output tiles for U's size (MIN_TILES,
+    MAX_U_BYTES_PER_TILE), the JIT on, ``get_algorithm() == 'fast'``, and both operands
+    finite (checked last: it reads them)."""
+    batch = a.shape[0]
     tiles = batch * math.prod(g.out_size[:-2]) * math.prod(-(-q // M) for q in g.out_size[-2:])
     u_bytes = ALPHA * ALPHA * g.out_channels * g.in_channels * math.prod(g.kernel_size[:-2]) * 4
     return (
@@ -77,9 +80,10 @@ def applies(g: ConvGeometry, dtype, batch: int) -> bool:
         and min(g.in_channels, g.out_channels) >= MIN_CHANNELS
         and all(lo >= 0 and hi >= 0 for lo, hi in g.padding)
         and min(g.out_size) > 0
-        and accumulator(dtype) == np.float32
+        and accumulator(a.dtype) == np.float32
         and fast_algorithms()
         and numpy_jit.enabled()
+        and finite(a, b)
     )
 
 
