@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import tracemalloc
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -48,20 +49,24 @@ def _spy(module, name):
 
 @contextlib.contextmanager
 def _small_tasks(threads: int, task_bytes: int):
-    saved = (numpy_winograd._TASK_BYTES, numpy_winograd.MIN_CHANNELS, numpy_winograd.MIN_TILES,
-             numpy_depthwise._TASK_BYTES, numpy_threads.MIN_PARALLEL_WORK,
-             numpy_winograd.MAX_U_BYTES_PER_TILE, mconv.get_num_threads())  # fmt: skip
-    numpy_winograd._TASK_BYTES = numpy_depthwise._TASK_BYTES = task_bytes
-    numpy_winograd.MIN_CHANNELS, numpy_winograd.MIN_TILES, numpy_threads.MIN_PARALLEL_WORK = 1, 1, 0
-    numpy_winograd.MAX_U_BYTES_PER_TILE = math.inf
-    mconv.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        (numpy_winograd._TASK_BYTES, numpy_winograd.MIN_CHANNELS, numpy_winograd.MIN_TILES,
-         numpy_depthwise._TASK_BYTES, numpy_threads.MIN_PARALLEL_WORK,
-         numpy_winograd.MAX_U_BYTES_PER_TILE) = saved[:6]  # fmt: skip
-        mconv.set_num_threads(saved[6])
+    """Tasks of ``task_bytes``, ``threads`` forced workers, and Winograd for any layer size."""
+    settings = {
+        (numpy_winograd, "_TASK_BYTES"): task_bytes,
+        (numpy_depthwise, "_TASK_BYTES"): task_bytes,
+        (numpy_winograd, "MIN_CHANNELS"): 1,
+        (numpy_winograd, "MIN_TILES"): 1,
+        (numpy_winograd, "MAX_U_BYTES_PER_TILE"): math.inf,
+        (numpy_threads, "MIN_PARALLEL_WORK"): 0,
+    }
+    before = mconv.get_num_threads()
+    with contextlib.ExitStack() as stack:
+        for (module, name), value in settings.items():
+            stack.enter_context(mock.patch.object(module, name, value))
+        mconv.set_num_threads(threads)
+        try:
+            yield
+        finally:
+            mconv.set_num_threads(before)
 
 
 @st.composite
