@@ -297,9 +297,7 @@ class Communicator:
                 meta = ("error", type(err).__name__, str(err))
         meta = timeout.bcast_object(self.mpi, meta, root, "broadcast (shape and dtype)")
         if meta[0] == "error":
-            raise {"TypeError": TypeError, "ValueError": ValueError}[meta[1]](
-                f"{meta[2]} (on root {root})"
-            )
+            raise timeout.reported_error(meta[1], f"{meta[2]} (on root {root})")
         shape, dtype, module = meta
         if self.rank == root:
             buf = xp.ascontiguousarray(x)

@@ -38,6 +38,7 @@ from layouts.safetensors_format import read_safetensors, write_safetensors
 from mconv import _args
 from mconv.nn.module import IncompatibleKeys, Module, key_errors, to_device
 
+from . import timeout
 from .comm import Communicator
 from .sharded import Sharded
 
@@ -167,7 +168,7 @@ def scatter_state_dict(
     )
     if header[0] is not None:
         kind, message = header[0]
-        raise {"TypeError": TypeError, "ValueError": ValueError}[kind](message)
+        raise timeout.reported_error(kind, message)
     local = OrderedDict()
     for name in header[1]:
         if root is None:

@@ -193,3 +193,12 @@ def _plain(data, what: str) -> Any:
             f"{what}: objects sent between ranks must be plain data (None, bools, ints, floats, "
             f"strings, bytes, and tuples, lists, dicts and sets of them), but got: {error}"
         ) from None
+
+
+# The errors a rank may report to its peers (by name, as plain data), to be raised on each.
+REPORTED_ERRORS = {"TypeError": TypeError, "ValueError": ValueError}
+
+
+def reported_error(kind: str, message: str) -> Exception:
+    """The exception a peer reported as ``(kind, message)``: TypeError or ValueError."""
+    return REPORTED_ERRORS[kind](message)
