@@ -17,6 +17,9 @@ whole result exists.
 Paths:
 - pointwise (1x1, stride 1, no padding): one GEMM per image, no copies, ``numpy_pointwise``;
 - depthwise (C = O = G): per-channel tap columns and a 1 x K GEMM, ``numpy_depthwise``;
+- with the JIT (numba/llvmlite, ``pip install mconv[fast]``): Winograd for float32 sums of
+  dense 3x3 convs, ``numpy_winograd``; a register-blocked direct kernel for float32 sums of
+  convs with up to 128 input channels per group (grouped and small dense), ``numpy_direct``;
 - stride 1 where few padded columns are wasted: channels-first "wide" im2col, ``numpy_wide``
   (forward; filter gradient for narrow groups and 1-d);
 - everything else: tiled channels-last im2col + GEMM, ``numpy_im2col``.
@@ -46,7 +49,7 @@ from ..geometry import ConvGeometry
 from ..padding import pad_backward_unchecked as pad_backward  # noqa: F401 - backend interface
 from ..padding import pad_unchecked as pad  # noqa: F401 - backend interface
 from ..precision import accumulator, bias_view, store
-from . import (numpy_depthwise, numpy_im2col, numpy_pointwise, numpy_threads, numpy_wide,
+from . import (numpy_depthwise, numpy_direct, numpy_im2col, numpy_pointwise, numpy_threads, numpy_wide,
                numpy_winograd)  # fmt: skip
 
 name = "numpy"
@@ -93,6 +96,8 @@ def _correlate(x: np.ndarray, w: np.ndarray, g: ConvGeometry, out: np.ndarray, a
         numpy_pointwise.forward(x, w, g, out, acc, bias)
     elif numpy_winograd.applies(g, x, w):
         numpy_winograd.correlate(x, w, g, out, bias)
+    elif numpy_direct.applies(g, x):
+        numpy_direct.forward(x, w, g, out, bias)
     elif numpy_wide.applies(g):
         numpy_wide.correlate(x, w, g, out, acc, bias)
     else:
@@ -206,6 +211,8 @@ def backward_filter(dy: np.ndarray, x: np.ndarray, geom: ConvGeometry) -> np.nda
         return numpy_depthwise.filter_grad(dy, x, geom, acc)
     if numpy_winograd.applies(geom, dy, x):
         return numpy_winograd.filter_grad(dy, x, geom)
+    if numpy_direct.applies_to_filter_grad(geom, x):
+        return numpy_direct.filter_grad(dy, x, geom)
     if numpy_pointwise.applies(geom):
         return numpy_pointwise.filter_grad(dy, x, geom, acc)
     if numpy_wide.applies_to_filter_grad(geom):

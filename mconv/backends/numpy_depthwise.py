@@ -32,7 +32,7 @@ from numpy.lib.stride_tricks import as_strided
 
 from ..geometry import ConvGeometry
 from ..precision import bias_view, store
-from . import numpy_jit, numpy_threads
+from . import numpy_jit, numpy_planes, numpy_threads
 
 # Channels per task: enough for long copies, few enough to stay in cache.
 _TASK_BYTES = 4 << 20
@@ -101,28 +101,13 @@ class _Plan:
         self.taps = math.prod(g.kernel_size)
         self.wide = all(s == 1 for s in g.stride)
         self.direct = numpy_jit.enabled()  # no columns: see the module docstring
-        # the planes the taps read: the padded plane, or with the JIT and a stride, its
-        # prod(stride) phase planes (padded index u*s + r of an axis is index u of phase r)
-        phased = self.direct and not self.wide
-        self.phase = (
-            tuple(-(-p // s) for p, s in zip(self.padded, g.stride)) if phased else self.padded
-        )
-        self.phases = math.prod(g.stride) if phased else 1
-        # flat strides of a plane, in elements
-        self.plane = tuple(math.prod(self.phase[j + 1 :]) for j in range(g.ndim))
-        size = math.prod(self.phase)
+        # with the JIT and a stride, the taps read the phase planes (numpy_planes)
+        layout = self.layout = numpy_planes.Planes(g, phased=self.direct and not self.wide)
+        self.phase, self.phases, self.plane = layout.phase, layout.phases, layout.plane
+        size = layout.size
         if self.wide or self.direct:  # output rows x full plane width of the other axes
             self.positions = g.out_size[0] * self.plane[0]
-            # tap i reads phase (i*d) % s at (i*d) // s: flat offset of each tap, C order
-            self.offsets = np.array(
-                [
-                    np.ravel_multi_index([i * d % s for i, d, s in zip(tap, g.dilation, g.stride)],
-                                         g.stride) * size
-                    + sum(i * d // s * p for i, d, s, p in zip(tap, g.dilation, g.stride, self.plane))
-                    for tap in np.ndindex(*g.kernel_size)
-                ],
-                np.int64,
-            )  # fmt: skip
+            self.offsets = self.layout.offsets
             self.slack = int(self.offsets.max()) + self.positions - self.phases * size
         else:
             self.positions, self.slack = math.prod(g.out_size), 0
@@ -144,24 +129,8 @@ class _Plan:
 
     def pad_into(self, x: np.ndarray, b: int, chans: slice, scratch) -> np.ndarray:
         """flat (cb, L): channels ``chans`` of image b, zero-padded, in the planes the taps
-        read (each flattened). Only the places the input lands are written: the rest of the
-        scratch stays zero from its allocation."""
-        g, cb = self.g, chans.stop - chans.start
-        flat = scratch.flat[:cb]
-        size = math.prod(self.phase)
-        steps = g.stride if self.phases > 1 else (1,) * g.ndim  # one plane: the padded one
-        for pid, phase in enumerate(np.ndindex(*steps)):
-            plane = flat[:, pid * size : (pid + 1) * size].reshape(cb, *self.phase)
-            dest, src = [slice(None)], [b, chans]
-            for r, s, n, lo, u_end in zip(phase, steps, g.in_size, (lo for lo, _ in g.padding),
-                                          self.phase):  # fmt: skip
-                u0 = max(0, -((r - lo) // s))  # first index u whose input u*s + r - lo >= 0
-                i0 = u0 * s + r - lo
-                count = max(0, min(u_end - u0, -(-(n - i0) // s)))
-                dest.append(slice(u0, u0 + count))
-                src.append(slice(i0, i0 + s * (count - 1) + 1 if count else i0, s))
-            plane[tuple(dest)] = x[tuple(src)]
-        return flat
+        read (the scratch's zeros stay where no input lands)."""
+        return self.layout.pad_into(x, b, chans, scratch.flat)
 
     def columns(self, x: np.ndarray, b: int, chans: slice, scratch) -> np.ndarray:
         """cols (cb, K, P) of image b, channels ``chans``."""

@@ -44,11 +44,16 @@ def _env_enabled() -> bool:
     return value not in ("0", "false", "no", "off")
 
 
-def enabled() -> bool:
-    """Whether the JIT kernels run: numba is importable and the JIT is not switched off."""
+def switched_on() -> bool:
+    """Whether the JIT is switched on (``MCONV_JIT``, :func:`set_enabled`), installed or not."""
     if _state["enabled"] is None:
         _state["enabled"] = _env_enabled()
-    return bool(_state["enabled"]) and bool(_numba())
+    return bool(_state["enabled"])
+
+
+def enabled() -> bool:
+    """Whether the JIT kernels run: numba is importable and the JIT is not switched off."""
+    return switched_on() and bool(_numba())
 
 
 def set_enabled(on: bool) -> None:
@@ -62,6 +67,11 @@ def compile_seconds() -> dict[str, float]:
     """Seconds each kernel took to become callable in this process, over the argument types
     it was called with: compiling, or loading from numba's cache (milliseconds once cached)."""
     return dict(_compile_seconds)
+
+
+def record_compile(name: str, seconds: float) -> None:
+    """Add to a kernel's :func:`compile_seconds` (numba's kernels here, IR ones in numpy_llvm)."""
+    _compile_seconds[name] = _compile_seconds.get(name, 0.0) + seconds
 
 
 @contextlib.contextmanager
@@ -100,9 +110,7 @@ class Kernel:
             try:
                 return self._compile_for_args(*args, **kwargs)
             finally:
-                seconds = time.perf_counter() - start
-                name = self.fn.__name__
-                _compile_seconds[name] = _compile_seconds.get(name, 0.0) + seconds
+                record_compile(self.fn.__name__, time.perf_counter() - start)
 
     def __call__(self, *args):
         if self.jitted is None:

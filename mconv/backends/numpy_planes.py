@@ -1,0 +1,62 @@
+"""Where a conv's taps read: each channel's zero-padded input as flat phase planes.
+
+With stride 1 the taps of output position q read the padded input at
+``q + i*dilation`` (per axis): tap i is a shift by a fixed flat offset, so a
+run of consecutive outputs along the last axis reads a contiguous run.
+With a stride, the padded plane is split into ``prod(stride)`` phase planes
+(index u of phase r along an axis holds padded index ``u*s + r``): tap i
+then reads phase ``(i*d) % s`` at a shift of ``(i*d) // s``, a stride-1 run
+again, and output q sits at index q of every phase plane. The direct kernels
+(depthwise, grouped) read these planes; nothing else is copied.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ..geometry import ConvGeometry
+
+
+class Planes:
+    """The flat layout of one channel: ``phases`` planes of shape ``phase`` (C order), each
+    ``size`` elements, one after the other; ``plane`` holds a plane's flat strides and
+    ``offsets`` the flat offset each tap (C order) reads from, relative to the output's.
+    ``phased=False`` keeps one plane, the padded input (then the offsets hold for stride 1)."""
+
+    def __init__(self, g: ConvGeometry, phased: bool):
+        self.g = g
+        self.steps = tuple(g.stride) if phased else (1,) * g.ndim
+        self.phase = tuple(-(-p // s) for p, s in zip(g.padded_size, self.steps))
+        self.phases = math.prod(self.steps)
+        self.size = math.prod(self.phase)
+        self.plane = tuple(math.prod(self.phase[j + 1 :]) for j in range(g.ndim))
+        self.offsets = np.array(
+            [
+                np.ravel_multi_index([i * d % s for i, d, s in zip(tap, g.dilation, self.steps)],
+                                     self.steps) * self.size
+                + sum(i * d // s * p for i, d, s, p in zip(tap, g.dilation, self.steps, self.plane))
+                for tap in np.ndindex(*g.kernel_size)
+            ],
+            np.int64,
+        )  # fmt: skip
+
+    def pad_into(self, x: np.ndarray, b: int, chans: slice, flat: np.ndarray) -> np.ndarray:
+        """``flat[:cb]`` (cb, >= phases * size): channels ``chans`` of image b, zero-padded, in
+        the planes (cast to flat's dtype). Only the places the input lands are written: the
+        rest must be zero already (a scratch allocated with zeros stays so)."""
+        g, cb = self.g, chans.stop - chans.start
+        flat = flat[:cb]
+        for pid, phase in enumerate(np.ndindex(*self.steps)):
+            plane = flat[:, pid * self.size : (pid + 1) * self.size].reshape(cb, *self.phase)
+            dest, src = [slice(None)], [b, chans]
+            for r, s, n, lo, u_end in zip(phase, self.steps, g.in_size, (lo for lo, _ in g.padding),
+                                          self.phase):  # fmt: skip
+                u0 = max(0, -((r - lo) // s))  # first index u whose input u*s + r - lo >= 0
+                i0 = u0 * s + r - lo
+                count = max(0, min(u_end - u0, -(-(n - i0) // s)))
+                dest.append(slice(u0, u0 + count))
+                src.append(slice(i0, i0 + s * (count - 1) + 1 if count else i0, s))
+            plane[tuple(dest)] = x[tuple(src)]
+        return flat

@@ -1,0 +1,185 @@
+"""The direct conv kernels in LLVM IR (numpy_direct, compiled by numpy_llvm).
+
+Checked against torch float64 on drawn geometries: ranks 1-3, groups (1: dense), channels
+per group (1 = a depthwise conv with a channel multiplier), strides, dilations, padding pairs and
+modes, both conv modes, float32 and float16, bias, one and two threads, tasks of one group;
+with a spy proving the kernel ran. backward_data's stride phases and grouped transposed
+convs are grouped convs too, so they run it as well. Plain float32 sums: 2e-6 of the
+result's scale.
+"""
+
+import ctypes
+import gc
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+from reference import assert_close, torch_conv, torch_conv_transpose
+from test_fast_algorithms import _small_tasks, _spy
+
+from mconv import functional as F, precision
+from mconv.backends import numpy_direct, numpy_jit, numpy_llvm
+
+pytestmark = pytest.mark.skipif(not numpy_llvm.available(), reason="llvmlite is not installed")
+TOL = {np.float32: 2e-6, np.float16: 2e-3}
+DEFAULT_MIN_WIDTH = numpy_direct.MIN_WIDTH
+
+
+@pytest.fixture(autouse=True)
+def _any_width(monkeypatch):
+    """The kernel for rows of any width: the tests' sizes are small."""
+    monkeypatch.setattr(numpy_direct, "MIN_WIDTH", 1)
+
+
+@st.composite
+def grouped_cases(draw):
+    rank = draw(st.sampled_from([1, 2, 3]))
+    groups, cg = draw(st.integers(1, 4)), draw(st.integers(1, 9))  # 1: a dense conv
+    og = draw(st.integers(2 if cg == 1 else 1, 9))  # not 1 and 1: depthwise, its own kernel
+    kernel = tuple(draw(st.integers(1, 3)) for _ in range(rank))
+    stride = tuple(draw(st.integers(1, 3)) for _ in range(rank))
+    dilation = tuple(draw(st.integers(1, 2)) for _ in range(rank))
+    mode = draw(st.sampled_from(["zeros", "reflect", "replicate", "circular"]))
+    most = 3 if mode == "zeros" else 1
+    pairs = tuple((draw(st.integers(0, most)), draw(st.integers(0, most))) for _ in range(rank))
+    # every axis at least as long as its dilated kernel, and the padding it reflects
+    size = tuple(
+        draw(st.integers(max(d * (k - 1) + 1, 2), {1: 40, 2: 12, 3: 6}[rank]))
+        for k, d in zip(kernel, dilation)
+    )
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    x = rng.standard_normal((draw(st.integers(1, 3)), groups * cg, *size))
+    w = rng.standard_normal((groups * og, cg, *kernel))
+    b = rng.standard_normal(groups * og)
+    conv_mode = draw(st.sampled_from(["cross_correlation", "convolution"]))
+    kw = dict(stride=stride, padding=pairs, dilation=dilation, groups=groups,
+              padding_mode=mode, conv_mode=conv_mode)  # fmt: skip
+    return x, w, b, kw, rng
+
+
+@settings(max_examples=120, deadline=None)
+@given(grouped_cases(), st.sampled_from([np.float32, np.float16]), st.sampled_from([1, 2]),
+       st.sampled_from([300, 4 << 20]))  # fmt: skip
+def test_grouped_kernel_matches_torch(case, dtype, threads, task_bytes):
+    """y, dx (its stride phases are convs of the same groups) and dW against torch float64,
+    under set_algorithm('exact'): the kernel's sums are plain sums."""
+    x, w, b, kw, rng = case
+    x, w, b = (a.astype(dtype) for a in (x, w, b))
+    with (
+        _small_tasks(threads, task_bytes),
+        _spy(numpy_direct, "forward") as calls,
+        _spy(numpy_direct, "filter_grad") as grads,
+        pytest.MonkeyPatch.context() as patch,
+    ):
+        patch.setattr(numpy_direct, "_TASK_BYTES", task_bytes)
+        patch.setattr(numpy_direct, "_CHUNK_BYTES", task_bytes)  # fp16: results in pieces
+        patch.setattr(numpy_direct, "MIN_WIDTH", 1)  # hypothesis runs no fixture per example
+        patch.setitem(precision._algorithm, "name", "exact")  # no Winograd: dense 3x3 too
+        y = F.conv(x, w, b, **kw)
+        dy = rng.standard_normal(y.shape).astype(dtype)
+        got = (y, *F.conv_backward(dy, x, w, has_bias=True, **kw))
+    # a 1x1 conv at stride 1 over its padded input is one GEMM per group (numpy_pointwise)
+    padded = kw["padding_mode"] != "zeros" or not any(sum(kw["padding"], ()))
+    pointwise = set(w.shape[2:]) == {1} and set(kw["stride"]) == {1} and padded
+    assert (calls and grads) or pointwise  # forward and dW (dx: unless col2im is cheaper)
+    want = torch_conv(*(a.astype(np.float64) for a in (x, w, b, dy)), **kw)
+    for g, r in zip(got, want):
+        assert g.dtype == dtype
+        assert_close(g, r, TOL[dtype])
+
+
+@pytest.mark.parametrize("stride,padding,output_padding", [(2, 1, 1), (3, 0, 2), (1, 1, 0)])
+def test_grouped_transposed_conv_runs_the_kernel(rng, stride, padding, output_padding):
+    """A grouped ConvTranspose2d (a decoder's upsampling): its forward is backward_data."""
+    x = rng.standard_normal((2, 8, 7, 6)).astype(np.float32)
+    w = rng.standard_normal((8, 3, 4, 3)).astype(np.float32)  # (C, O/G, *k), G = 4
+    b = rng.standard_normal(12).astype(np.float32)
+    kw = dict(stride=stride, padding=padding, output_padding=output_padding, dilation=1, groups=4)
+    with _spy(numpy_direct, "forward") as calls:
+        y = F.conv_transpose(x, w, b, **kw)
+        dy = rng.standard_normal(y.shape).astype(np.float32)
+        got = (y, *F.conv_transpose_backward(dy, x, w, has_bias=True, **kw))
+    assert calls
+    want = torch_conv_transpose(*(a.astype(np.float64) for a in (x, w, b, dy)), **kw)
+    for g, r in zip(got, want):
+        assert_close(g, r, TOL[np.float32])
+
+
+def test_resnext_layer_with_bias_writes_in_place(rng):
+    """The benchmark's ResNeXt layer shape, batch 2: outputs straight into y, bias in the
+    kernel (8 channels per group: two blocks of 4, 28 outputs a row: a partial block)."""
+    x = rng.standard_normal((2, 256, 28, 28)).astype(np.float32)
+    w = rng.standard_normal((256, 8, 3, 3)).astype(np.float32)
+    b = rng.standard_normal(256).astype(np.float32)
+    with _spy(numpy_direct, "forward") as calls:
+        y = F.conv(x, w, b, padding=1, groups=32)
+    assert calls
+    want = torch_conv(*(a.astype(np.float64) for a in (x, w, b)), None, stride=1, padding=((1, 1),) * 2,
+                      dilation=1, groups=32)  # fmt: skip
+    assert_close(y, want, TOL[np.float32])
+
+
+@pytest.mark.parametrize(
+    "dtype,shape,weight,groups",
+    [
+        (np.float64, (1, 8, 9, 9), (8, 4, 3, 3), 2),  # float64: im2col (1e-10 parity)
+        (np.float32, (1, 130, 9, 9), (4, 65, 3, 3), 2),  # 65 channels a group: GEMM's size
+        (np.float32, (1, 8, 9, 9), (8, 8, 3, 3), 1),  # dense
+        (np.float32, (1, 8, 9, 9), (8, 1, 3, 3), 8),  # depthwise: its own kernel
+        (np.float32, (2, 64, 7, 7), (64, 16, 3, 3), 4),  # 7 outputs a row: im2col
+    ],
+)
+def test_kernel_leaves_other_convs_alone(monkeypatch, rng, dtype, shape, weight, groups):
+    monkeypatch.setattr(numpy_direct, "MIN_WIDTH", DEFAULT_MIN_WIDTH)
+    x, w = rng.standard_normal(shape).astype(dtype), rng.standard_normal(weight).astype(dtype)
+    with _spy(numpy_direct, "forward") as calls, _spy(numpy_direct, "filter_grad") as grads:
+        y = F.conv(x, w, padding=1, groups=groups)
+        F.conv_backward(np.ones_like(y), x, w, has_bias=False, padding=1, groups=groups)
+    assert not calls and not grads
+    want = torch_conv(x.astype(np.float64), w.astype(np.float64), None, None, stride=1,
+                      padding=((1, 1),) * 2, dilation=1, groups=groups)  # fmt: skip
+    assert_close(y, want, 1e-10 if dtype == np.float64 else TOL[dtype])
+
+
+def test_without_llvmlite_or_with_the_jit_off_the_numpy_path_runs(monkeypatch, rng):
+    x = rng.standard_normal((2, 8, 9, 9)).astype(np.float32)
+    w = rng.standard_normal((8, 2, 3, 3)).astype(np.float32)
+    want = torch_conv(x.astype(np.float64), w.astype(np.float64), None, None, stride=1,
+                      padding=((1, 1),) * 2, dilation=1, groups=4)  # fmt: skip
+    for patch in ((numpy_llvm._state, "llvm", False), (numpy_jit._state, "enabled", False)):
+        with pytest.MonkeyPatch.context() as m, _spy(numpy_direct, "forward") as calls:
+            m.setitem(*patch)
+            assert not numpy_llvm.available()
+            y = F.conv(x, w, padding=1, groups=4)
+        assert not calls
+        assert_close(y, want, TOL[np.float32])
+
+
+def test_kernels_report_compile_time_and_bad_ir_compiles_to_none():
+    x = np.ones((1, 8, 9, 9), np.float32)
+    F.conv(x, np.ones((8, 2, 3, 3), np.float32), padding=1, groups=4)  # ob 2, pv 2
+    assert numpy_jit.compile_seconds()["direct_forward_2x2"] >= 0.0
+    broken = numpy_llvm.Kernel("broken", "define void @kernel() { oops }", [])
+    assert broken.function() is None
+    assert "broken" in numpy_jit.compile_seconds()
+    for _ in range(3):  # each engine owns its machine: freeing one leaves the next intact
+        fine = numpy_llvm.Kernel("two", "define void @kernel(ptr %p) {\n  store float 2.0, "
+                                 "ptr %p\n  ret void\n}", [ctypes.c_void_p])  # fmt: skip
+        value = np.zeros(1, np.float32)
+        fine.function()(value.ctypes.data)
+        assert value[0] == 2.0
+        del fine
+        gc.collect()
+
+
+@pytest.mark.parametrize("og,width", [(8, 28), (6, 7), (5, 100), (1, 3)])
+def test_blocking_fits_the_registers(og, width):
+    from mconv.geometry import ConvGeometry
+
+    g = ConvGeometry(2 * 3, 2 * og, 2, (5, width), (3, 3), (3, width - 2), (1, 1), (1, 1),
+                     ((0, 0), (0, 0)))  # fmt: skip
+    ob, pv = numpy_direct._blocking(g)
+    assert og % ob == 0 and ob <= 4
+    assert ob * pv <= (16 if numpy_llvm.vector_registers() >= 32 else 8)
+    assert pv <= max(1, math.ceil((width - 2) / numpy_direct.VW))
