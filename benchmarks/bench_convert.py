@@ -12,7 +12,15 @@ writeback of the one before. The targets (issue 12) are against plain ``cp``: at
 most 2x its time and 1.2x the file size in peak RSS; the ratio to ``cp`` + fsync is shown
 too.
 
-    python benchmarks/bench_convert.py [--size-mb 1024] [--repeat 3] [--dir /tmp]
+By default each run replaces the output of the job's previous run, as a user re-running a
+conversion does: ``cp`` truncates its target first and refills the pages it just freed,
+while mconv writes a temporary file beside the old one and renames it over it (the old
+data survives a failure), so it needs a second file's worth of pages while the old file
+still holds its own; both pay for freeing the old file's pages. ``--new-files`` removes
+each job's previous output before the clock starts instead: every job, ``cp`` included,
+then writes a new file and frees nothing (see docs/checkpoints.md for both).
+
+    python benchmarks/bench_convert.py [--size-mb 1024] [--repeat 3] [--dir /tmp] [--new-files]
 """
 
 from __future__ import annotations
@@ -27,8 +35,11 @@ import tempfile
 import time
 
 
-def run_measured(cmd: list[str]) -> tuple[float, float]:
-    """(wall seconds, peak RSS MiB) of one child process, started after a ``sync``."""
+def run_measured(cmd: list[str], output: str | None = None) -> tuple[float, float]:
+    """(wall seconds, peak RSS MiB) of one child process, started after a ``sync``; the
+    ``output`` it writes is removed first (untimed) where given."""
+    if output is not None and os.path.exists(output):
+        os.unlink(output)
     os.sync()
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -68,6 +79,9 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--dir", default=None, help="where to write the files (default: a temp dir)"
     )
+    parser.add_argument("--new-files", action="store_true",
+                        help="remove each job's previous output before the clock starts (default: "
+                             "every job replaces the output of its previous run)")  # fmt: skip
     args = parser.parse_args(argv)
     if args.repeat < 1 or args.size_mb < 1:
         parser.error(f"--repeat and --size-mb must be >= 1, but got --repeat {args.repeat} "
@@ -80,17 +94,18 @@ def main(argv=None) -> None:
             json.dump({"*": {"kind": "conv", "groups": 1, "ndim": 2}}, f)
         mconv = [sys.executable, "-m", "mconv", "convert", src]  # with its progress bar
         copy = os.path.join(root, "copy.pt")
-        jobs = {"cp": ["cp", src, copy],
-                "cp + fsync": ["sh", "-c", 'cp "$1" "$2" && sync "$2"', "sh", src, copy]}  # fmt: skip
+        jobs = {"cp": (["cp", src, copy], copy),
+                "cp + fsync": (["sh", "-c", 'cp "$1" "$2" && sync "$2"', "sh", src, copy], copy)}  # fmt: skip
         for layout, suffix in TARGETS:
             out = os.path.join(root, f"out-{layout}{suffix}")
-            jobs[f"convert -> {layout} {suffix}"] = mconv + [out, "--to", layout, "--spec", spec]
+            cmd = mconv + [out, "--to", layout, "--spec", spec]
+            jobs[f"convert -> {layout} {suffix}"] = (cmd, out)
         runs: dict[str, list[tuple[float, float]]] = {name: [] for name in jobs}
-        for cmd in jobs.values():
-            run_measured(cmd)  # warm the page cache; leave an output to replace, as cp does
+        for cmd, _ in jobs.values():
+            run_measured(cmd)  # warm the page cache; leave an output to replace
         for _ in range(args.repeat):  # round robin: a noisy moment hits every job alike
-            for name, cmd in jobs.items():
-                runs[name].append(run_measured(cmd))
+            for name, (cmd, out) in jobs.items():
+                runs[name].append(run_measured(cmd, out if args.new_files else None))
         results = {}
         for name, measured in runs.items():
             wall = statistics.median(w for w, _ in measured)
@@ -99,8 +114,11 @@ def main(argv=None) -> None:
                              "rss_over_file_size": round(rss * 2**20 / size, 2),
                              "all_seconds": [round(w, 2) for w, _ in measured]}  # fmt: skip
     cp, synced = results["cp"]["seconds"], results["cp + fsync"]["seconds"]
-    print(f"checkpoint: {size / 2**20:.0f} MiB; targets: <= {TIME_TARGET}x cp, "
-          f"<= {RSS_TARGET}x the file size in peak RSS")
+    print(
+        f"checkpoint: {size / 2**20:.0f} MiB; every job "
+        f"{'writes a new file' if args.new_files else 'replaces its previous output'}; targets: "
+        f"<= {TIME_TARGET}x cp, <= {RSS_TARGET}x the file size in peak RSS"
+    )
     print(f"{'job':40s} {'seconds':>8s} {'x cp':>6s} {'x cp+fsync':>11s} {'peak RSS MiB':>13s} "
           f"{'RSS / size':>11s}")  # fmt: skip
     for name, r in results.items():
@@ -109,7 +127,7 @@ def main(argv=None) -> None:
         print(f"{name:40s} {r['seconds']:8.2f} {r['seconds'] / cp:6.2f} "
               f"{r['seconds'] / synced:11.2f} {r['peak_rss_mib']:13.1f} "
               f"{r['rss_over_file_size']:11.2f}{'' if ok else '  MISSES THE TARGET'}")  # fmt: skip
-    print(json.dumps({"size_mib": round(size / 2**20), **results}))
+    print(json.dumps({"size_mib": round(size / 2**20), "new_files": args.new_files, **results}))
 
 
 if __name__ == "__main__":
