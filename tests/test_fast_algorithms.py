@@ -23,7 +23,7 @@ from reference import assert_close, torch_conv
 
 import mconv
 from mconv import functional as F
-from mconv.backends import numpy_depthwise, numpy_jit, numpy_threads, numpy_winograd
+from mconv.backends import numpy_depthwise, numpy_direct, numpy_jit, numpy_threads, numpy_winograd
 
 pytestmark = pytest.mark.skipif(not numpy_jit.enabled(), reason="numba is not installed")
 
@@ -289,6 +289,7 @@ def test_direct_depthwise_matches_torch(
         _small_tasks(threads, task_bytes),
         _spy(numpy_depthwise, "_taps_forward") as fwd,
         _spy(numpy_depthwise, "_taps_filter_grad") as grad,
+        mock.patch.object(numpy_direct, "applies", lambda *args: False),  # numba's taps only
     ):
         y = F.conv(x, w, b, **kw)
         dy = rng.standard_normal(y.shape).astype(dtype)

@@ -90,13 +90,13 @@ def _correlate(x: np.ndarray, w: np.ndarray, g: ConvGeometry, out: np.ndarray, a
     ``acc`` and rounded once into ``out``."""
     if out.size == 0 or x.size == 0 or w.size == 0:  # an empty sum (or nothing to write)
         store(np.zeros((), acc), out, None if bias is None else bias_view(bias, g.ndim + 1, 0))
-    elif numpy_depthwise.applies(g):
+    elif numpy_depthwise.applies(g) and not numpy_direct.applies(g, x, out):
         numpy_depthwise.forward(x, w, g, out, acc, bias)
     elif numpy_pointwise.applies(g):
         numpy_pointwise.forward(x, w, g, out, acc, bias)
     elif numpy_winograd.applies(g, x, w):
         numpy_winograd.correlate(x, w, g, out, bias)
-    elif numpy_direct.applies(g, x):
+    elif numpy_direct.applies(g, x, out):
         numpy_direct.forward(x, w, g, out, bias)
     elif numpy_wide.applies(g):
         numpy_wide.correlate(x, w, g, out, acc, bias)
