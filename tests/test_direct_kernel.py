@@ -186,3 +186,30 @@ def test_blocking_fits_the_registers(og, width):
     assert og % ob == 0 and ob <= 4
     assert ob * pv <= (16 if numpy_llvm.vector_registers() >= 32 else 8)
     assert pv <= max(1, math.ceil((width - 2) / numpy_direct.VW))
+
+
+@pytest.mark.parametrize(
+    "shape,weight,groups,stride",
+    [((2, 16, 9, 30), (16, 4, 3, 3), 4, 1), ((2, 8, 17, 20), (8, 1, 3, 3), 8, 2),
+     ((1, 6, 33), (12, 3, 5), 2, 1), ((2, 3, 24, 24), (8, 3, 7, 7), 1, 2)],
+    ids=["grouped", "depthwise-s2", "1d", "stem"],
+)  # fmt: skip
+def test_float16_in_and_out_is_the_float32_sum_rounded_once(rng, shape, weight, groups, stride):
+    """float16 operands are widened as the kernel loads them and the float32 sums (plus bias)
+    rounded once as it stores them: bit for bit the float32 kernel's result, rounded; dW of
+    float16 operands is the float32 kernel's dW bit for bit."""
+    x, w = rng.standard_normal(shape).astype(np.float16), rng.standard_normal(weight)
+    w, b = w.astype(np.float16), rng.standard_normal(weight[0]).astype(np.float16)
+    kw = dict(stride=stride, padding=1, groups=groups)
+    wide = [a.astype(np.float32) for a in (x, w, b)]
+    with _spy(numpy_direct, "forward") as calls, _spy(numpy_direct, "filter_grad") as grads:
+        y16 = F.conv(x, w, b, **kw)
+        y32 = F.conv(*wide, **kw)
+        dy = rng.standard_normal(y16.shape).astype(np.float16)
+        dw16 = F.conv_backward(dy, x, w, has_bias=False, **kw)[1]
+        dw32 = F.conv_backward(dy.astype(np.float32), *wide[:2], has_bias=False, **kw)[1]
+    depthwise = groups == shape[1]  # dW: numpy_depthwise's
+    assert len(calls) >= 2 and len(grads) == (0 if depthwise else 2)
+    assert y16.dtype == dw16.dtype == np.float16
+    np.testing.assert_array_equal(y16, y32.astype(np.float16))
+    np.testing.assert_array_equal(dw16, dw32.astype(np.float16))

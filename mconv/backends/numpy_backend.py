@@ -211,7 +211,7 @@ def backward_filter(dy: np.ndarray, x: np.ndarray, geom: ConvGeometry) -> np.nda
         return numpy_depthwise.filter_grad(dy, x, geom, acc)
     if numpy_winograd.applies(geom, dy, x):
         return numpy_winograd.filter_grad(dy, x, geom)
-    if numpy_direct.applies_to_filter_grad(geom, x):
+    if numpy_direct.applies_to_filter_grad(geom, dy, x):
         return numpy_direct.filter_grad(dy, x, geom)
     if numpy_pointwise.applies(geom):
         return numpy_pointwise.filter_grad(dy, x, geom, acc)

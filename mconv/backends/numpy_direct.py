@@ -52,7 +52,7 @@ _ARGS = {  # the kernels' C signatures (see numpy_direct_ir)
     "forward": [_P, _P, _P, _P, _I, _I, _I, _I, _P, _I, _P, _I, _I, _I, _I, _I],
     "filter_grad": [_P, _P, _P, _I, _I, _I, _I, _P, _I, _P, _I, _I, _I],
 }
-_kernels: dict[tuple[str, int, int], numpy_llvm.Kernel] = {}
+_kernels: dict[tuple, numpy_llvm.Kernel] = {}
 
 
 def _divisor(n: int) -> int:
@@ -75,18 +75,26 @@ def _grad_blocking(g: ConvGeometry) -> tuple[int, int]:
     return (ob, cb) if numpy_llvm.vector_registers() >= 32 else (min(ob, 2), cb)
 
 
-def _kernel(kind: str, a: int, b: int):
-    """The compiled kernel (``kind`` 'forward' or 'filter_grad', blocked a x b), or None."""
-    if (kind, a, b) not in _kernels:
-        ir = getattr(numpy_direct_ir, kind)(a, b)
-        _kernels[kind, a, b] = numpy_llvm.Kernel(f"direct_{kind}_{a}x{b}", ir, _ARGS[kind])
-    return _kernels[kind, a, b].function()
+_ELEMENT = {np.dtype(np.float32): "float", np.dtype(np.float16): "half"}
 
 
-def in_place(out: np.ndarray) -> bool:
-    """Whether the forward kernel writes straight into ``out`` (float32, each image C-ordered)
-    rather than into a buffer rounded into it."""
-    return out.dtype == np.float32 and all(image.flags.c_contiguous for image in out)
+def _kernel(kind: str, a: int, b: int, *dtypes):
+    """The compiled kernel (``kind`` 'forward' or 'filter_grad', blocked a x b, reading and
+    writing arrays of ``dtypes``: float32 where not given), or None."""
+    types = tuple(_ELEMENT[np.dtype(t)] for t in dtypes)
+    key = (kind, a, b, *types)
+    if key not in _kernels:
+        ir = getattr(numpy_direct_ir, kind)(a, b, *types)
+        name = "_".join(("direct", kind, f"{a}x{b}", *(t for t in types if t != "float")))
+        _kernels[key] = numpy_llvm.Kernel(name, ir, _ARGS[kind])
+    return _kernels[key].function()
+
+
+def in_place(array: np.ndarray) -> bool:
+    """Whether a kernel uses ``array`` as it is (float32 or float16, each image C-ordered):
+    the forward writes into it, the weight gradient reads dy from it; otherwise through a
+    float32 buffer."""
+    return array.dtype in _ELEMENT and all(image.flags.c_contiguous for image in array)
 
 
 def _fits(g: ConvGeometry, x: np.ndarray) -> bool:
@@ -111,16 +119,18 @@ def applies(g: ConvGeometry, x: np.ndarray, out: np.ndarray) -> bool:
     return (
         _fits(g, x)
         and (not depthwise or in_place(out))
-        and _kernel("forward", *_blocking(g)) is not None
+        and _kernel("forward", *_blocking(g), x.dtype, out.dtype if in_place(out) else np.float32)
+        is not None
     )
 
 
-def applies_to_filter_grad(g: ConvGeometry, x: np.ndarray) -> bool:
+def applies_to_filter_grad(g: ConvGeometry, dy: np.ndarray, x: np.ndarray) -> bool:
     """As :func:`applies`, for the weight-gradient kernel (depthwise: numpy_depthwise's)."""
+    dy_type = dy.dtype if in_place(dy) else np.float32
     return (
         g.groups < max(g.in_channels, g.out_channels)
         and _fits(g, x)
-        and _kernel("filter_grad", *_grad_blocking(g)) is not None
+        and _kernel("filter_grad", *_grad_blocking(g), x.dtype, dy_type) is not None
     )
 
 
@@ -155,11 +165,12 @@ class _Plan:
                       for a in range(0, lead, step)]  # fmt: skip
         self.work = batch * g.out_channels * math.prod(q) * self.taps * self.cg
 
-    def flat(self) -> np.ndarray:
-        return np.zeros((self.block * self.cg, self.length), np.float32)
+    def flat(self, dtype) -> np.ndarray:
+        """A task's planes, in x's dtype (float16 is widened as the kernel loads it)."""
+        return np.zeros((self.block * self.cg, self.length), dtype)
 
     def pad(self, x: np.ndarray, b: int, g0: int, g1: int, flat: np.ndarray) -> np.ndarray:
-        """Image b's input channels of groups g0..g1 in the planes, widened to float32."""
+        """Image b's input channels of groups g0..g1 in the planes."""
         return self.planes.pad_into(x, b, slice(g0 * self.cg, g1 * self.cg), flat)
 
     def chunks(self, a0: int, a1: int, channels: int):
@@ -187,12 +198,13 @@ def forward(x: np.ndarray, w: np.ndarray, g: ConvGeometry, out: np.ndarray, bias
     float32 and rounded once into ``out``."""
     ob, pv = _blocking(g)
     plan = _Plan(g, x.shape[0], VW * pv)
-    cg, og, wout, function = plan.cg, plan.og, plan.wout, _kernel("forward", ob, pv)
+    written_in_place = in_place(out)  # else through float32 buffers
+    function = _kernel("forward", ob, pv, x.dtype, out.dtype if written_in_place else np.float32)
+    cg, og, wout = plan.cg, plan.og, plan.wout
     # w (O, Cg, *k) -> (G, Og/ob, ob, Cg, K) -> (G, Og/ob, Cg, K, ob): a block's weights in order
     wk = w.reshape(g.groups, og // ob, ob, cg, plan.taps).transpose(0, 1, 3, 4, 2)
     wk = np.ascontiguousarray(wk, np.float32)
     bk = None if bias is None else np.ascontiguousarray(bias, np.float32)
-    written_in_place = in_place(out)
 
     def work(task, flat) -> None:
         b, g0, g1, a0, a1 = task
@@ -207,7 +219,7 @@ def forward(x: np.ndarray, w: np.ndarray, g: ConvGeometry, out: np.ndarray, bias
                      int(with_bias))  # fmt: skip
 
         if written_in_place:  # rows a0..a1 of each channel, bias added in the kernel
-            start = dest.ctypes.data + 4 * a0 * plan.per * wout
+            start = dest.ctypes.data + out.itemsize * a0 * plan.per * wout
             run(start, a0, (a1 - a0) * plan.per, plan.rows * wout, bias is not None)
             return
         part = None if bias is None else bias_view(bk[g0 * og : g1 * og], g.ndim + 1, 0)
@@ -217,7 +229,7 @@ def forward(x: np.ndarray, w: np.ndarray, g: ConvGeometry, out: np.ndarray, bias
                 res.reshape(plan.first_axis(dest, where).shape), plan.first_axis(dest, where), part
             )
 
-    numpy_threads.run(plan.tasks, work, plan.flat, plan.work)
+    numpy_threads.run(plan.tasks, work, lambda: plan.flat(x.dtype), plan.work)
 
 
 def filter_grad(dy: np.ndarray, x: np.ndarray, g: ConvGeometry) -> np.ndarray:
@@ -225,11 +237,12 @@ def filter_grad(dy: np.ndarray, x: np.ndarray, g: ConvGeometry) -> np.ndarray:
     float32."""
     ob, cb = _grad_blocking(g)
     plan = _Plan(g, x.shape[0], VW)
-    cg, og, wout, function = plan.cg, plan.og, plan.wout, _kernel("filter_grad", ob, cb)
-    dy_in_place = in_place(dy)  # read as it is
+    dy_in_place = in_place(dy)  # else through float32 buffers
+    function = _kernel("filter_grad", ob, cb, x.dtype, dy.dtype if dy_in_place else np.float32)
+    cg, og, wout = plan.cg, plan.og, plan.wout
 
     def scratch():
-        return plan.flat(), np.zeros((g.out_channels, cg, plan.taps), np.float32)
+        return plan.flat(x.dtype), np.zeros((g.out_channels, cg, plan.taps), np.float32)
 
     def work(task, scratch) -> None:
         b, g0, g1, a0, a1 = task
@@ -242,10 +255,10 @@ def filter_grad(dy: np.ndarray, x: np.ndarray, g: ConvGeometry) -> np.ndarray:
                      plan.planes.offsets.ctypes.data, plan.taps, wout, dycs)  # fmt: skip
 
         if dy_in_place:
-            start = src.ctypes.data + 4 * a0 * plan.per * wout
+            start = src.ctypes.data + dy.itemsize * a0 * plan.per * wout
             run(start, a0, (a1 - a0) * plan.per, plan.rows * wout)
             return
-        for where, rows, buffer in plan.chunks(a0, a1, n):  # dy widened to float32, rows a0..a1
+        for where, rows, buffer in plan.chunks(a0, a1, n):  # dy as float32, rows a0..a1
             np.copyto(
                 buffer.reshape(plan.first_axis(src, where).shape), plan.first_axis(src, where)
             )

@@ -28,17 +28,38 @@ def _step(name: str, by: str = "1") -> list[str]:
             f"  br label %{name}.head"]  # fmt: skip
 
 
+def _load(name: str, pointer: str, element: str) -> list[str]:
+    """``%name``: the float vector at ``pointer`` of ``element``s (float, or half widened)."""
+    if element == "float":
+        return [f"  %{name} = load {V}, ptr {pointer}, align 4"]
+    return [f"  %{name}.h = load <{VW} x half>, ptr {pointer}, align 2",
+            f"  %{name} = fpext <{VW} x half> %{name}.h to {V}"]  # fmt: skip
+
+
+def _store(value: str, pointer: str, element: str, lanes: int = VW) -> list[str]:
+    """Store the float vector (or scalar, ``lanes=1``) ``value`` as ``element``s (half: each
+    rounded once, to nearest even)."""
+    kind = f"<{lanes} x {{}}>" if lanes > 1 else "{}"
+    if element == "float":
+        return [f"  store {kind.format('float')} {value}, ptr {pointer}, align 4"]
+    narrow = f"{value.lstrip('%')}.n"
+    return [f"  %{narrow} = fptrunc {kind.format('float')} {value} to {kind.format('half')}",
+            f"  store {kind.format('half')} %{narrow}, ptr {pointer}, align 2"]  # fmt: skip
+
+
 def _splat(name: str, scalar: str) -> list[str]:
     """``%name``: a vector of ``scalar`` in every lane."""
     return [f"  %{name}.i = insertelement {V} poison, float {scalar}, i32 0",
             f"  %{name} = shufflevector {V} %{name}.i, {V} poison, <{VW} x i32> zeroinitializer"]  # fmt: skip
 
 
-def forward(ob: int, pv: int) -> str:
+def forward(ob: int, pv: int, xt: str = "float", yt: str = "float") -> str:
     """``@kernel(x, w, y, bias, groups, cg, nblk, xcs, rowbase, rows, tapoff, taps, wout, ycs,
-    yrs, hasbias)``; x: Cg channels per group, ``xcs`` floats apart; w: (G, nblk, Cg, taps,
-    ob); y: (G * nblk * ob, rows, wout) with strides (ycs, yrs, 1). Written like C at -O0
-    (every variable an ``alloca``): LLVM's passes turn them into registers."""
+    yrs, hasbias)``; x: Cg channels per group, ``xcs`` elements apart, of type ``xt`` ('float'
+    or 'half', widened as loaded); w: (G, nblk, Cg, taps, ob) floats; y: (G * nblk * ob, rows,
+    wout) of type ``yt`` (half: rounded once from the float sum plus bias), strides (ycs,
+    yrs, 1). Written like C at -O0 (every variable an ``alloca``): LLVM's passes turn them
+    into registers."""
     v = V
     accs = [(o, p) for o in range(ob) for p in range(pv)]
     out = [f"declare {v} @llvm.fmuladd.v{VW}f32({v}, {v}, {v})",
@@ -53,16 +74,16 @@ def forward(ob: int, pv: int) -> str:
     # for gb (a block of ob output channels): x, w, y of its group
     out += ["  store i64 0, ptr %gb.a", *_loop("gb", "%blocks", "exit"),
             "  %g = udiv i64 %gb, %nblk", "  %xg.0 = mul i64 %g, %cg",
-            "  %xg.1 = mul i64 %xg.0, %xcs", "  %xg = getelementptr float, ptr %x, i64 %xg.1",
+            "  %xg.1 = mul i64 %xg.0, %xcs", f"  %xg = getelementptr {xt}, ptr %x, i64 %xg.1",
             "  %wg.0 = mul i64 %gb, %cg", "  %wg.1 = mul i64 %wg.0, %taps",
             f"  %wg.2 = mul i64 %wg.1, {ob}", "  %wg = getelementptr float, ptr %w, i64 %wg.2",
             f"  %o0 = mul i64 %gb, {ob}", "  %yg.0 = mul i64 %o0, %ycs",
-            "  %yg = getelementptr float, ptr %y, i64 %yg.0"]  # fmt: skip
+            f"  %yg = getelementptr {yt}, ptr %y, i64 %yg.0"]  # fmt: skip
     # for r (an output row): where its taps start
     out += ["  store i64 0, ptr %r.a", *_loop("r", "%rows", "gb.next"),
             "  %rb.p = getelementptr i64, ptr %rowbase, i64 %r", "  %rb = load i64, ptr %rb.p",
-            "  %xr = getelementptr float, ptr %xg, i64 %rb", "  %yr.0 = mul i64 %r, %yrs",
-            "  %yr = getelementptr float, ptr %yg, i64 %yr.0"]  # fmt: skip
+            f"  %xr = getelementptr {xt}, ptr %xg, i64 %rb", "  %yr.0 = mul i64 %r, %yrs",
+            f"  %yr = getelementptr {yt}, ptr %yg, i64 %yr.0"]  # fmt: skip
     # for xb (pv vectors of outputs): accumulators start at the bias or zero
     out += ["  store i64 0, ptr %xb.a", *_loop("xb", "%wout", "r.next"),
             "  %hb = icmp ne i64 %hasbias, 0", "  br i1 %hb, label %init.bias, label %init.zero",
@@ -73,19 +94,19 @@ def forward(ob: int, pv: int) -> str:
         out += [f"  store {v} %bs{o}, ptr %acc{o}_{p}" for p in range(pv)]
     out += ["  br label %init.done", "init.zero:"]
     out += [f"  store {v} zeroinitializer, ptr %acc{o}_{p}" for o, p in accs]
-    out += ["  br label %init.done", "init.done:", "  %xrb = getelementptr float, ptr %xr, i64 %xb"]
+    out += ["  br label %init.done", "init.done:", f"  %xrb = getelementptr {xt}, ptr %xr, i64 %xb"]
     # for c (input channel of the group), for t (tap): ob x pv multiply-adds
     out += ["  store i64 0, ptr %c.a", *_loop("c", "%cg", "sum.done"),
-            "  %xc.0 = mul i64 %c, %xcs", "  %xc = getelementptr float, ptr %xrb, i64 %xc.0",
+            "  %xc.0 = mul i64 %c, %xcs", f"  %xc = getelementptr {xt}, ptr %xrb, i64 %xc.0",
             "  %wc.0 = mul i64 %c, %taps", f"  %wc.1 = mul i64 %wc.0, {ob}",
             "  %wc = getelementptr float, ptr %wg, i64 %wc.1",
             "  store i64 0, ptr %t.a", *_loop("t", "%taps", "c.next"),
             "  %to.p = getelementptr i64, ptr %tapoff, i64 %t", "  %to = load i64, ptr %to.p",
-            "  %xt = getelementptr float, ptr %xc, i64 %to",
+            f"  %xt = getelementptr {xt}, ptr %xc, i64 %to",
             f"  %wt.0 = mul i64 %t, {ob}", "  %wt = getelementptr float, ptr %wc, i64 %wt.0"]  # fmt: skip
     for p in range(pv):
-        out += [f"  %xp{p} = getelementptr float, ptr %xt, i64 {p * VW}",
-                f"  %xv{p} = load {v}, ptr %xp{p}, align 4"]  # fmt: skip
+        out += [f"  %xp{p} = getelementptr {xt}, ptr %xt, i64 {p * VW}",
+                *_load(f"xv{p}", f"%xp{p}", xt)]  # fmt: skip
     for o in range(ob):
         out += [f"  %wp{o} = getelementptr float, ptr %wt, i64 {o}",
                 f"  %ws{o} = load float, ptr %wp{o}", *_splat(f"wv{o}", f"%ws{o}")]  # fmt: skip
@@ -95,18 +116,18 @@ def forward(ob: int, pv: int) -> str:
                     f"{v} %a{o}_{p})", f"  store {v} %s{o}_{p}, ptr %acc{o}_{p}"]  # fmt: skip
     out += [*_step("t"), "c.next:", *_step("c")]
     # store: whole vectors, or the valid lanes of a row's last block through %tmp
-    out += ["sum.done:", "  %yb = getelementptr float, ptr %yr, i64 %xb",
+    out += ["sum.done:", f"  %yb = getelementptr {yt}, ptr %yr, i64 %xb",
             f"  %xe = add i64 %xb, {pv * VW}", "  %full = icmp sle i64 %xe, %wout",
             "  br i1 %full, label %st.full, label %st.part", "st.full:"]  # fmt: skip
     for o in range(ob):
         out += [
             f"  %yo{o} = mul i64 %ycs, {o}",
-            f"  %yp{o} = getelementptr float, ptr %yb, i64 %yo{o}",
+            f"  %yp{o} = getelementptr {yt}, ptr %yb, i64 %yo{o}",
         ]
         for p in range(pv):
             out += [f"  %f{o}_{p} = load {v}, ptr %acc{o}_{p}",
-                    f"  %fp{o}_{p} = getelementptr float, ptr %yp{o}, i64 {p * VW}",
-                    f"  store {v} %f{o}_{p}, ptr %fp{o}_{p}, align 4"]  # fmt: skip
+                    f"  %fp{o}_{p} = getelementptr {yt}, ptr %yp{o}, i64 {p * VW}",
+                    *_store(f"%f{o}_{p}", f"%fp{o}_{p}", yt)]  # fmt: skip
     out += ["  br label %xb.next", "st.part:", "  %rem = sub i64 %wout, %xb"]
     for o in range(ob):
         for p in range(pv):
@@ -114,12 +135,13 @@ def forward(ob: int, pv: int) -> str:
                     f"  %qp{o}_{p} = getelementptr float, ptr %tmp, i64 {p * VW}",
                     f"  store {v} %q{o}_{p}, ptr %qp{o}_{p}, align 4"]  # fmt: skip
         e = f"e{o}"
-        out += [f"  %qy{o}.0 = mul i64 %ycs, {o}", f"  %qy{o} = getelementptr float, ptr %yb, i64 %qy{o}.0",
+        out += [f"  %qy{o}.0 = mul i64 %ycs, {o}", f"  %qy{o} = getelementptr {yt}, ptr %yb, i64 %qy{o}.0",
                 "  store i64 0, ptr %e.a", f"  br label %{e}.head", f"{e}.head:",
                 f"  %{e} = load i64, ptr %e.a", f"  %{e}.go = icmp slt i64 %{e}, %rem",
                 f"  br i1 %{e}.go, label %{e}.body, label %{e}.done", f"{e}.body:",
                 f"  %{e}.s = getelementptr float, ptr %tmp, i64 %{e}", f"  %{e}.v = load float, ptr %{e}.s",
-                f"  %{e}.d = getelementptr float, ptr %qy{o}, i64 %{e}", f"  store float %{e}.v, ptr %{e}.d",
+                f"  %{e}.d = getelementptr {yt}, ptr %qy{o}, i64 %{e}",
+                *_store(f"%{e}.v", f"%{e}.d", yt, lanes=1),
                 f"  %{e}.n = add i64 %{e}, 1", f"  store i64 %{e}.n, ptr %e.a", f"  br label %{e}.head",
                 f"{e}.done:"]  # fmt: skip
     out += ["  br label %xb.next", "xb.next:", "  store i64 %xe, ptr %xb.a", "  br label %xb.head",
@@ -127,18 +149,19 @@ def forward(ob: int, pv: int) -> str:
     return "\n".join(out)
 
 
-def filter_grad(ob: int, cb: int) -> str:
+def filter_grad(ob: int, cb: int, xt: str = "float", dyt: str = "float") -> str:
     """``@kernel(x, dy, dw, groups, cg, og, xcs, rowbase, rows, tapoff, taps, wout, dycs)``:
     dw[o, c, t] += sum over rows r and outputs q < wout of dy[o, r, q] * x[c, rowbase[r] +
     tapoff[t] + q], for each group's (og, cg) block; x as in :func:`forward`; dy: (G * og,
     rows, wout), channels ``dycs`` floats apart; dw: (G * og, cg, taps). Blocks of ``ob``
     output and ``cb`` input channels: ob * cb vector sums per tap, ob + cb loads per step.
     A row's last, partial vector loads only its valid lanes (masked loads: zeros elsewhere,
-    nothing read past them)."""
+    nothing read past them). x and dy hold ``xt`` and ``dyt`` elements ('float' or 'half',
+    widened as loaded)."""
     accs = [(o, c) for o in range(ob) for c in range(cb)]
-    mload = f"@llvm.masked.load.v{VW}f32.p0"
+    mloads = {t: f"@llvm.masked.load.v{VW}{'f32' if t == 'float' else 'f16'}.p0" for t in (xt, dyt)}
     out = [f"declare {V} {FMA}({V}, {V}, {V})",
-           f"declare {V} {mload}(ptr, i32, <{VW} x i1>, {V})",
+           *(f"declare <{VW} x {t}> {m}(ptr, i32, <{VW} x i1>, <{VW} x {t}>)" for t, m in mloads.items()),
            f"declare float @llvm.vector.reduce.fadd.v{VW}f32(float, {V})",
            "define void @kernel(ptr noalias %x, ptr noalias %dy, ptr noalias %dw, i64 %groups, "
            "i64 %cg, i64 %og, i64 %xcs, ptr %rowbase, i64 %rows, ptr %tapoff, i64 %taps, "
@@ -156,44 +179,45 @@ def filter_grad(ob: int, cb: int) -> str:
             f"  %o0.0 = mul i64 %ob, {ob}", "  %o0.1 = mul i64 %g, %og", "  %o0 = add i64 %o0.1, %o0.0",
             "  store i64 0, ptr %cb.a", *_loop("cb", "%cblocks", "ob.next"),
             f"  %c0.0 = mul i64 %cb, {cb}", "  %c0.1 = mul i64 %g, %cg", "  %c0 = add i64 %c0.1, %c0.0",
-            "  %xg.0 = mul i64 %c0, %xcs", "  %xg = getelementptr float, ptr %x, i64 %xg.0",
-            "  %dyg.0 = mul i64 %o0, %dycs", "  %dyg = getelementptr float, ptr %dy, i64 %dyg.0",
+            "  %xg.0 = mul i64 %c0, %xcs", f"  %xg = getelementptr {xt}, ptr %x, i64 %xg.0",
+            "  %dyg.0 = mul i64 %o0, %dycs", f"  %dyg = getelementptr {dyt}, ptr %dy, i64 %dyg.0",
             "  store i64 0, ptr %t.a", *_loop("t", "%taps", "cb.next"),
             "  %to.p = getelementptr i64, ptr %tapoff, i64 %t", "  %to = load i64, ptr %to.p",
-            "  %xt = getelementptr float, ptr %xg, i64 %to"]  # fmt: skip
+            f"  %xt = getelementptr {xt}, ptr %xg, i64 %to"]  # fmt: skip
     out += [f"  store {V} zeroinitializer, ptr %acc{o}_{c}" for o, c in accs]
     out += ["  store i64 0, ptr %r.a", *_loop("r", "%rows", "sums"),
             "  %rb.p = getelementptr i64, ptr %rowbase, i64 %r", "  %rb = load i64, ptr %rb.p",
-            "  %xr = getelementptr float, ptr %xt, i64 %rb", "  %dyr.0 = mul i64 %r, %wout",
-            "  %dyr = getelementptr float, ptr %dyg, i64 %dyr.0",
+            f"  %xr = getelementptr {xt}, ptr %xt, i64 %rb", "  %dyr.0 = mul i64 %r, %wout",
+            f"  %dyr = getelementptr {dyt}, ptr %dyg, i64 %dyr.0",
             "  store i64 0, ptr %xb.a", *_loop("xb", "%full", "tail")]  # fmt: skip
 
     def step_body(tag, load):
         lines = []
         for o in range(ob):
             lines += [f"  %{tag}do{o}.0 = mul i64 %dycs, {o}",
-                      f"  %{tag}do{o}.1 = getelementptr float, ptr %dyr, i64 %{tag}do{o}.0",
-                      f"  %{tag}do{o}.2 = getelementptr float, ptr %{tag}do{o}.1, i64 %{tag}at",
-                      *load(f"{tag}dv{o}", f"%{tag}do{o}.2")]  # fmt: skip
+                      f"  %{tag}do{o}.1 = getelementptr {dyt}, ptr %dyr, i64 %{tag}do{o}.0",
+                      f"  %{tag}do{o}.2 = getelementptr {dyt}, ptr %{tag}do{o}.1, i64 %{tag}at",
+                      *load(f"{tag}dv{o}", f"%{tag}do{o}.2", dyt)]  # fmt: skip
         for c in range(cb):
             lines += [f"  %{tag}xo{c}.0 = mul i64 %xcs, {c}",
-                      f"  %{tag}xo{c}.1 = getelementptr float, ptr %xr, i64 %{tag}xo{c}.0",
-                      f"  %{tag}xo{c}.2 = getelementptr float, ptr %{tag}xo{c}.1, i64 %{tag}at",
-                      *load(f"{tag}xv{c}", f"%{tag}xo{c}.2")]  # fmt: skip
+                      f"  %{tag}xo{c}.1 = getelementptr {xt}, ptr %xr, i64 %{tag}xo{c}.0",
+                      f"  %{tag}xo{c}.2 = getelementptr {xt}, ptr %{tag}xo{c}.1, i64 %{tag}at",
+                      *load(f"{tag}xv{c}", f"%{tag}xo{c}.2", xt)]  # fmt: skip
         for o, c in accs:
             lines += [f"  %{tag}a{o}_{c} = load {V}, ptr %acc{o}_{c}",
                       f"  %{tag}s{o}_{c} = call {V} {FMA}({V} %{tag}dv{o}, {V} %{tag}xv{c}, "
                       f"{V} %{tag}a{o}_{c})", f"  store {V} %{tag}s{o}_{c}, ptr %acc{o}_{c}"]  # fmt: skip
         return lines
 
-    def plain(name, pointer):
-        return [f"  %{name} = load {V}, ptr {pointer}, align 4"]
+    def masked(name, pointer, element):
+        if element == "float":
+            return [f"  %{name} = call {V} {mloads[element]}(ptr {pointer}, i32 4, "
+                    f"<{VW} x i1> %mask, {V} zeroinitializer)"]  # fmt: skip
+        return [f"  %{name}.h = call <{VW} x half> {mloads[element]}(ptr {pointer}, i32 2, "
+                f"<{VW} x i1> %mask, <{VW} x half> zeroinitializer)",
+                f"  %{name} = fpext <{VW} x half> %{name}.h to {V}"]  # fmt: skip
 
-    def masked(name, pointer):
-        return [f"  %{name} = call {V} {mload}(ptr {pointer}, i32 4, <{VW} x i1> %mask, "
-                f"{V} zeroinitializer)"]  # fmt: skip
-
-    out += ["  %fat = add i64 %xb, 0", *step_body("f", plain), *_step("xb", str(VW))]
+    out += ["  %fat = add i64 %xb, 0", *step_body("f", _load), *_step("xb", str(VW))]
     out += ["tail:", "  %has.tail = icmp sgt i64 %rem, 0",
             "  br i1 %has.tail, label %tail.do, label %r.next", "tail.do:",
             "  %pat = add i64 %full, 0", *step_body("p", masked), "  br label %r.next",
