@@ -90,11 +90,31 @@ def store(result, dest, bias=None):
     then one rounding into ``dest``'s dtype. ``bias`` must broadcast against ``result``
     (``bias_view``); ``dest`` may be ``result`` itself. Returns ``dest``."""
     xp = array_module(dest)
+    if xp is np and dest.dtype == np.float16 and result.dtype == np.float32:
+        return _narrow(result, dest, bias)
     if bias is None:
         if dest is not result:
             xp.copyto(dest, result, casting="unsafe")
         return dest
     xp.add(result, bias.astype(result.dtype, copy=False), out=dest, casting="unsafe")
+    return dest
+
+
+def _narrow(result, dest, bias):
+    """:func:`store` of float32 into float16 NumPy arrays by the conversion kernel (NumPy's
+    float16 casts are slow); with a bias, one entry of the first axis at a time, added in a
+    float32 temporary of that size."""
+    from .backends import numpy_convert  # noqa: PLC0415 - the backend's module, CPU only
+
+    if bias is None:
+        numpy_convert.copy_into(dest, result)
+    elif result.ndim <= 1 or bias.ndim > result.ndim:
+        np.add(result, bias.astype(result.dtype, copy=False), out=dest, casting="unsafe")
+    else:
+        bias = bias.astype(result.dtype, copy=False)
+        for i in range(result.shape[0]):  # bias broadcasts against result: index it alike
+            b = bias[min(i, bias.shape[0] - 1)] if bias.ndim == result.ndim else bias
+            numpy_convert.copy_into(dest[i], result[i] + b)
     return dest
 
 

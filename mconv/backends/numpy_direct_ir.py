@@ -10,22 +10,11 @@ float32.
 
 from __future__ import annotations
 
+from .numpy_llvm import loop, step
+
 VW = 8  # floats per vector
 V = f"<{VW} x float>"
 FMA = f"@llvm.fmuladd.v{VW}f32"
-
-
-def _loop(name: str, bound: str, after: str) -> list[str]:
-    """Head of ``for name in range(bound)`` (``%name.a`` holds it; set to 0 before): the body
-    follows, and ``_step(name)`` ends it; when done, jump to ``after``."""
-    return [f"  br label %{name}.head", f"{name}.head:", f"  %{name} = load i64, ptr %{name}.a",
-            f"  %{name}.go = icmp slt i64 %{name}, {bound}",
-            f"  br i1 %{name}.go, label %{name}.body, label %{after}", f"{name}.body:"]  # fmt: skip
-
-
-def _step(name: str, by: str = "1") -> list[str]:
-    return [f"  %{name}.n = add i64 %{name}, {by}", f"  store i64 %{name}.n, ptr %{name}.a",
-            f"  br label %{name}.head"]  # fmt: skip
 
 
 def _load(name: str, pointer: str, element: str) -> list[str]:
@@ -72,7 +61,7 @@ def forward(ob: int, pv: int, xt: str = "float", yt: str = "float") -> str:
     out += ["  %blocks = mul i64 %groups, %nblk"]
 
     # for gb (a block of ob output channels): x, w, y of its group
-    out += ["  store i64 0, ptr %gb.a", *_loop("gb", "%blocks", "exit"),
+    out += ["  store i64 0, ptr %gb.a", *loop("gb", "%blocks", "exit"),
             "  %g = udiv i64 %gb, %nblk", "  %xg.0 = mul i64 %g, %cg",
             "  %xg.1 = mul i64 %xg.0, %xcs", f"  %xg = getelementptr {xt}, ptr %x, i64 %xg.1",
             "  %wg.0 = mul i64 %gb, %cg", "  %wg.1 = mul i64 %wg.0, %taps",
@@ -80,12 +69,12 @@ def forward(ob: int, pv: int, xt: str = "float", yt: str = "float") -> str:
             f"  %o0 = mul i64 %gb, {ob}", "  %yg.0 = mul i64 %o0, %ycs",
             f"  %yg = getelementptr {yt}, ptr %y, i64 %yg.0"]  # fmt: skip
     # for r (an output row): where its taps start
-    out += ["  store i64 0, ptr %r.a", *_loop("r", "%rows", "gb.next"),
+    out += ["  store i64 0, ptr %r.a", *loop("r", "%rows", "gb.next"),
             "  %rb.p = getelementptr i64, ptr %rowbase, i64 %r", "  %rb = load i64, ptr %rb.p",
             f"  %xr = getelementptr {xt}, ptr %xg, i64 %rb", "  %yr.0 = mul i64 %r, %yrs",
             f"  %yr = getelementptr {yt}, ptr %yg, i64 %yr.0"]  # fmt: skip
     # for xb (pv vectors of outputs): accumulators start at the bias or zero
-    out += ["  store i64 0, ptr %xb.a", *_loop("xb", "%wout", "r.next"),
+    out += ["  store i64 0, ptr %xb.a", *loop("xb", "%wout", "r.next"),
             "  %hb = icmp ne i64 %hasbias, 0", "  br i1 %hb, label %init.bias, label %init.zero",
             "init.bias:"]  # fmt: skip
     for o in range(ob):
@@ -96,11 +85,11 @@ def forward(ob: int, pv: int, xt: str = "float", yt: str = "float") -> str:
     out += [f"  store {v} zeroinitializer, ptr %acc{o}_{p}" for o, p in accs]
     out += ["  br label %init.done", "init.done:", f"  %xrb = getelementptr {xt}, ptr %xr, i64 %xb"]
     # for c (input channel of the group), for t (tap): ob x pv multiply-adds
-    out += ["  store i64 0, ptr %c.a", *_loop("c", "%cg", "sum.done"),
+    out += ["  store i64 0, ptr %c.a", *loop("c", "%cg", "sum.done"),
             "  %xc.0 = mul i64 %c, %xcs", f"  %xc = getelementptr {xt}, ptr %xrb, i64 %xc.0",
             "  %wc.0 = mul i64 %c, %taps", f"  %wc.1 = mul i64 %wc.0, {ob}",
             "  %wc = getelementptr float, ptr %wg, i64 %wc.1",
-            "  store i64 0, ptr %t.a", *_loop("t", "%taps", "c.next"),
+            "  store i64 0, ptr %t.a", *loop("t", "%taps", "c.next"),
             "  %to.p = getelementptr i64, ptr %tapoff, i64 %t", "  %to = load i64, ptr %to.p",
             f"  %xt = getelementptr {xt}, ptr %xc, i64 %to",
             f"  %wt.0 = mul i64 %t, {ob}", "  %wt = getelementptr float, ptr %wc, i64 %wt.0"]  # fmt: skip
@@ -114,7 +103,7 @@ def forward(ob: int, pv: int, xt: str = "float", yt: str = "float") -> str:
             out += [f"  %a{o}_{p} = load {v}, ptr %acc{o}_{p}",
                     f"  %s{o}_{p} = call {v} @llvm.fmuladd.v{VW}f32({v} %xv{p}, {v} %wv{o}, "
                     f"{v} %a{o}_{p})", f"  store {v} %s{o}_{p}, ptr %acc{o}_{p}"]  # fmt: skip
-    out += [*_step("t"), "c.next:", *_step("c")]
+    out += [*step("t"), "c.next:", *step("c")]
     # store: whole vectors, or the valid lanes of a row's last block through %tmp
     out += ["sum.done:", f"  %yb = getelementptr {yt}, ptr %yr, i64 %xb",
             f"  %xe = add i64 %xb, {pv * VW}", "  %full = icmp sle i64 %xe, %wout",
@@ -145,7 +134,7 @@ def forward(ob: int, pv: int, xt: str = "float", yt: str = "float") -> str:
                 f"  %{e}.n = add i64 %{e}, 1", f"  store i64 %{e}.n, ptr %e.a", f"  br label %{e}.head",
                 f"{e}.done:"]  # fmt: skip
     out += ["  br label %xb.next", "xb.next:", "  store i64 %xe, ptr %xb.a", "  br label %xb.head",
-            "r.next:", *_step("r"), "gb.next:", *_step("gb"), "exit:", "  ret void", "}"]  # fmt: skip
+            "r.next:", *step("r"), "gb.next:", *step("gb"), "exit:", "  ret void", "}"]  # fmt: skip
     return "\n".join(out)
 
 
@@ -174,22 +163,22 @@ def filter_grad(ob: int, cb: int, xt: str = "float", dyt: str = "float") -> str:
             f"  %rem.v = shufflevector <{VW} x i64> %rem.s, <{VW} x i64> poison, <{VW} x i32> zeroinitializer",
             f"  %mask = icmp slt <{VW} x i64> <{lanes}>, %rem.v",
             f"  %oblocks = sdiv i64 %og, {ob}", f"  %cblocks = sdiv i64 %cg, {cb}"]  # fmt: skip
-    out += ["  store i64 0, ptr %g.a", *_loop("g", "%groups", "exit"),
-            "  store i64 0, ptr %ob.a", *_loop("ob", "%oblocks", "g.next"),
+    out += ["  store i64 0, ptr %g.a", *loop("g", "%groups", "exit"),
+            "  store i64 0, ptr %ob.a", *loop("ob", "%oblocks", "g.next"),
             f"  %o0.0 = mul i64 %ob, {ob}", "  %o0.1 = mul i64 %g, %og", "  %o0 = add i64 %o0.1, %o0.0",
-            "  store i64 0, ptr %cb.a", *_loop("cb", "%cblocks", "ob.next"),
+            "  store i64 0, ptr %cb.a", *loop("cb", "%cblocks", "ob.next"),
             f"  %c0.0 = mul i64 %cb, {cb}", "  %c0.1 = mul i64 %g, %cg", "  %c0 = add i64 %c0.1, %c0.0",
             "  %xg.0 = mul i64 %c0, %xcs", f"  %xg = getelementptr {xt}, ptr %x, i64 %xg.0",
             "  %dyg.0 = mul i64 %o0, %dycs", f"  %dyg = getelementptr {dyt}, ptr %dy, i64 %dyg.0",
-            "  store i64 0, ptr %t.a", *_loop("t", "%taps", "cb.next"),
+            "  store i64 0, ptr %t.a", *loop("t", "%taps", "cb.next"),
             "  %to.p = getelementptr i64, ptr %tapoff, i64 %t", "  %to = load i64, ptr %to.p",
             f"  %xt = getelementptr {xt}, ptr %xg, i64 %to"]  # fmt: skip
     out += [f"  store {V} zeroinitializer, ptr %acc{o}_{c}" for o, c in accs]
-    out += ["  store i64 0, ptr %r.a", *_loop("r", "%rows", "sums"),
+    out += ["  store i64 0, ptr %r.a", *loop("r", "%rows", "sums"),
             "  %rb.p = getelementptr i64, ptr %rowbase, i64 %r", "  %rb = load i64, ptr %rb.p",
             f"  %xr = getelementptr {xt}, ptr %xt, i64 %rb", "  %dyr.0 = mul i64 %r, %wout",
             f"  %dyr = getelementptr {dyt}, ptr %dyg, i64 %dyr.0",
-            "  store i64 0, ptr %xb.a", *_loop("xb", "%full", "tail")]  # fmt: skip
+            "  store i64 0, ptr %xb.a", *loop("xb", "%full", "tail")]  # fmt: skip
 
     def step_body(tag, load):
         lines = []
@@ -217,11 +206,11 @@ def filter_grad(ob: int, cb: int, xt: str = "float", dyt: str = "float") -> str:
                 f"<{VW} x i1> %mask, <{VW} x half> zeroinitializer)",
                 f"  %{name} = fpext <{VW} x half> %{name}.h to {V}"]  # fmt: skip
 
-    out += ["  %fat = add i64 %xb, 0", *step_body("f", _load), *_step("xb", str(VW))]
+    out += ["  %fat = add i64 %xb, 0", *step_body("f", _load), *step("xb", str(VW))]
     out += ["tail:", "  %has.tail = icmp sgt i64 %rem, 0",
             "  br i1 %has.tail, label %tail.do, label %r.next", "tail.do:",
             "  %pat = add i64 %full, 0", *step_body("p", masked), "  br label %r.next",
-            "r.next:", *_step("r")]  # fmt: skip
+            "r.next:", *step("r")]  # fmt: skip
     # the sums of the tap, into dw[o, c, t] (dw: (G * og, cg, taps))
     out += ["sums:"]
     for o, c in accs:
@@ -234,6 +223,6 @@ def filter_grad(ob: int, cb: int, xt: str = "float", dyt: str = "float") -> str:
                 f"  %d{o}_{c}.old = load float, ptr %d{o}_{c}.p",
                 f"  %d{o}_{c}.new = fadd float %d{o}_{c}.old, %h{o}_{c}",
                 f"  store float %d{o}_{c}.new, ptr %d{o}_{c}.p"]  # fmt: skip
-    out += [*_step("t"), "cb.next:", *_step("cb"), "ob.next:", *_step("ob"), "g.next:",
-            *_step("g"), "exit:", "  ret void", "}"]  # fmt: skip
+    out += [*step("t"), "cb.next:", *step("cb"), "ob.next:", *step("ob"), "g.next:",
+            *step("g"), "exit:", "  ret void", "}"]  # fmt: skip
     return "\n".join(out)

@@ -58,6 +58,20 @@ def vector_registers() -> int:
     return _state["registers"] if _binding() else 16
 
 
+def loop(name: str, bound: str, after: str) -> list[str]:
+    """IR lines: the head of ``for name in range(bound)`` (an ``i64`` in ``%name.a``, set to
+    0 before); the body follows and ends with :func:`step`; when done, jump to ``after``."""
+    return [f"  br label %{name}.head", f"{name}.head:", f"  %{name} = load i64, ptr %{name}.a",
+            f"  %{name}.go = icmp slt i64 %{name}, {bound}",
+            f"  br i1 %{name}.go, label %{name}.body, label %{after}", f"{name}.body:"]  # fmt: skip
+
+
+def step(name: str, by: str = "1") -> list[str]:
+    """IR lines: the end of :func:`loop`'s body (``name += by``, back to the head)."""
+    return [f"  %{name}.n = add i64 %{name}, {by}", f"  store i64 %{name}.n, ptr %{name}.a",
+            f"  br label %{name}.head"]  # fmt: skip
+
+
 class Kernel:
     """IR text whose ``@kernel`` has the C signature ``argtypes`` (ctypes types), compiled on
     the first :meth:`function` call."""

@@ -17,6 +17,7 @@ import math
 import numpy as np
 
 from ..geometry import ConvGeometry
+from .numpy_convert import copy_into
 
 
 class Planes:
@@ -58,5 +59,5 @@ class Planes:
                 count = max(0, min(u_end - u0, -(-(n - i0) // s)))
                 dest.append(slice(u0, u0 + count))
                 src.append(slice(i0, i0 + s * (count - 1) + 1 if count else i0, s))
-            plane[tuple(dest)] = x[tuple(src)]
+            copy_into(plane[tuple(dest)], x[tuple(src)])
         return flat

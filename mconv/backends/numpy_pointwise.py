@@ -18,6 +18,7 @@ import numpy as np
 from ..geometry import ConvGeometry
 from ..precision import store
 from . import numpy_im2col, numpy_threads
+from .numpy_convert import widened
 
 
 def applies(g: ConvGeometry) -> bool:
@@ -49,7 +50,7 @@ def forward(x: np.ndarray, w: np.ndarray, g: ConvGeometry, out: np.ndarray, acc,
 
     def work(task, _scratch) -> None:
         b, cols = task
-        xb = x[b].reshape(groups, cg, -1)[..., cols].astype(acc, copy=False)  # (G, Cg, p)
+        xb = widened(x[b].reshape(groups, cg, -1)[..., cols], acc)  # (G, Cg, p)
         if not flat:  # a strided view (a phase of backward_data, no bias), one task per image
             out[b] = np.matmul(wg, xb).reshape(out.shape[1:])
             return
@@ -70,8 +71,8 @@ def filter_grad(dy: np.ndarray, x: np.ndarray, g: ConvGeometry, dtype) -> np.nda
 
     def work(task, dw: np.ndarray) -> None:
         b, cols = task
-        dyb = dy[b].reshape(groups, og, -1)[..., cols].astype(dtype, copy=False)  # (G, Og, p)
-        xb = x[b].reshape(groups, cg, -1)[..., cols].astype(dtype, copy=False)  # (G, Cg, p)
+        dyb = widened(dy[b].reshape(groups, og, -1)[..., cols], dtype)  # (G, Og, p)
+        xb = widened(x[b].reshape(groups, cg, -1)[..., cols], dtype)  # (G, Cg, p)
         dw += np.matmul(dyb, xb.swapaxes(1, 2))
 
     tasks = _tasks(g, x.shape[0], widen=x.dtype != dtype or dy.dtype != dtype)

@@ -31,6 +31,7 @@ from numpy.lib.stride_tricks import as_strided
 from ..geometry import ConvGeometry
 from ..precision import bias_view, store
 from . import numpy_im2col, numpy_threads
+from .numpy_convert import copy_into
 from .numpy_im2col import _Tile
 
 # Most GEMM columns computed per output kept (measured against numpy_im2col on 2 cores). The
@@ -130,7 +131,7 @@ class _Scratch:
         )
         size = g.in_channels * math.prod(g.kernel_size) * m * n
         cols = self.cols[:size].reshape(windows.shape)  # (G, Cg, *k, m, N)
-        np.copyto(cols, windows)
+        copy_into(cols, windows)
         return cols.reshape(groups, -1, m * n)  # (G, Cg, *k, m, N) -> (G, Cg*K, m*N)
 
 

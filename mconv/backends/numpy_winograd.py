@@ -38,6 +38,7 @@ import numpy as np
 from ..geometry import ConvGeometry
 from ..precision import accumulator, bias_view, fast_algorithms, store
 from . import numpy_jit, numpy_threads
+from .numpy_convert import widened
 
 M, R = 4, 3  # output tile, kernel
 ALPHA = M + R - 1  # input tile: 6
@@ -341,7 +342,7 @@ class _Plan:
             hi = max(lo, M * r1 - self.top + R - 1)
             cols = self.per_tile(s, (ALPHA, ALPHA, n))
             for d in range(self.depth):
-                rows = x5[b, :, d, lo:hi].astype(np.float32, copy=False)  # (C, rows, S1)
+                rows = widened(x5[b, :, d, lo:hi], np.float32)  # (C, rows, S1)
                 part = v[:, self.dlo + d, :, start : start + n]  # (36, C, n)
                 _input_transform(rows, self.top + lo, self.left, r0, r1, part, s["lines"],
                                  s["rows"], cols)  # fmt: skip
@@ -399,7 +400,7 @@ def filter_grad(dy: np.ndarray, x: np.ndarray, g: ConvGeometry) -> np.ndarray:
         dm = s["m"][: ALPHA * ALPHA * outs * tiles].reshape(ALPHA * ALPHA, outs, tiles)
         for q in range(plan.qd):
             for b, r0, r1, start, n in plan.segments(task):
-                rows = dy5[b, :, q, M * r0 : M * r1].astype(np.float32, copy=False)  # (O, .., Q1)
+                rows = widened(dy5[b, :, q, M * r0 : M * r1], np.float32)  # (O, .., Q1)
                 cols = plan.per_tile(s, (ALPHA, M, n))
                 _grad_transform(rows, plan.tw, dm[:, :, start : start + n], s["lines"], s["rows"],
                                 cols)  # fmt: skip
