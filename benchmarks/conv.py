@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ._measure import (LIBRARIES, PASSES, Case, best_time, can_measure_memory, environment,
+from ._measure import (LIBRARIES, PASSES, Case, best_times, can_measure_memory, environment,
                        geomean, make_calls, measure_case, sgemm_peak)  # fmt: skip
 
 SHAPES = [
@@ -75,7 +75,9 @@ def run_scaling(args) -> dict:
             case = scaling_case(axis, value)
             progress(f"scaling {case.name}")
             calls, _ = make_calls(case, np.float32)
-            mconv, ref = (best_time(calls[lib, "fwd+bwd"], args.repeat) * 1e3 for lib in LIBRARIES)
+            fns = {lib: calls[lib, "fwd+bwd"] for lib in LIBRARIES}
+            best = best_times(fns, dict.fromkeys(LIBRARIES, args.repeat))
+            mconv, ref = (best[lib] * 1e3 for lib in LIBRARIES)
             point = dict(value=value, mconv_ms=mconv, torch_ms=ref, ratio=mconv / ref)
             result.setdefault(axis, []).append(point)
             if not args.markdown:
