@@ -78,7 +78,7 @@ class Kernel:
 
     def __init__(self, name: str, ir: str, argtypes):
         self.name, self.ir, self.argtypes = name, ir, argtypes
-        self._function, self._engine = None, None
+        self._function, self._engine, self._context = None, None, None
 
     def function(self):
         """The compiled function (a ctypes callable), or None where it does not compile."""
@@ -94,7 +94,10 @@ class Kernel:
             return None
         start = time.perf_counter()
         try:
-            module = llvm.parse_assembly(self.ir)
+            # a context of its own: LLVM's global one is numba's, whose compiles may run on
+            # other threads meanwhile (an LLVM context is not thread-safe)
+            context = llvm.create_context()
+            module = llvm.parse_assembly(self.ir, context=context)
             module.verify()
             # a machine per kernel: the engine takes it over and frees it with itself
             machine = llvm.Target.from_default_triple().create_target_machine(**_state["host"])
@@ -109,5 +112,5 @@ class Kernel:
             return None
         finally:
             numpy_jit.record_compile(self.name, time.perf_counter() - start)
-        self._engine = engine  # owns the machine code: kept as long as the function
+        self._engine, self._context = engine, context  # the machine code lives as long
         return ctypes.CFUNCTYPE(None, *self.argtypes)(address)
