@@ -71,3 +71,20 @@ def test_without_llvmlite_numpy_copies(monkeypatch, rng):
     dest = np.empty(a.shape, np.float16)
     numpy_convert.copy_into(dest, a)
     np.testing.assert_array_equal(dest, a.astype(np.float16))
+
+
+def test_threads_compiling_at_once_share_one_kernel(monkeypatch, rng):
+    """Workers that first ask for a kernel at the same moment get the same one (a second,
+    dropped Kernel would free the machine code another worker is running)."""
+    import gc
+    from concurrent.futures import ThreadPoolExecutor
+
+    monkeypatch.setattr(numpy_convert, "_kernels", {})
+    a = rng.standard_normal((8, 64, 80)).astype(np.float32)
+    outs = [np.empty(a.shape, np.float16) for _ in range(8)]
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda out: numpy_convert.copy_into(out, a), outs))
+    gc.collect()
+    assert len(numpy_convert._kernels) == 1
+    for out in outs:
+        np.testing.assert_array_equal(out, a.astype(np.float16))

@@ -58,9 +58,10 @@ def _ir(src: str, dst: str) -> str:
 
 
 def _kernel(src: str, dst: str):
-    if (src, dst) not in _kernels:
+    if (src, dst) not in _kernels:  # setdefault: workers asking at once share one Kernel
         args = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 7
-        _kernels[src, dst] = numpy_llvm.Kernel(f"convert_{src}_{dst}", _ir(src, dst), args)
+        kernel = numpy_llvm.Kernel(f"convert_{src}_{dst}", _ir(src, dst), args)
+        _kernels.setdefault((src, dst), kernel)
     return _kernels[src, dst].function()
 
 

@@ -83,10 +83,10 @@ def _kernel(kind: str, a: int, b: int, *dtypes):
     writing arrays of ``dtypes``: float32 where not given), or None."""
     types = tuple(_ELEMENT[np.dtype(t)] for t in dtypes)
     key = (kind, a, b, *types)
-    if key not in _kernels:
+    if key not in _kernels:  # setdefault: workers asking at once share one Kernel (and code)
         ir = getattr(numpy_direct_ir, kind)(a, b, *types)
         name = "_".join(("direct", kind, f"{a}x{b}", *(t for t in types if t != "float")))
-        _kernels[key] = numpy_llvm.Kernel(name, ir, _ARGS[kind])
+        _kernels.setdefault(key, numpy_llvm.Kernel(name, ir, _ARGS[kind]))
     return _kernels[key].function()
 
 

@@ -74,7 +74,8 @@ def step(name: str, by: str = "1") -> list[str]:
 
 class Kernel:
     """IR text whose ``@kernel`` has the C signature ``argtypes`` (ctypes types), compiled on
-    the first :meth:`function` call."""
+    the first :meth:`function` call. The machine code lives as long as this object: keep it
+    (the callers keep theirs in module-level tables) while its function may be called."""
 
     def __init__(self, name: str, ir: str, argtypes):
         self.name, self.ir, self.argtypes = name, ir, argtypes
