@@ -33,6 +33,7 @@ from numpy.lib.stride_tricks import as_strided
 from ..geometry import ConvGeometry
 from ..precision import bias_view, store
 from . import numpy_jit, numpy_planes, numpy_threads
+from .numpy_convert import copy_into
 
 # Channels per task: enough for long copies, few enough to stay in cache.
 _TASK_BYTES = 4 << 20
@@ -216,7 +217,7 @@ def filter_grad(dy: np.ndarray, x: np.ndarray, g: ConvGeometry, dtype) -> np.nda
         b, chans = task
         cb = chans.stop - chans.start
         dyc = s.dy[:cb]
-        plan.crop(dyc)[...] = dy[b, chans]  # (cb, *Q) into the (wide) row
+        copy_into(plan.crop(dyc), dy[b, chans])  # (cb, *Q) into the (wide) row
         if plan.direct:
             flat = plan.pad_into(x, b, chans, s)
             _taps_filter_grad(flat, dyc[:, 0], plan.offsets, s.acc[chans, 0])
