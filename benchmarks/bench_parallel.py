@@ -175,10 +175,8 @@ def fault_costs() -> None:
         print("|---|---:|---:|---:|")
         for name, (a, b) in rows.items():
             print(f"| {name} | {a:.1f} | {b:.1f} | {b / a - 1:+.0%} |")
-        print(
-            f"\nsize check per forward call: {check:.1f} us (GroupParallelConv2d 32->32, "
-            f"groups=8, input 8x32x16x16: forward {forward:.0f} us, check {check / forward:.1%})"
-        )
+        print(f"\nsize check per forward call: {check:.1f} us (GroupParallelConv2d 32->32, "
+              f"groups=8, input 8x32x16x16: forward {forward:.0f} us, check {check / forward:.1%})")
 
 
 def launch(ranks: int, model_name: str, mode: str, steps: int, raw: bool = False):

@@ -89,9 +89,7 @@ def run(fmt: str, argv: list[str]) -> None:
     with atheris.instrument_imports(include=["layouts", "zipfile", "json"]):
         import layouts  # noqa: F401, PLC0415
         import layouts.checkpoint  # noqa: F401, PLC0415
-    workdir = tempfile.mkdtemp(
-        prefix=f"fuzz-{fmt}-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None
-    )
+    workdir = tempfile.mkdtemp(prefix=f"fuzz-{fmt}-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
     check_one(fmt, b"", workdir)  # imports done before the baseline
     baseline = peak_rss()
 
@@ -170,9 +168,7 @@ def write_seeds(out: str) -> None:
         pickled = os.path.join(oneflow, name, "pickled_data")
         if not os.path.isfile(pickled):
             continue
-        variable = min(
-            d for d in os.listdir(os.path.join(oneflow, name)) if d.startswith("tensor_")
-        )
+        variable = min(d for d in os.listdir(os.path.join(oneflow, name)) if d.startswith("tensor_"))
         meta = os.path.join(oneflow, name, variable, "meta")
         if os.path.isfile(meta):
             parts = [open(p, "rb").read() for p in (pickled, meta, meta[:-4] + "out")]

@@ -27,13 +27,9 @@ def is_int(value: Any) -> bool:
 def check_number(value: Any, name: str, *, sign: str | None = None) -> float:
     """A finite real number; ``sign`` 'positive' or 'non-negative' narrows it."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
-        raise TypeError(
-            f"{name} must be a number, but got {type(value).__name__}: {name}={value!r}"
-        )
-    if (
-        not math.isfinite(value)
-        or (sign == "positive" and value <= 0)
-        or (sign == "non-negative" and value < 0)
+        raise TypeError(f"{name} must be a number, but got {type(value).__name__}: {name}={value!r}")
+    if not math.isfinite(value) or (sign == "positive" and value <= 0) or (
+        sign == "non-negative" and value < 0
     ):
         what = f"a finite {sign} number" if sign else "finite"
         raise ValueError(f"{name} must be {what}, but got {name}={value!r}")

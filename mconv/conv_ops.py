@@ -66,10 +66,7 @@ class _Lowered:
         self.identity = not (self.crops or self.padded)
 
     def _window(self):
-        return (
-            Ellipsis,
-            *(slice(a, s - b) for s, (a, b) in zip(self.full.in_size, self.full.crops)),
-        )
+        return (Ellipsis, *(slice(a, s - b) for s, (a, b) in zip(self.full.in_size, self.full.crops)))
 
     def pre(self, x):
         """P x: the input the primitives see."""

@@ -346,8 +346,7 @@ def conv_geometry(
     else:
         pairs = resolve_padding(padding, kernel, stride, dilation)
         min_sizes = tuple(
-            (i - 1) * s - lo - hi + e
-            for i, s, (lo, hi), e in zip(in_size, stride, pairs, effective)
+            (i - 1) * s - lo - hi + e for i, s, (lo, hi), e in zip(in_size, stride, pairs, effective)
         )
         out_pad = _transpose_output_padding(
             output_padding, output_size, in_size, batched, min_sizes, stride, dilation, n

@@ -68,3 +68,4 @@ class Dropout2d(_Dropout):
             )
         lead = 2 if x.ndim == 4 else 1
         return x.shape[:lead] + (1,) * (x.ndim - lead)
+
