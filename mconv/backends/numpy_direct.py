@@ -6,10 +6,11 @@ per group (ResNeXt), each group's GEMM is ``(P, K*Cg) @ (K*Cg, 8)``, and
 building the columns moves more bytes than the GEMM multiplies; a dense conv
 with 3 to 128 input channels still moves K columns per input value. Here no
 columns are built. Per task (one image, a range of groups, a range of output
-rows where there are fewer images than workers), the input channels are zero-padded into flat phase planes (``numpy_planes``: every tap
-of a run of outputs along the last axis reads a contiguous run), and the
-kernel computes, for a block of ``ob`` output channels and ``pv`` vectors of
-8 consecutive outputs of one row,
+rows where there are fewer images than workers), the input channels are
+zero-padded into flat phase planes (``numpy_planes``: every tap of a run of
+outputs along the last axis reads a contiguous run), and the kernel
+computes, for a block of ``ob`` output channels and ``pv`` vectors of 8
+consecutive outputs of one row,
 
     acc[o][v] = bias[o] + sum over c < Cg, taps t of  w[o, c, t] * run(c, t, v)
 
@@ -25,9 +26,10 @@ The weight gradient reads the same planes: for a block of ``ob`` output and
 tap's runs over the image's rows, then added into dW (per worker; the
 workers' sums are added in a fixed order, so results repeat bit for bit).
 
-Sums are float32 (fp16 inputs are widened as they are padded), one fused
-multiply-add at a time: plain sums, so the path also serves
-``set_algorithm('exact')``. The IR is in ``numpy_direct_ir``.
+Sums are float32, one fused multiply-add at a time: plain sums, so the path
+also serves ``set_algorithm('exact')``. float16 stays float16 in the planes
+and in dy, widened as the kernels load it, and a float16 result is rounded
+once as the kernel stores it. The IR is in ``numpy_direct_ir``.
 """
 
 from __future__ import annotations
