@@ -108,7 +108,7 @@ def _narrow(result, dest, bias):
 
     if bias is None:
         numpy_convert.copy_into(dest, result)
-    elif result.ndim <= 1 or bias.ndim > result.ndim:
+    elif result.ndim <= 1 or bias.ndim > result.ndim or result.shape != dest.shape:
         np.add(result, bias.astype(result.dtype, copy=False), out=dest, casting="unsafe")
     else:
         bias = bias.astype(result.dtype, copy=False)
