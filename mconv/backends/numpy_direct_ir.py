@@ -1,11 +1,12 @@
-"""The LLVM IR of the grouped conv kernels (``numpy_direct``), as text.
+"""The LLVM IR of the direct conv kernels (``numpy_direct``), as text.
 
 Each kernel is written like C at -O0: every variable, accumulators included,
 is an ``alloca`` that is loaded and stored; LLVM's passes (``numpy_llvm``
 runs the O3 pipeline) promote them to registers, so the ``<8 x float>``
 accumulators of a block stay in vector registers across the channel and
-tap loops. Pointers are opaque (``ptr``), sizes ``i64``, arrays C-ordered
-float32.
+tap loops. Pointers are opaque (``ptr``), sizes ``i64``, arrays C-ordered,
+of float (float32) or half (float16, widened as loaded, rounded once as
+stored); sums are float.
 """
 
 from __future__ import annotations
