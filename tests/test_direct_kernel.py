@@ -219,3 +219,21 @@ def test_float16_in_and_out_is_the_float32_sum_rounded_once(rng, shape, weight, 
     assert y16.dtype == dw16.dtype == np.float16
     np.testing.assert_array_equal(y16, y32.astype(np.float16))
     np.testing.assert_array_equal(dw16, dw32.astype(np.float16))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_weight_gradient_of_a_strided_dy_goes_through_buffers(monkeypatch, rng, dtype):
+    """dy that is not C-ordered per image (a view) is copied into float32 buffers of at most
+    _CHUNK_BYTES, piece by piece along the first axis; dW is the same sum."""
+    monkeypatch.setattr(numpy_direct, "_CHUNK_BYTES", 2000)
+    x = rng.standard_normal((2, 8, 11, 17)).astype(dtype)
+    w = rng.standard_normal((12, 4, 3, 3)).astype(dtype)
+    y = F.conv(x, w, padding=1, groups=2)
+    dy = rng.standard_normal((*y.shape[:-1], 2 * y.shape[-1])).astype(dtype)[..., ::2]
+    with _spy(numpy_direct, "filter_grad") as grads, _spy(numpy_direct._Plan, "chunks") as parts:
+        dw = F.conv_backward(dy, x, w, has_bias=False, padding=1, groups=2)[1]
+    assert grads and parts  # the buffer path ran
+    wide = [a.astype(np.float64) for a in (x, w)]
+    want = torch_conv(*wide, None, dy.astype(np.float64), stride=(1, 1),
+                      padding=((1, 1),) * 2, dilation=(1, 1), groups=2)[2]  # fmt: skip
+    assert_close(dw, want, TOL[dtype])
