@@ -42,6 +42,7 @@ import numpy as np
 from ..geometry import ConvGeometry
 from ..precision import bias_view, store
 from . import numpy_direct_ir, numpy_llvm, numpy_planes, numpy_threads
+from .numpy_convert import copy_into
 from .numpy_direct_ir import VW
 
 _TASK_BYTES = 4 << 20  # padded input of a task: stays in the L2/L3 cache
@@ -98,10 +99,16 @@ def _kernel(kind: str, a: int, b: int, *dtypes):
 
 
 def in_place(array: np.ndarray) -> bool:
-    """Whether a kernel uses ``array`` as it is (float32 or float16, each image C-ordered):
-    the forward writes into it, the weight gradient reads dy from it; otherwise through a
-    float32 buffer."""
-    return array.dtype in _ELEMENT and all(image.flags.c_contiguous for image in array)
+    """Whether a kernel uses ``array`` as it is (float32 or float16, each image C-ordered;
+    the images share their strides, so the first tells): the forward writes into it, the
+    weight gradient reads dy from it; otherwise through a float32 buffer."""
+    return array.dtype in _ELEMENT and (len(array) == 0 or array[0].flags.c_contiguous)
+
+
+def _io_dtype(array: np.ndarray) -> np.dtype:
+    """The dtype a kernel writes (out) or reads (dy) for ``array``: its own where it is used
+    in place, else float32 (the buffers')."""
+    return array.dtype if in_place(array) else np.dtype(np.float32)
 
 
 def _fits(g: ConvGeometry, x: np.ndarray) -> bool:
@@ -126,18 +133,16 @@ def applies(g: ConvGeometry, x: np.ndarray, out: np.ndarray) -> bool:
     return (
         _fits(g, x)
         and (not depthwise or in_place(out))
-        and _kernel("forward", *_blocking(g), x.dtype, out.dtype if in_place(out) else np.float32)
-        is not None
+        and _kernel("forward", *_blocking(g), x.dtype, _io_dtype(out)) is not None
     )
 
 
 def applies_to_filter_grad(g: ConvGeometry, dy: np.ndarray, x: np.ndarray) -> bool:
     """As :func:`applies`, for the weight-gradient kernel (depthwise: numpy_depthwise's)."""
-    dy_type = dy.dtype if in_place(dy) else np.float32
     return (
         g.groups < max(g.in_channels, g.out_channels)
         and _fits(g, x)
-        and _kernel("filter_grad", *_grad_blocking(g), x.dtype, dy_type) is not None
+        and _kernel("filter_grad", *_grad_blocking(g), x.dtype, _io_dtype(dy)) is not None
     )
 
 
@@ -172,20 +177,26 @@ class _Plan:
                       for a in range(0, lead, step)]  # fmt: skip
         self.work = batch * g.out_channels * math.prod(q) * self.taps * self.cg
 
-    def flat(self, dtype) -> np.ndarray:
-        """A task's planes, in x's dtype (float16 is widened as the kernel loads it)."""
-        return np.zeros((self.block * self.cg, self.length), dtype)
+    def scratch(self, dtype, dw: bool = False) -> _Scratch:
+        """A worker's: a task's planes in x's dtype (float16 is widened as the kernel loads
+        it), and for the weight gradient its sum."""
+        flat = np.zeros((self.block * self.cg, self.length), dtype)
+        grad = np.zeros((self.g.out_channels, self.cg, self.taps), np.float32) if dw else None
+        return _Scratch(flat, grad)
 
     def pad(self, x: np.ndarray, b: int, g0: int, g1: int, flat: np.ndarray) -> np.ndarray:
         """Image b's input channels of groups g0..g1 in the planes."""
         return self.planes.pad_into(x, b, slice(g0 * self.cg, g1 * self.cg), flat)
 
-    def chunks(self, a0: int, a1: int, channels: int):
+    def chunks(self, a0: int, a1: int, channels: int, scratch: _Scratch):
         """(first-axis range, its rows, a (channels, range, *Q[1:]) float32 buffer) pieces of
         the range a0..a1 whose buffers stay under _CHUNK_BYTES (where results or dy are not
-        used in place); the buffer is reused."""
+        used in place); the worker's buffer, grown when a piece needs more."""
         step = max(1, _CHUNK_BYTES // (4 * channels * self.per * self.wout))
-        buffer = np.empty(channels * min(step, a1 - a0) * self.per * self.wout, np.float32)
+        need = channels * min(step, a1 - a0) * self.per * self.wout
+        if scratch.buffer.size < need:
+            scratch.buffer = np.empty(need, np.float32)
+        buffer = scratch.buffer
         for c0 in range(a0, a1, step):
             c1 = min(a1, c0 + step)
             shape = (
@@ -200,22 +211,29 @@ class _Plan:
         return array[:, part] if self.g.ndim > 1 else array
 
 
+class _Scratch:
+    """A worker's planes, its float32 buffer (grown on demand) and, for dW, its sum."""
+
+    def __init__(self, flat: np.ndarray, dw: np.ndarray | None):
+        self.flat, self.buffer, self.dw = flat, np.empty(0, np.float32), dw
+
+
 def forward(x: np.ndarray, w: np.ndarray, g: ConvGeometry, out: np.ndarray, bias=None):
     """out (B, O, *Q) = conv of x (B, C, *S) with w (O, Cg, *k) (+ bias (O,)), summed in
     float32 and rounded once into ``out``."""
     ob, pv = _blocking(g)
     plan = _Plan(g, x.shape[0], VW * pv)
     written_in_place = in_place(out)  # else through float32 buffers
-    function = _kernel("forward", ob, pv, x.dtype, out.dtype if written_in_place else np.float32)
+    function = _kernel("forward", ob, pv, x.dtype, _io_dtype(out))
     cg, og, wout = plan.cg, plan.og, plan.wout
     # w (O, Cg, *k) -> (G, Og/ob, ob, Cg, K) -> (G, Og/ob, Cg, K, ob): a block's weights in order
     wk = w.reshape(g.groups, og // ob, ob, cg, plan.taps).transpose(0, 1, 3, 4, 2)
     wk = np.ascontiguousarray(wk, np.float32)
     bk = None if bias is None else np.ascontiguousarray(bias, np.float32)
 
-    def work(task, flat) -> None:
+    def work(task, scratch: _Scratch) -> None:
         b, g0, g1, a0, a1 = task
-        flat = plan.pad(x, b, g0, g1, flat)
+        flat = plan.pad(x, b, g0, g1, scratch.flat)
         dest, n = out[b, g0 * og : g1 * og], (g1 - g0) * og
 
         def run(address: int, first: int, rows: int, ycs: int, with_bias: bool) -> None:
@@ -230,13 +248,11 @@ def forward(x: np.ndarray, w: np.ndarray, g: ConvGeometry, out: np.ndarray, bias
             run(start, a0, (a1 - a0) * plan.per, plan.rows * wout, bias is not None)
             return
         part = None if bias is None else bias_view(bk[g0 * og : g1 * og], g.ndim + 1, 0)
-        for where, rows, res in plan.chunks(a0, a1, n):  # into a buffer, then rounded into out
+        for where, rows, res in plan.chunks(a0, a1, n, scratch):  # a buffer, rounded into out
             run(res.ctypes.data, where.start, rows, rows * wout, False)
-            store(
-                res.reshape(plan.first_axis(dest, where).shape), plan.first_axis(dest, where), part
-            )
+            store(res, plan.first_axis(dest, where), part)
 
-    numpy_threads.run(plan.tasks, work, lambda: plan.flat(x.dtype), plan.work)
+    numpy_threads.run(plan.tasks, work, lambda: plan.scratch(x.dtype), plan.work)
 
 
 def filter_grad(dy: np.ndarray, x: np.ndarray, g: ConvGeometry) -> np.ndarray:
@@ -245,19 +261,16 @@ def filter_grad(dy: np.ndarray, x: np.ndarray, g: ConvGeometry) -> np.ndarray:
     ob, cb = _grad_blocking(g)
     plan = _Plan(g, x.shape[0], VW)
     dy_in_place = in_place(dy)  # else through float32 buffers
-    function = _kernel("filter_grad", ob, cb, x.dtype, dy.dtype if dy_in_place else np.float32)
+    function = _kernel("filter_grad", ob, cb, x.dtype, _io_dtype(dy))
     cg, og, wout = plan.cg, plan.og, plan.wout
 
-    def scratch():
-        return plan.flat(x.dtype), np.zeros((g.out_channels, cg, plan.taps), np.float32)
-
-    def work(task, scratch) -> None:
+    def work(task, scratch: _Scratch) -> None:
         b, g0, g1, a0, a1 = task
-        flat = plan.pad(x, b, g0, g1, scratch[0])
+        flat = plan.pad(x, b, g0, g1, scratch.flat)
         src, n = dy[b, g0 * og : g1 * og], (g1 - g0) * og
 
         def run(address: int, first: int, rows: int, dycs: int) -> None:
-            function(flat.ctypes.data, address, scratch[1][g0 * og :].ctypes.data, g1 - g0, cg,
+            function(flat.ctypes.data, address, scratch.dw[g0 * og :].ctypes.data, g1 - g0, cg,
                      og, plan.length, plan.rowbase[first * plan.per :].ctypes.data, rows,
                      plan.planes.offsets.ctypes.data, plan.taps, wout, dycs)  # fmt: skip
 
@@ -265,14 +278,13 @@ def filter_grad(dy: np.ndarray, x: np.ndarray, g: ConvGeometry) -> np.ndarray:
             start = src.ctypes.data + dy.itemsize * a0 * plan.per * wout
             run(start, a0, (a1 - a0) * plan.per, plan.rows * wout)
             return
-        for where, rows, buffer in plan.chunks(a0, a1, n):  # dy as float32, rows a0..a1
-            np.copyto(
-                buffer.reshape(plan.first_axis(src, where).shape), plan.first_axis(src, where)
-            )
+        for where, rows, buffer in plan.chunks(a0, a1, n, scratch):  # dy as float32
+            copy_into(buffer, plan.first_axis(src, where))
             run(buffer.ctypes.data, where.start, rows, rows * wout)
 
-    sums = numpy_threads.run(plan.tasks, work, scratch, plan.work, sums=True)
-    dw = sums[0][1]
+    sums = numpy_threads.run(plan.tasks, work, lambda: plan.scratch(x.dtype, dw=True), plan.work,
+                             sums=True)  # fmt: skip
+    dw = sums[0].dw
     for other in sums[1:]:
-        dw += other[1]
+        dw += other.dw
     return dw.reshape(g.out_channels, cg, *g.kernel_size)
