@@ -104,15 +104,13 @@ class _Plan:
         self.direct = numpy_jit.enabled()  # no columns: see the module docstring
         # with the JIT and a stride, the taps read the phase planes (numpy_planes)
         layout = self.layout = numpy_planes.Planes(g, phased=self.direct and not self.wide)
-        self.phase, self.phases, self.plane = layout.phase, layout.phases, layout.plane
-        size = layout.size
+        planes = layout.phases * layout.size  # floats of a channel's planes
         if self.wide or self.direct:  # output rows x full plane width of the other axes
-            self.positions = g.out_size[0] * self.plane[0]
-            self.offsets = self.layout.offsets
-            self.slack = int(self.offsets.max()) + self.positions - self.phases * size
+            self.positions = g.out_size[0] * layout.plane[0]
+            self.slack = int(layout.offsets.max()) + self.positions - planes
         else:
             self.positions, self.slack = math.prod(g.out_size), 0
-        self.length = self.phases * size + max(0, self.slack)  # per channel, with a zero tail
+        self.length = planes + max(0, self.slack)  # per channel, with a zero tail
         self.rows = 1 if self.direct else self.taps  # column rows per channel
         per_channel = self.dtype.itemsize * (self.rows + 2) * self.positions
         block = max(1, min(g.in_channels, _TASK_BYTES // per_channel))
@@ -144,7 +142,11 @@ class _Plan:
             runs = as_strided(
                 flat,
                 shape=(cb, *g.kernel_size, self.positions),
-                strides=(st[0], *(d * p * st[1] for d, p in zip(g.dilation, self.plane)), st[1]),
+                strides=(
+                    st[0],
+                    *(d * p * st[1] for d, p in zip(g.dilation, self.layout.plane)),
+                    st[1],
+                ),
                 writeable=False,
             )
             np.copyto(cols.reshape(runs.shape), runs)
@@ -168,7 +170,7 @@ class _Plan:
         """(cb, 1, P_wide) -> (cb, *Q): drop the columns past each axis' output size."""
         if not (self.wide or self.direct):
             return wide.reshape(wide.shape[0], *self.g.out_size)
-        full = wide.reshape(wide.shape[0], self.g.out_size[0], *self.phase[1:])
+        full = wide.reshape(wide.shape[0], self.g.out_size[0], *self.layout.phase[1:])
         return full[(slice(None), slice(None), *(slice(0, q) for q in self.g.out_size[1:]))]
 
 
@@ -192,7 +194,7 @@ def forward(x: np.ndarray, w: np.ndarray, g: ConvGeometry, out: np.ndarray, acc,
         if plan.direct:
             flat = plan.pad_into(x, b, chans, scratch)
             res = scratch.cols[: chans.stop - chans.start]  # (cb, 1, P)
-            _taps_forward(flat, wk[chans, 0], plan.offsets, res[:, 0])
+            _taps_forward(flat, wk[chans, 0], plan.layout.offsets, res[:, 0])
         else:
             cols = plan.columns(x, b, chans, scratch)
             res = np.matmul(wk[chans], cols)  # (cb, 1, K) @ (cb, K, P) -> (cb, 1, P)
@@ -220,7 +222,7 @@ def filter_grad(dy: np.ndarray, x: np.ndarray, g: ConvGeometry, dtype) -> np.nda
         copy_into(plan.crop(dyc), dy[b, chans])  # (cb, *Q) into the (wide) row
         if plan.direct:
             flat = plan.pad_into(x, b, chans, s)
-            _taps_filter_grad(flat, dyc[:, 0], plan.offsets, s.acc[chans, 0])
+            _taps_filter_grad(flat, dyc[:, 0], plan.layout.offsets, s.acc[chans, 0])
             return
         cols = plan.columns(x, b, chans, s)
         s.acc[chans] += np.matmul(dyc, cols.swapaxes(1, 2))  # (cb, 1, P) @ (cb, P, K)
