@@ -127,13 +127,7 @@ def best_times(fns: dict, repeats: dict) -> dict:
 
 def best_time(fn, repeat: int) -> float:
     """Minimum wall time of ``fn()`` in seconds over ``repeat`` runs, after one warm-up run."""
-    fn()
-    best = math.inf
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
+    return best_times({"fn": fn}, {"fn": repeat})["fn"]
 
 
 def geomean(values) -> float:

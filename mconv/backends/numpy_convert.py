@@ -91,19 +91,20 @@ def copy_into(dest: np.ndarray, src: np.ndarray) -> None:
     float32 and both fold into ``[outer][rows]`` of contiguous runs (or do so below a first
     axis of a few entries, one call each); NumPy's copy otherwise."""
     pair = (_TYPES.get(src.dtype), _TYPES.get(dest.dtype))
-    if (
+    usable = (
         src.shape == dest.shape
         and dest.size >= MIN_SIZE
         and None not in pair
         and pair[0] != pair[1]
         and numpy_llvm.available()
-        and _kernel(*pair) is not None
-    ):
+    )
+    function = _kernel(*pair) if usable else None
+    if function is not None:
         strides = [tuple(s // a.itemsize for s in a.strides) for a in (src, dest)]
         folded = _fold(dest.shape, *strides)
         if folded is not None:
             outer, rows, cols, (so, sr), (do, dr) = folded
-            _kernel(*pair)(src.ctypes.data, dest.ctypes.data, outer, rows, cols, so, sr, do, dr)
+            function(src.ctypes.data, dest.ctypes.data, outer, rows, cols, so, sr, do, dr)
             return
         if 1 < dest.ndim and dest.shape[0] <= MAX_SPLIT:
             for d, s in zip(dest, src):
