@@ -110,15 +110,24 @@ def measure_case(case: Case, dtype, repeat: int, torch_fp16_repeat: int) -> dict
     return row
 
 
+ROUNDS = 2  # blocks of runs per function, taking turns: see best_times
+
+
 def best_times(fns: dict, repeats: dict) -> dict:
-    """Minimum wall time in seconds of each ``fns[name]()`` over ``repeats[name]`` runs after
-    one warm-up run each, the functions taking turns (round robin)."""
+    """Minimum wall time in seconds of each ``fns[name]()``, after one warm-up run each: the
+    functions take turns in ROUNDS blocks of ``repeats[name]`` runs each. Runs of one
+    function follow each other within a block, so each library is timed as it runs in a
+    loop of its own: the first runs after a switch share the cores with the other
+    library's threads, which spin for a while after its call (torch's OpenMP threads; the
+    OpenBLAS threads of mconv's NumPy GEMMs, for up to 0.1 s), and taking turns call by
+    call slowed both (mconv's c256 14x14 forward 9.5 -> 11.9 ms, torch's c128 28x28 9 ->
+    17 ms). Blocks that take turns still let a slow minute of the VM hit both."""
     for fn in fns.values():
         fn()
     best = dict.fromkeys(fns, math.inf)
-    for i in range(max(repeats.values())):
+    for _ in range(ROUNDS):
         for name, fn in fns.items():
-            if i < repeats[name]:
+            for _ in range(repeats[name]):
                 start = time.perf_counter()
                 fn()
                 best[name] = min(best[name], time.perf_counter() - start)
@@ -126,7 +135,8 @@ def best_times(fns: dict, repeats: dict) -> dict:
 
 
 def best_time(fn, repeat: int) -> float:
-    """Minimum wall time of ``fn()`` in seconds over ``repeat`` runs, after one warm-up run."""
+    """Minimum wall time of ``fn()`` in seconds over ROUNDS x ``repeat`` runs, after one
+    warm-up run."""
     return best_times({"fn": fn}, {"fn": repeat})["fn"]
 
 

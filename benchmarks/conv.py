@@ -254,7 +254,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add = parser.add_argument
-    add("--repeat", type=int, default=5, help="timed runs after a warm-up; the minimum is kept")
+    add(
+        "--repeat",
+        type=int,
+        default=5,
+        help="timed runs per block (two blocks per library, taking turns, after a warm-up); the "
+        "minimum is kept",
+    )
     add("--torch-fp16-repeat", type=int, default=2, help="--repeat for torch in float16 (slow)")
     add("--threads", type=int, default=os.cpu_count(), help="torch threads (BLAS: its default)")
     add("--dtypes", nargs="+", default=["float32", "float16"], choices=["float32", "float16"])

@@ -18,8 +18,10 @@ Paths:
 - pointwise (1x1, stride 1, no padding): one GEMM per image, no copies, ``numpy_pointwise``;
 - depthwise (C = O = G): per-channel tap columns and a 1 x K GEMM, ``numpy_depthwise``;
 - with the JIT (numba/llvmlite, ``pip install mconv[fast]``): Winograd for float32 sums of
-  dense 3x3 convs, ``numpy_winograd``; a register-blocked direct kernel for float32 sums of
-  convs with up to 128 input channels per group (grouped and small dense), ``numpy_direct``;
+  dense 3x3 convs (forward, and backward_data's stride-1 phases), ``numpy_winograd``;
+  register-blocked direct kernels for float32 sums of the rest with non-negative padding
+  (vectors along the output channels from 16 a group; along a row for fewer), and for
+  the weight gradient before Winograd's, ``numpy_direct``;
 - stride 1 where few padded columns are wasted: channels-first "wide" im2col, ``numpy_wide``
   (forward; filter gradient for narrow groups and 1-d);
 - everything else: tiled channels-last im2col + GEMM, ``numpy_im2col``.
@@ -54,8 +56,10 @@ from . import (numpy_depthwise, numpy_direct, numpy_im2col, numpy_pointwise, num
 
 name = "numpy"
 
-# backward_data takes the col2im path when C * SCATTER_RATIO <= O (see _scatter_is_cheaper)
-SCATTER_RATIO = 2
+# backward_data takes the col2im path when C * SCATTER_RATIO <= O (see _scatter_is_cheaper):
+# with the direct kernels, phases win at O = 2C (4x4 s2, C 64: 12.2 vs 14.4 ms) and 4C (s1, C 16:
+# 3.6 vs 4.4), tie at 4C with stride 2, and lose from 8C (3x3 s2, C 16: 4.9 vs 3.5 ms)
+SCATTER_RATIO = 6
 SCATTER_MAX_BYTES = 64 << 20
 
 
@@ -138,8 +142,10 @@ def _scatter_is_cheaper(g: ConvGeometry, dtype) -> bool:
 
 def backward_data(dy: np.ndarray, w: np.ndarray, geom: ConvGeometry, out_dtype=None, bias=None):
     """dx = A_w^T dy + bias: stride phases, or col2im when C << O (see the module docstring);
-    in ``out_dtype`` (rounded once from the accumulator) or the accumulator."""
-    if bias is not None:  # added to the whole dx in the accumulator, then rounded once
+    in ``out_dtype`` (rounded once from the accumulator) or the accumulator. The phases add
+    the bias as a forward does (each element of dx is one phase's); col2im adds into dx, so
+    there the bias is added to the whole dx after it, in the accumulator, then rounded once."""
+    if bias is not None and (dy.size == 0 or w.size == 0 or _scatter_is_cheaper(geom, dy.dtype)):
         dx = backward_data(dy, w, geom)
         out = dx if out_dtype is None else np.empty(dx.shape, out_dtype)
         return store(dx, out, bias_view(bias.astype(dx.dtype, copy=False), dx.ndim))
@@ -170,13 +176,17 @@ def backward_data(dy: np.ndarray, w: np.ndarray, geom: ConvGeometry, out_dtype=N
     ]
     covered = all(len(a) == min(s, n) for a, s, n in zip(axes, geom.stride, geom.in_size))
     dx = (np.empty if covered else np.zeros)(shape, dtype)
+    if bias is not None:
+        bias = bias.astype(acc, copy=False)
+        if not covered:  # the residue classes no tap reaches: the bias alone
+            dx[...] = bias_view(bias, dx.ndim)
     with numpy_threads.blas_pinned():  # one pin for all phases: see numpy_threads
         for phase in itertools.product(*axes):
-            _phase(dy, wt, geom, phase, dx, acc)
+            _phase(dy, wt, geom, phase, dx, acc, bias)
     return dx
 
 
-def _phase(dy, wt, geom: ConvGeometry, phase, dx: np.ndarray, acc) -> None:
+def _phase(dy, wt, geom: ConvGeometry, phase, dx: np.ndarray, acc, bias=None) -> None:
     """One residue class of dx: dx[..., *slices] = conv(dy, the sub-kernel of its taps).
 
     Its window of dy may start or end inside dy: that part of dy is cut off (a view), so the
@@ -197,7 +207,7 @@ def _phase(dy, wt, geom: ConvGeometry, phase, dx: np.ndarray, acc) -> None:
     )
     # (C, Og, *k) -> (C, Og, *len(taps)): the phase's taps, highest first
     wsub = wt[(Ellipsis, *np.ix_(*taps))]
-    _correlate(dy[(Ellipsis, *cut)], wsub, sub, dx[(Ellipsis, *slices)], acc)
+    _correlate(dy[(Ellipsis, *cut)], wsub, sub, dx[(Ellipsis, *slices)], acc, bias)
 
 
 def backward_filter(dy: np.ndarray, x: np.ndarray, geom: ConvGeometry) -> np.ndarray:
@@ -209,12 +219,12 @@ def backward_filter(dy: np.ndarray, x: np.ndarray, geom: ConvGeometry) -> np.nda
         )
     if numpy_depthwise.applies(geom):
         return numpy_depthwise.filter_grad(dy, x, geom, acc)
-    if numpy_winograd.applies(geom, dy, x):
-        return numpy_winograd.filter_grad(dy, x, geom)
-    if numpy_direct.applies_to_filter_grad(geom, dy, x):
-        return numpy_direct.filter_grad(dy, x, geom)
     if numpy_pointwise.applies(geom):
         return numpy_pointwise.filter_grad(dy, x, geom, acc)
+    if numpy_direct.applies_to_filter_grad(geom, dy, x):  # before Winograd's: 9.1-13.8 ms
+        return numpy_direct.filter_grad(dy, x, geom)  # vs 11.2-17.8 (c64, c128, video)
+    if numpy_winograd.applies(geom, dy, x):
+        return numpy_winograd.filter_grad(dy, x, geom)
     if numpy_wide.applies_to_filter_grad(geom):
         return numpy_wide.filter_grad(dy, x, geom, acc)
     return numpy_im2col.filter_grad(dy, x, geom, acc)

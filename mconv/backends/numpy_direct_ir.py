@@ -1,4 +1,5 @@
-"""The LLVM IR of the direct conv kernels (``numpy_direct``), as text.
+"""The LLVM IR of the row-vector direct conv kernels (``numpy_direct``), as text; the
+channel-vector ones are in ``numpy_channels_ir``.
 
 Each kernel is written like C at -O0: every variable, accumulators included,
 is an ``alloca`` that is loaded and stored; LLVM's passes (``numpy_llvm``
@@ -26,7 +27,7 @@ def _load(name: str, pointer: str, element: str) -> list[str]:
             f"  %{name} = fpext <{VW} x half> %{name}.h to {V}"]  # fmt: skip
 
 
-def _store(value: str, pointer: str, element: str, lanes: int = VW) -> list[str]:
+def store(value: str, pointer: str, element: str, lanes: int = VW) -> list[str]:
     """Store the float vector (or scalar, ``lanes=1``) ``value`` as ``element``s (half: each
     rounded once, to nearest even)."""
     kind = f"<{lanes} x {{}}>" if lanes > 1 else "{}"
@@ -117,7 +118,7 @@ def forward(ob: int, pv: int, xt: str = "float", yt: str = "float") -> str:
         for p in range(pv):
             out += [f"  %f{o}_{p} = load {v}, ptr %acc{o}_{p}",
                     f"  %fp{o}_{p} = getelementptr {yt}, ptr %yp{o}, i64 {p * VW}",
-                    *_store(f"%f{o}_{p}", f"%fp{o}_{p}", yt)]  # fmt: skip
+                    *store(f"%f{o}_{p}", f"%fp{o}_{p}", yt)]  # fmt: skip
     out += ["  br label %xb.next", "st.part:", "  %rem = sub i64 %wout, %xb"]
     for o in range(ob):
         for p in range(pv):
@@ -131,7 +132,7 @@ def forward(ob: int, pv: int, xt: str = "float", yt: str = "float") -> str:
                 f"  br i1 %{e}.go, label %{e}.body, label %{e}.done", f"{e}.body:",
                 f"  %{e}.s = getelementptr float, ptr %tmp, i64 %{e}", f"  %{e}.v = load float, ptr %{e}.s",
                 f"  %{e}.d = getelementptr {yt}, ptr %qy{o}, i64 %{e}",
-                *_store(f"%{e}.v", f"%{e}.d", yt, lanes=1),
+                *store(f"%{e}.v", f"%{e}.d", yt, lanes=1),
                 f"  %{e}.n = add i64 %{e}, 1", f"  store i64 %{e}.n, ptr %e.a", f"  br label %{e}.head",
                 f"{e}.done:"]  # fmt: skip
     out += ["  br label %xb.next", "xb.next:", "  store i64 %xe, ptr %xb.a", "  br label %xb.head",

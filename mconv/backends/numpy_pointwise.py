@@ -16,7 +16,7 @@ import math
 import numpy as np
 
 from ..geometry import ConvGeometry
-from ..precision import store
+from ..precision import bias_view, store
 from . import numpy_im2col, numpy_threads
 from .numpy_convert import widened
 
@@ -51,8 +51,9 @@ def forward(x: np.ndarray, w: np.ndarray, g: ConvGeometry, out: np.ndarray, acc,
     def work(task, _scratch) -> None:
         b, cols = task
         xb = widened(x[b].reshape(groups, cg, -1)[..., cols], acc)  # (G, Cg, p)
-        if not flat:  # a strided view (a phase of backward_data, no bias), one task per image
-            out[b] = np.matmul(wg, xb).reshape(out.shape[1:])
+        if not flat:  # a strided view (a phase of backward_data), one task per image
+            part = None if bias is None else bias_view(bias, out.ndim - 1, 0)
+            store(np.matmul(wg, xb).reshape(out.shape[1:]), out[b], part)
             return
         dest = out[b].reshape(groups, og, -1)[..., cols]  # out[b] (O, *S) -> (G, Og, p)
         if out.dtype == acc:  # straight into out
