@@ -86,7 +86,8 @@ def run_scaling(args) -> dict:
 
 
 def summarize(rows: list) -> dict:
-    """Geometric means of the time and memory ratios, per dtype and pass."""
+    """Geometric means of the time and memory ratios, per dtype and pass; for float16, also
+    of mconv's float16 time over its own float32 time (``vs_float32``, per shape in the rows)."""
     summary = {}
     for dtype in dict.fromkeys(r["dtype"] for r in rows):
         mine = [r for r in rows if r["dtype"] == dtype]
@@ -94,6 +95,16 @@ def summarize(rows: list) -> dict:
         summary[dtype] = {
             "ratio": {s: geomean(r["ratio"][s] for r in mine) for s in PASSES},
             "mem_ratio": {s: geomean(mem[s]) if mem[s] else None for s in PASSES},
+        }
+    single = {r["shape"]: r for r in rows if r["dtype"] == "float32"}
+    half = [r for r in rows if r["dtype"] == "float16" and r["shape"] in single]
+    for r in half:
+        r["vs_float32"] = {
+            s: r["mconv"][s]["ms"] / single[r["shape"]]["mconv"][s]["ms"] for s in PASSES
+        }
+    if half:
+        summary["float16"]["vs_float32"] = {
+            s: geomean(r["vs_float32"][s] for r in half) for s in PASSES
         }
     return summary
 
@@ -159,6 +170,15 @@ def print_markdown(result: dict) -> None:
             for _, lib, step, field, fmt in SHAPE_COLUMNS
         ])  # fmt: skip
         _table([f"shape ({dtype})"] + [column[0] for column in SHAPE_COLUMNS], body)
+    if any("vs_float32" in r for r in rows):
+        vs = [
+            [r["shape"]] + [f"{r['vs_float32'][s]:.2f}" for s in PASSES]
+            for r in rows
+            if "vs_float32" in r
+        ]
+        geo = result["summary"]["float16"]["vs_float32"]
+        vs.append(["**geomean**"] + [f"**{geo[s]:.2f}**" for s in PASSES])
+        _table(["mconv float16 / its float32 time", "fwd", "fwd+bwd"], vs)
     print(f"\nsgemm peak (NumPy, 2048^3 float32 matmul): {result['sgemm_gflops']:.1f} GFLOP/s")
     _table(
         ["dense 3x3 shape", "dtype", "mconv fwd, share of sgemm peak", "mconv fwd+bwd, share"],
@@ -313,6 +333,11 @@ def print_summary(result: dict) -> None:
         ratio, mem = geo["ratio"], _num(geo["mem_ratio"]["fwd+bwd"], ".2f")
         print(f"geomean {dtype}: fwd {ratio['fwd']:.2f}x, fwd+bwd {ratio['fwd+bwd']:.2f}x, "
               f"peak memory (fwd+bwd) {mem}x")  # fmt: skip
+        if "vs_float32" in geo:
+            vs = geo["vs_float32"]
+            print(
+                f"mconv float16 / its float32: fwd {vs['fwd']:.2f}x, fwd+bwd {vs['fwd+bwd']:.2f}x"
+            )
     print(f"sgemm peak (NumPy, 2048^3 float32): {result['sgemm_gflops']:.1f} GFLOP/s")
 
 

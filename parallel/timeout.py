@@ -93,9 +93,17 @@ def expire(what: str, waited: float, detail: str = "") -> None:
         f"parallel: {_world_rank()} waited {waited:.1f} s in {what}, longer than the timeout "
         f"of {_seconds:g} s (parallel.init(timeout=...) or {ENV}){detail}; aborting the job\n"
     )
+    abort_after_message(1)
+
+
+def abort_after_message(code: int = 1) -> None:
+    """:func:`abort_job`, half a second after flushing what this rank wrote: mpiexec forwards
+    a message (a timeout's, a traceback) before the abort tears the job down (without the
+    pause, a loaded machine lost the failing rank's traceback)."""
+    sys.stdout.flush()
     sys.stderr.flush()
-    time.sleep(0.5)  # mpiexec forwards the message before the abort tears the job down
-    abort_job(1)
+    time.sleep(0.5)
+    abort_job(code)
 
 
 def abort_job(code: int = 1) -> None:

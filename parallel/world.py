@@ -46,8 +46,7 @@ def _install_abort_hook(MPI) -> None:
     def abort_on_error(kind, value, traceback):
         previous(kind, value, traceback)
         if MPI.Is_initialized() and not MPI.Is_finalized() and MPI.COMM_WORLD.Get_size() > 1:
-            sys.stderr.flush()
-            MPI.COMM_WORLD.Abort(1)
+            _timeout.abort_after_message(1)
 
     sys.excepthook = abort_on_error
     _abort_hook_installed = True

@@ -230,9 +230,9 @@ def test_fp16_results_are_rounded_once_without_a_wide_copy(monkeypatch, wshape, 
         np.testing.assert_array_equal(narrow, full.astype(np.float16))
     geom, _ = conv_geometry(x.shape, w.shape, **kw)
     # tiles, the weight in a few layouts (transposed, its columns in fp32), and each worker's
-    # slab of padded input (the direct kernels' planes, sized in float32: an image's is over
-    # _TASK_BYTES here)
-    per_worker = 4 * numpy_im2col.COLUMN_BYTES + numpy_direct_plan.SLAB_BYTES // 4 * x.itemsize
+    # slab of padded input (the direct kernels' planes, float32: an image's is over TASK_BYTES
+    # here)
+    per_worker = 4 * numpy_im2col.COLUMN_BYTES + numpy_direct_plan.SLAB_BYTES
     scratch = mconv.get_num_threads() * per_worker + 4 * w.nbytes
     y_bytes = math.prod(geom.output_shape(4)) * 2
     peak = _peak_bytes(lambda: F.conv(x, w, b, **kw))
