@@ -92,8 +92,9 @@ def _single_threaded_blas():
 
 @contextlib.contextmanager
 def blas_pinned():
-    """Hold BLAS single-threaded across several ``run`` calls (the phases of one backward_data):
-    one pin instead of one per call, so no OpenBLAS thread wakes up in between."""
+    """Hold BLAS single-threaded across several ``run`` calls and the GEMMs between them (each
+    primitive of ``numpy_backend`` holds it for its whole call): one pin instead of one per
+    call, so no OpenBLAS thread wakes up in between."""
     if get_num_threads() <= 1 or _blas_setter() is None:
         yield
     else:
