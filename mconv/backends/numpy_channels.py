@@ -73,7 +73,7 @@ def applies(g: ConvGeometry, x: np.ndarray, out: np.ndarray) -> bool:
         _fits(g, x)
         and out.dtype in ELEMENT
         and all(s % out.itemsize == 0 for s in out.strides)
-        and kernel("forward_channels", blocking(g), np.float32, out.dtype) is not None
+        and kernel("forward_channels", blocking(g), out.dtype) is not None
     )
 
 
@@ -82,7 +82,7 @@ def applies_to_filter_grad(g: ConvGeometry, dy: np.ndarray, x: np.ndarray) -> bo
     dtype = dy.dtype if dy.dtype in ELEMENT else np.float32
     return (
         _fits(g, x)
-        and kernel("filter_grad_channels", blocking(g), np.float32) is not None
+        and kernel("filter_grad_channels", blocking(g)) is not None
         and kernel("pack", (), dtype) is not None
     )
 
@@ -93,7 +93,7 @@ def forward(x: np.ndarray, w: np.ndarray, g: ConvGeometry, out: np.ndarray, bias
     nv, _, lanes = blocking(g)
     ob = nv * lanes
     plan = Plan(g, x.shape[0], 1)
-    function = kernel("forward_channels", blocking(g), np.float32, out.dtype)
+    function = kernel("forward_channels", blocking(g), out.dtype)
     cg, og, wout = plan.cg, plan.og, plan.wout
     nblk = -(-og // ob)  # blocks per group; the last one's missing channels are zeros
     wk = packed(w, g, nblk, ob)
@@ -127,7 +127,7 @@ def filter_grad(dy: np.ndarray, x: np.ndarray, g: ConvGeometry) -> np.ndarray:
     plan = Plan(g, x.shape[0], 1)
     cg, og, wout, taps = plan.cg, plan.og, plan.wout, plan.taps
     nblk, nj = -(-og // ob), cg * taps
-    function = kernel("filter_grad_channels", blocking(g), np.float32)
+    function = kernel("filter_grad_channels", blocking(g))
     if not in_place(dy):  # the pack kernel reads C-ordered images of float32 or float16
         dy = np.ascontiguousarray(dy, dy.dtype if dy.dtype in ELEMENT else np.float32)
     pack = kernel("pack", (), dy.dtype)

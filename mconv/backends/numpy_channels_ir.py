@@ -4,7 +4,8 @@ written as ``numpy_direct_ir``'s are (C at -O0: LLVM's passes promote the ``allo
 A vector holds ``lanes`` output channels (16 with AVX-512, else 8); a block is ``nv``
 vectors by ``pix`` output positions (forward) or by ``rb`` (input channel, tap) pairs (the
 weight gradient), one accumulator each; the other operand is broadcast, one value at a
-time. Weights and dy are read in the layout :func:`pack` makes.
+time. Weights and dy are read in the layout :func:`pack` makes; the input planes are
+float32 (``numpy_channels`` widens float16 as it pads them).
 """
 
 from __future__ import annotations
@@ -13,12 +14,28 @@ from .numpy_direct_ir import store
 from .numpy_llvm import loop, step
 
 
-def forward(nv: int, pix: int, lanes: int, xt: str = "float", yt: str = "float") -> str:
+def _broadcast_fmas(vectors: list[str], bases: list[str], offset: str, lanes: int) -> list[str]:
+    """IR lines: for each i, the float at ``bases[i] + offset`` broadcast to all lanes and
+    multiplied by each of ``vectors`` (k), added into the accumulator ``%acc{k}_{i}``."""
+    v, out = f"<{lanes} x float>", []
+    for i, base in enumerate(bases):
+        out += [f"  %xp{i} = getelementptr float, ptr {base}, i64 {offset}",
+                f"  %xs{i} = load float, ptr %xp{i}",
+                f"  %xi{i} = insertelement {v} poison, float %xs{i}, i32 0",
+                f"  %xv{i} = shufflevector {v} %xi{i}, {v} poison, <{lanes} x i32> zeroinitializer"]  # fmt: skip
+        for k, vector in enumerate(vectors):
+            out += [f"  %a{k}_{i} = load {v}, ptr %acc{k}_{i}",
+                    f"  %s{k}_{i} = call {v} @llvm.fmuladd.v{lanes}f32({v} {vector}, {v} %xv{i}, "
+                    f"{v} %a{k}_{i})", f"  store {v} %s{k}_{i}, ptr %acc{k}_{i}"]  # fmt: skip
+    return out
+
+
+def forward(nv: int, pix: int, lanes: int, yt: str = "float") -> str:
     """``@kernel(x, w, y, bias, groups, cg, nblk, og, xcs, pixbase, pixout, npix, tapoff, taps,
     ycs, hasbias)``: vectors along the output channels. A block is ``ob = nv * lanes`` output
     channels of a group by ``pix`` output positions; position p reads its taps at
-    ``pixbase[p] + tapoff[t]`` of each input channel (``xcs`` elements apart, of type ``xt``),
-    so a block may span rows. Per (channel, tap): ``nv`` weight vectors loaded, ``pix``
+    ``pixbase[p] + tapoff[t]`` of each input channel (floats, ``xcs`` apart), so a block
+    may span rows. Per (channel, tap): ``nv`` weight vectors loaded, ``pix``
     input values broadcast, ``nv * pix`` multiply-adds. w: (G, nblk, Cg, taps, ob) floats,
     the output channels zero-padded to nblk * ob per group; bias: (G, nblk * ob) floats;
     y: G * og channels of type ``yt``, ``ycs`` elements apart, position p at ``pixout[p]``
@@ -37,7 +54,7 @@ def forward(nv: int, pix: int, lanes: int, xt: str = "float", yt: str = "float")
     # for g (a group): its x, w, y and bias
     out += ["  store i64 0, ptr %g.a", *loop("g", "%groups", "exit"),
             "  %xg.0 = mul i64 %g, %cg", "  %xg.1 = mul i64 %xg.0, %xcs",
-            f"  %xg = getelementptr {xt}, ptr %x, i64 %xg.1", "  %wg.0 = mul i64 %g, %nblk",
+            "  %xg = getelementptr float, ptr %x, i64 %xg.1", "  %wg.0 = mul i64 %g, %nblk",
             "  %wg.1 = mul i64 %wg.0, %cg", "  %wg.2 = mul i64 %wg.1, %taps",
             f"  %wg.3 = mul i64 %wg.2, {ob}", "  %wg = getelementptr float, ptr %w, i64 %wg.3",
             "  %yg.0 = mul i64 %g, %og", "  %yg.1 = mul i64 %yg.0, %ycs",
@@ -55,7 +72,7 @@ def forward(nv: int, pix: int, lanes: int, xt: str = "float", yt: str = "float")
         out += [f"  %pi{p}.0 = add i64 %p0, {p}", f"  %pi{p}.1 = icmp slt i64 %pi{p}.0, %last",
                 f"  %pi{p} = select i1 %pi{p}.1, i64 %pi{p}.0, i64 %last",
                 f"  %pb{p}.p = getelementptr i64, ptr %pixbase, i64 %pi{p}",
-                f"  %pb{p} = load i64, ptr %pb{p}.p", f"  %px{p} = getelementptr {xt}, ptr %xg, i64 %pb{p}"]  # fmt: skip
+                f"  %pb{p} = load i64, ptr %pb{p}.p", f"  %px{p} = getelementptr float, ptr %xg, i64 %pb{p}"]  # fmt: skip
     out += ["  br i1 %hb, label %init.bias, label %init.zero", "init.bias:"]
     for k in range(nv):
         out += [f"  %bv{k}.0 = add i64 %o0, {k * lanes}",
@@ -76,21 +93,9 @@ def forward(nv: int, pix: int, lanes: int, xt: str = "float", yt: str = "float")
     for k in range(nv):
         out += [f"  %wp{k} = getelementptr float, ptr %wt, i64 {k * lanes}",
                 f"  %wv{k} = load {v}, ptr %wp{k}, align 4"]  # fmt: skip
-    for p in range(pix):
-        out += [f"  %xp{p} = getelementptr {xt}, ptr %px{p}, i64 %off"]
-        if xt == "float":
-            out += [f"  %xs{p} = load float, ptr %xp{p}"]
-        else:
-            out += [
-                f"  %xs{p}.h = load half, ptr %xp{p}",
-                f"  %xs{p} = fpext half %xs{p}.h to float",
-            ]
-        out += [f"  %xi{p} = insertelement {v} poison, float %xs{p}, i32 0",
-                f"  %xv{p} = shufflevector {v} %xi{p}, {v} poison, <{lanes} x i32> zeroinitializer"]  # fmt: skip
-        for k in range(nv):
-            out += [f"  %a{k}_{p} = load {v}, ptr %acc{k}_{p}",
-                    f"  %s{k}_{p} = call {v} {fma}({v} %wv{k}, {v} %xv{p}, {v} %a{k}_{p})",
-                    f"  store {v} %s{k}_{p}, ptr %acc{k}_{p}"]  # fmt: skip
+    out += _broadcast_fmas(
+        [f"%wv{k}" for k in range(nv)], [f"%px{p}" for p in range(pix)], "%off", lanes
+    )
     out += [*step("t"), "c.next:", *step("c"), "sum.done:"]
     # store: the accumulators into %tmp (pix, ob), then the real channels x positions into y
     for k, p in accs:
@@ -174,7 +179,7 @@ def pack(wt: str = "float") -> str:
     return "\n".join(out)
 
 
-def filter_grad(nv: int, rb: int, lanes: int, xt: str = "float") -> str:
+def filter_grad(nv: int, rb: int, lanes: int) -> str:
     """``@kernel(x, dyt, dw, groups, cg, nblk, xcs, pixbase, npix, joff, nj)``: the weight
     gradient with vectors along the output channels. For each group's block of ``ob = nv *
     lanes`` output channels and ``rb`` consecutive (channel, tap) indices j (j = c * taps + t,
@@ -194,7 +199,7 @@ def filter_grad(nv: int, rb: int, lanes: int, xt: str = "float") -> str:
     out += [f"  %{n}.a = alloca i64" for n in ("g", "blk", "j0", "p")]
     out += ["  %lastj = sub i64 %nj, 1", "  store i64 0, ptr %g.a", *loop("g", "%groups", "exit"),
             "  %xg.0 = mul i64 %g, %cg", "  %xg.1 = mul i64 %xg.0, %xcs",
-            f"  %xg = getelementptr {xt}, ptr %x, i64 %xg.1",
+            "  %xg = getelementptr float, ptr %x, i64 %xg.1",
             "  store i64 0, ptr %blk.a", *loop("blk", "%nblk", "g.next"),
             "  %gb.0 = mul i64 %g, %nblk", "  %gb = add i64 %gb.0, %blk",
             "  %dyb.0 = mul i64 %gb, %npix", f"  %dyb.1 = mul i64 %dyb.0, {ob}",
@@ -206,7 +211,7 @@ def filter_grad(nv: int, rb: int, lanes: int, xt: str = "float") -> str:
         out += [f"  %jr{r}.0 = add i64 %j0, {r}", f"  %jr{r}.1 = icmp slt i64 %jr{r}.0, %lastj",
                 f"  %jr{r} = select i1 %jr{r}.1, i64 %jr{r}.0, i64 %lastj",
                 f"  %jo{r}.p = getelementptr i64, ptr %joff, i64 %jr{r}",
-                f"  %jo{r} = load i64, ptr %jo{r}.p", f"  %xj{r} = getelementptr {xt}, ptr %xg, i64 %jo{r}"]  # fmt: skip
+                f"  %jo{r} = load i64, ptr %jo{r}.p", f"  %xj{r} = getelementptr float, ptr %xg, i64 %jo{r}"]  # fmt: skip
         for k in range(nv):
             out += [f"  %dp{k}_{r}.0 = mul i64 %jr{r}.0, {ob}", f"  %dp{k}_{r}.1 = add i64 %dp{k}_{r}.0, {k * lanes}",
                     f"  %dp{k}_{r} = getelementptr float, ptr %dwb, i64 %dp{k}_{r}.1"]  # fmt: skip
@@ -223,21 +228,9 @@ def filter_grad(nv: int, rb: int, lanes: int, xt: str = "float") -> str:
     for k in range(nv):
         out += [f"  %dv{k}.p = getelementptr float, ptr %dyp, i64 {k * lanes}",
                 f"  %dv{k} = load {v}, ptr %dv{k}.p, align 4"]  # fmt: skip
-    for r in range(rb):
-        out += [f"  %xp{r} = getelementptr {xt}, ptr %xj{r}, i64 %pb"]
-        if xt == "float":
-            out += [f"  %xs{r} = load float, ptr %xp{r}"]
-        else:
-            out += [
-                f"  %xs{r}.h = load half, ptr %xp{r}",
-                f"  %xs{r} = fpext half %xs{r}.h to float",
-            ]
-        out += [f"  %xi{r} = insertelement {v} poison, float %xs{r}, i32 0",
-                f"  %xv{r} = shufflevector {v} %xi{r}, {v} poison, <{lanes} x i32> zeroinitializer"]  # fmt: skip
-        for k in range(nv):
-            out += [f"  %a{k}_{r} = load {v}, ptr %acc{k}_{r}",
-                    f"  %s{k}_{r} = call {v} {fma}({v} %dv{k}, {v} %xv{r}, {v} %a{k}_{r})",
-                    f"  store {v} %s{k}_{r}, ptr %acc{k}_{r}"]  # fmt: skip
+    out += _broadcast_fmas(
+        [f"%dv{k}" for k in range(nv)], [f"%xj{r}" for r in range(rb)], "%pb", lanes
+    )
     out += [*step("p"), "sums:"]
     for k, r in accs:
         out += [f"  %st{k}_{r}.ok = icmp slt i64 {r}, %jv", f"  br i1 %st{k}_{r}.ok, label %st{k}_{r}, label %st{k}_{r}.done",
