@@ -17,7 +17,8 @@ channels (dy transposed per piece of positions by the pack kernel) times broadca
 values, ``nv`` x ``rb`` sums of (channel, tap) pairs over the positions.
 
 Plain float32 sums, one fused multiply-add at a time (``set_algorithm('exact')`` keeps
-them); float16 input is widened as loaded and a float16 result rounded once as stored.
+them); float16 input is widened into the float32 planes as they are padded (the kernels
+then run as fast as for float32), and a float16 result is rounded once as stored.
 """
 
 from __future__ import annotations

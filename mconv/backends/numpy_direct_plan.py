@@ -108,12 +108,8 @@ class Plan:
         workers = numpy_threads.get_num_threads()
         lead = q[0] if g.ndim > 1 else 1  # the first axis' output indices (1-d: one row)
         step = _slab_step(g) if g.ndim > 1 else 1
-        slab = (
-            4
-            * self.cg
-            * (math.prod(self._slab(step).padded_size) if g.ndim > 1 else math.prod(g.padded_size))
-        )
-        groups = max(1, min(g.groups, TASK_BYTES // slab))
+        slab = self._slab(step).padded_size if g.ndim > 1 else g.padded_size  # of one channel
+        groups = max(1, min(g.groups, TASK_BYTES // (4 * self.cg * math.prod(slab))))
         per_image = -(-g.groups // groups)  # tasks per image: enough for the workers
         per_image = max(per_image, min(g.groups, -(-workers // batch)))
         self.block = -(-g.groups // per_image)  # groups per task, in blocks of even size
@@ -127,9 +123,10 @@ class Plan:
         self.planes = numpy_planes.Planes(layout, phased, source=g)
         # rowbase[r]: flat offset of the task's output row r (leading-axes index) in its planes
         self.per = math.prod(q[1:-1])  # rows per index of the first axis (1-d: one row)
-        rows = (
-            np.indices((step, *q[1:-1])).reshape(g.ndim - 1, -1) if g.ndim > 1 else np.zeros((0, 1))
-        )
+        if g.ndim > 1:  # (ndim - 1, a task's rows): each row's leading-axes indices
+            rows = np.indices((step, *q[1:-1])).reshape(g.ndim - 1, -1)
+        else:  # 1-d: one row, no leading axes
+            rows = np.zeros((0, 1), np.int64)
         plane = np.array(self.planes.plane[:-1], np.int64)
         self.rowbase = np.ascontiguousarray((plane[:, None] * rows).sum(0), np.int64)
         self.rows, self.wout = lead * self.per, q[-1]  # output rows of an image; their width
