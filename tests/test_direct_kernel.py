@@ -69,7 +69,8 @@ def test_grouped_kernel_matches_torch(case, dtype, threads, task_bytes, register
     """y, dx (its stride phases are convs of the same groups) and dW against torch float64,
     under set_algorithm('exact'): the kernel's sums are plain sums. Both register files'
     blockings (16: AVX2's, 8 lanes a channel vector; LLVM splits wider vectors where the
-    host has none); tasks of a slab per output row (task_bytes 300)."""
+    host has none); tasks of a slab per output row (task_bytes 300: see _small_tasks), and
+    float16 results in pieces."""
     x, w, b, kw, rng = case
     x, w, b = (a.astype(dtype) for a in (x, w, b))
     with (
@@ -78,9 +79,6 @@ def test_grouped_kernel_matches_torch(case, dtype, threads, task_bytes, register
         _spy(numpy_direct, "filter_grad") as grads,
         pytest.MonkeyPatch.context() as patch,
     ):
-        patch.setattr(numpy_direct_plan, "TASK_BYTES", task_bytes)
-        patch.setattr(numpy_direct_plan, "SLAB_BYTES", task_bytes // 4)  # 300: a slab per row
-        patch.setattr(numpy_direct_plan, "CHUNK_BYTES", task_bytes)  # fp16: results in pieces
         patch.setattr(numpy_direct, "MIN_WIDTH", 1)  # hypothesis runs no fixture per example
         patch.setitem(precision._algorithm, "name", "exact")  # no Winograd: dense 3x3 too
         patch.setitem(numpy_llvm._state, "registers", registers)
@@ -317,13 +315,12 @@ def test_slabs_of_a_large_image_match_the_whole(monkeypatch, rng):
     """An image larger than TASK_BYTES is padded slab by slab (the rows its task's outputs
     read); slabs at the borders hold padding rows that a worker's slab before may have
     filled, so they are zeroed first. Two threads, a stride, a dilation and uneven padding."""
-    monkeypatch.setattr(numpy_direct_plan, "TASK_BYTES", 20_000)
-    monkeypatch.setattr(numpy_direct_plan, "SLAB_BYTES", 6_000)
     monkeypatch.setitem(precision._algorithm, "name", "exact")
     x = rng.standard_normal((3, 16, 41, 23)).astype(np.float32)
     w = rng.standard_normal((32, 16, 3, 3)).astype(np.float32)
     kw = dict(stride=(2, 1), padding=((3, 1), (1, 2)), dilation=(2, 1))
-    with _small_tasks(2, 4 << 20), _spy(numpy_planes.Planes, "pad_into") as pads:
+    # tasks of 24 KB: the 75 KB padded image in slabs of 6 KB, one output row each
+    with _small_tasks(2, 24_000), _spy(numpy_planes.Planes, "pad_into") as pads:
         y = F.conv(x, w, **kw)
     assert len(pads) > 3 * 4  # several slabs per image
     want = torch_conv(x.astype(np.float64), w.astype(np.float64), None, None, stride=(2, 1),

@@ -23,7 +23,8 @@ from reference import assert_close, torch_conv
 
 import mconv
 from mconv import functional as F
-from mconv.backends import numpy_depthwise, numpy_direct, numpy_jit, numpy_threads, numpy_winograd
+from mconv.backends import (numpy_depthwise, numpy_direct, numpy_direct_plan, numpy_jit,
+                            numpy_threads, numpy_winograd)  # fmt: skip
 
 pytestmark = pytest.mark.skipif(not numpy_jit.enabled(), reason="numba is not installed")
 
@@ -49,10 +50,14 @@ def _spy(module, name):
 
 @contextlib.contextmanager
 def _small_tasks(threads: int, task_bytes: int):
-    """Tasks of ``task_bytes``, ``threads`` forced workers, and Winograd for any layer size."""
+    """Tasks of ``task_bytes`` (the direct kernels': slabs of a quarter of that, results in
+    pieces of that), ``threads`` forced workers, and Winograd for any layer size."""
     settings = {
         (numpy_winograd, "_TASK_BYTES"): task_bytes,
         (numpy_depthwise, "_TASK_BYTES"): task_bytes,
+        (numpy_direct_plan, "TASK_BYTES"): task_bytes,
+        (numpy_direct_plan, "SLAB_BYTES"): task_bytes // 4,
+        (numpy_direct_plan, "CHUNK_BYTES"): task_bytes,
         (numpy_winograd, "MIN_CHANNELS"): 1,
         (numpy_winograd, "MIN_TILES"): 1,
         (numpy_winograd, "MAX_U_BYTES_PER_TILE"): math.inf,

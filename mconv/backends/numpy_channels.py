@@ -29,7 +29,7 @@ import numpy as np
 
 from ..geometry import ConvGeometry
 from . import numpy_llvm, numpy_threads
-from .numpy_direct_plan import ELEMENT, Plan, Scratch, in_place, kernel, packed
+from .numpy_direct_plan import ELEMENT, Plan, Scratch, in_place, kernel, packed, runs_here
 
 MIN_CHANNELS = 16  # output channels per group from which these kernels run (8: row vectors
 # took 0.4 ms per ResNeXt image, these 0.55)
@@ -55,16 +55,11 @@ def blocking(g: ConvGeometry) -> tuple[int, int, int]:
 
 
 def _fits(g: ConvGeometry, x: np.ndarray) -> bool:
-    """Non-negative padding, float32 sums, the IR kernels here, and a group's smallest slab
-    (1-d: its padded input) within MAX_SLAB_BYTES."""
+    """A group's smallest slab (1-d: its padded input) within MAX_SLAB_BYTES, and what every
+    direct kernel needs (``runs_here``)."""
     rows = (g.kernel_size[0] - 1) * g.dilation[0] + 1 if g.ndim > 1 else g.padded_size[0]
     slab = 4 * (g.in_channels // g.groups) * rows * math.prod(g.padded_size[1:])
-    return (
-        slab <= MAX_SLAB_BYTES
-        and all(lo >= 0 and hi >= 0 for lo, hi in g.padding)
-        and x.dtype in ELEMENT
-        and numpy_llvm.available()
-    )
+    return slab <= MAX_SLAB_BYTES and runs_here(g, x)
 
 
 def applies(g: ConvGeometry, x: np.ndarray, out: np.ndarray) -> bool:
@@ -91,10 +86,10 @@ def applies_to_filter_grad(g: ConvGeometry, dy: np.ndarray, x: np.ndarray) -> bo
 def forward(x: np.ndarray, w: np.ndarray, g: ConvGeometry, out: np.ndarray, bias=None):
     """out (B, O, *Q) = conv of x (B, C, *S) with w (O, Cg, *k) (+ bias (O,)), summed in
     float32 and rounded once into ``out`` (any strides) by the kernel."""
-    nv, _, lanes = blocking(g)
+    nv, _, lanes = blocks = blocking(g)
     ob = nv * lanes
     plan = Plan(g, x.shape[0], 1)
-    function = kernel("forward_channels", blocking(g), out.dtype)
+    function = kernel("forward_channels", blocks, out.dtype)
     cg, og, wout = plan.cg, plan.og, plan.wout
     nblk = -(-og // ob)  # blocks per group; the last one's missing channels are zeros
     wk = packed(w, g, nblk, ob)
@@ -123,12 +118,12 @@ def filter_grad(dy: np.ndarray, x: np.ndarray, g: ConvGeometry) -> np.ndarray:
     """dW (O, Cg, *k) = sum over images and outputs of dy (B, O, *Q) times x's windows, in
     float32: per task, dy's positions in pieces, each transposed to (G, nblk, positions, ob)
     floats by the pack kernel, then summed into the worker's (G, nblk, Cg*K, ob) dW."""
-    nv, rb, lanes = blocking(g)
+    nv, rb, lanes = blocks = blocking(g)
     ob = nv * lanes
     plan = Plan(g, x.shape[0], 1)
     cg, og, wout, taps = plan.cg, plan.og, plan.wout, plan.taps
     nblk, nj = -(-og // ob), cg * taps
-    function = kernel("filter_grad_channels", blocking(g))
+    function = kernel("filter_grad_channels", blocks)
     if not in_place(dy):  # the pack kernel reads C-ordered images of float32 or float16
         dy = np.ascontiguousarray(dy, dy.dtype if dy.dtype in ELEMENT else np.float32)
     pack = kernel("pack", (), dy.dtype)
@@ -137,9 +132,8 @@ def filter_grad(dy: np.ndarray, x: np.ndarray, g: ConvGeometry) -> np.ndarray:
     piece = max(rb, DY_BYTES // (4 * ob))  # positions per piece
     total = plan.rows * wout  # positions per channel of dy
 
-    def scratch() -> Scratch:
-        made = plan.scratch(np.float32)
-        made.dw = np.zeros((g.groups, nblk, nj, ob), np.float32)
+    def scratch() -> Scratch:  # dW's sum, and a buffer for the largest piece of dy
+        made = plan.scratch(np.float32, dw=(g.groups, nblk, nj, ob))
         made.buffer = np.empty(plan.block * nblk * piece * ob, np.float32)
         return made
 

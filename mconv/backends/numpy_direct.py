@@ -44,7 +44,7 @@ from ..precision import bias_view, store
 from . import numpy_channels, numpy_llvm, numpy_threads
 from .numpy_convert import copy_into
 from .numpy_direct_ir import VW
-from .numpy_direct_plan import ELEMENT, Plan, Scratch, in_place, io_dtype, kernel, packed
+from .numpy_direct_plan import Plan, Scratch, in_place, io_dtype, kernel, packed, runs_here
 
 MAX_GROUP_CHANNELS = 128  # Cg above this: the GEMM of im2col is the better tool
 MAX_GROUP_BYTES = 1 << 20  # a group's padded input: beyond the L2 cache, each block re-reads it
@@ -79,16 +79,14 @@ def _grad_blocking(g: ConvGeometry) -> tuple[int, int]:
 
 def _fits(g: ConvGeometry, x: np.ndarray) -> bool:
     """At most MAX_GROUP_CHANNELS input channels per group whose padded input fits
-    MAX_GROUP_BYTES, rows of MIN_WIDTH or more, non-negative padding, float32 sums, and the
-    IR kernels here."""
+    MAX_GROUP_BYTES, rows of MIN_WIDTH or more, and what every direct kernel needs
+    (``runs_here``)."""
     cg = g.in_channels // g.groups
     return (
         cg <= MAX_GROUP_CHANNELS
         and 4 * cg * math.prod(g.padded_size) <= MAX_GROUP_BYTES
         and g.out_size[-1] >= MIN_WIDTH
-        and all(lo >= 0 and hi >= 0 for lo, hi in g.padding)
-        and x.dtype in ELEMENT
-        and numpy_llvm.available()
+        and runs_here(g, x)
     )
 
 
@@ -185,7 +183,8 @@ def filter_grad(dy: np.ndarray, x: np.ndarray, g: ConvGeometry) -> np.ndarray:
             copy_into(buffer, plan.first_axis(src, where))
             run(buffer.ctypes.data, where.start, rows, rows * wout)
 
-    sums = numpy_threads.run(plan.tasks, work, lambda: plan.scratch(x.dtype, dw=True), plan.work,
+    shape = (g.out_channels, cg, plan.taps)
+    sums = numpy_threads.run(plan.tasks, work, lambda: plan.scratch(x.dtype, dw=shape), plan.work,
                              sums=True)  # fmt: skip
     dw = sums[0].dw
     for other in sums[1:]:

@@ -52,6 +52,16 @@ def kernel(kind: str, blocking: tuple[int, ...], *dtypes):
     return _kernels[key].function()
 
 
+def runs_here(g: ConvGeometry, x: np.ndarray) -> bool:
+    """What every direct kernel needs: non-negative padding (no crop), input the kernels read
+    (float32 or float16: float32 sums), and the IR kernels here (``numpy_llvm``)."""
+    return (
+        all(lo >= 0 and hi >= 0 for lo, hi in g.padding)
+        and x.dtype in ELEMENT
+        and numpy_llvm.available()
+    )
+
+
 def in_place(array: np.ndarray) -> bool:
     """Whether a kernel uses ``array`` as it is (float32 or float16, each image C-ordered;
     the images share their strides, so the first tells): the forward writes into it, the
@@ -145,12 +155,11 @@ class Plan:
         return replace(g, in_size=(rows, *g.in_size[1:]), out_size=(step, *g.out_size[1:]),
                        padding=((0, 0), *g.padding[1:]))  # fmt: skip
 
-    def scratch(self, dtype, dw: bool = False) -> Scratch:
-        """A worker's: a task's planes in x's dtype (float16 is widened as the kernel loads
-        it), and for the row-vector weight gradient its sum."""
+    def scratch(self, dtype, dw: tuple[int, ...] | None = None) -> Scratch:
+        """A worker's: a task's planes in ``dtype`` (float16 is widened as the row kernels
+        load it), and for a weight gradient its float32 sum of shape ``dw``."""
         flat = np.zeros((self.block * self.cg, self.length), dtype)
-        grad = np.zeros((self.g.out_channels, self.cg, self.taps), np.float32) if dw else None
-        return Scratch(flat, grad)
+        return Scratch(flat, None if dw is None else np.zeros(dw, np.float32))
 
     def pad(self, x: np.ndarray, task, scratch: Scratch) -> np.ndarray:
         """The input channels of ``task``'s groups of its image in its planes: the slab its
