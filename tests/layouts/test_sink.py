@@ -1,7 +1,9 @@
-"""Streaming writes (layouts.sink): the kernel copy, the transposing copy and the plain
-write from memory give the same files as the straightforward writers, and every output
-shows its progress bar."""
+"""Streaming writes (layouts.sink): reading from the source file, the transposing copy,
+the copy from memory, direct and buffered writes give the same files as the
+straightforward writers, and every output shows its progress bar."""
 
+import concurrent.futures
+import fcntl
 import io
 import json
 import os
@@ -60,48 +62,118 @@ def _convert(src, dst, spec, to, **kw):
     return convert(str(src), str(dst), to_framework=to, spec=str(spec), **kw)
 
 
+WAYS = {  # how the sink can be made to write: each must give the same file
+    "default": {},
+    "direct I/O, small buffers": {"CHUNK": 3 * sink.ALIGN},  # many buffers, unaligned ends carried
+    "buffered, small buffers": {"CHUNK": 3 * sink.ALIGN, "_DIRECT": False},
+    "from the map, not the file": {"_FROM_FILE": False},
+    "one converting thread": {"HANDS": 1, "CHUNK": 3 * sink.ALIGN},
+}
+
+
 @pytest.mark.parametrize("to,suffix", OUTPUTS)
-def test_kernel_copy_and_fallback_write_identical_files(tmp_path, checkpoint, monkeypatch, to,
-                                                        suffix):  # fmt: skip
+def test_every_way_of_writing_gives_the_reference_file(tmp_path, checkpoint, monkeypatch, to,
+                                                       suffix):  # fmt: skip
     src, spec = checkpoint
-    fast, slow = tmp_path / f"fast{suffix}", tmp_path / f"slow{suffix}"
-    out = _convert(src, fast, spec, to)
-    monkeypatch.setattr(sink, "_KERNEL_COPY", False)
-    _convert(src, slow, spec, to)
-    assert fast.read_bytes() == slow.read_bytes() == _reference(fast, out)
+    files = {}
+    for way, settings in WAYS.items():
+        with monkeypatch.context() as patch:
+            for name, value in settings.items():
+                patch.setattr(sink, name, value)
+            dst = tmp_path / f"{len(files)}{suffix}"
+            out = _convert(src, dst, spec, to)
+            files[way] = dst.read_bytes()
+    reference = _reference(dst, out)
+    assert {way: data == reference for way, data in files.items()} == dict.fromkeys(WAYS, True)
 
 
-@pytest.mark.parametrize("suffix", [".safetensors", ".pkl"])
-def test_cast_outputs_match_the_reference(tmp_path, checkpoint, suffix):
+def _spy_writes(monkeypatch):
+    """Every pwrite as (offset, length, whether the descriptor was in direct mode)."""
+    writes, real = [], os.pwrite
+
+    def spy(fd, data, offset):
+        direct = bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT)
+        writes.append((offset, memoryview(data).nbytes, direct))
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", spy)
+    return writes
+
+
+def test_large_outputs_are_written_direct_and_read_from_the_source_file(tmp_path, checkpoint,
+                                                                        monkeypatch):  # fmt: skip
     src, spec = checkpoint
-    dst = tmp_path / f"half{suffix}"
-    out = _convert(src, dst, spec, "tensorflow", dtype="float16")
-    assert dst.read_bytes() == _reference(dst, out, np.float16)
-
-
-def test_kernel_copy_is_used_and_sendfile_backs_it_up(tmp_path, checkpoint, monkeypatch):
-    src, spec = checkpoint
-    calls = []
-    real = os.copy_file_range
-
-    def refuse(*args):
-        calls.append(args)
-        raise OSError(18, "Invalid cross-device link")  # EXDEV
-
-    _convert(src, tmp_path / "a.safetensors", spec, "torch")
-    monkeypatch.setattr(os, "copy_file_range", refuse)
-    sent = []
-    real_sendfile = os.sendfile
-    monkeypatch.setattr(os, "sendfile", lambda *a: sent.append(a) or real_sendfile(*a))
-    _convert(src, tmp_path / "b.safetensors", spec, "torch")
-    assert calls and sent and real
-    assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
+    monkeypatch.setattr(sink, "CHUNK", 4 * sink.ALIGN)
+    reads, real_preadv = [], os.preadv
+    monkeypatch.setattr(os, "preadv", lambda fd, bufs, offset: reads.append(offset) or
+                        real_preadv(fd, bufs, offset))  # fmt: skip
+    writes = _spy_writes(monkeypatch)
+    dst = tmp_path / "a.safetensors"
+    _convert(src, dst, spec, "torch")
+    assert reads  # the tensors' bytes came from the file, not through the map
+    direct = [(offset, n) for offset, n, d in writes if d]
+    buffered = [(offset, n) for offset, n, d in writes if not d]
+    assert len(direct) > 10 and all(o % sink.ALIGN == 0 and n % sink.ALIGN == 0 for o, n in direct)
+    assert len(buffered) == 1 and buffered[0][0] + buffered[0][1] == dst.stat().st_size  # the tail
+    assert sum(n for _, n, _ in writes) == dst.stat().st_size  # each byte written once
     released = []  # transposed tensors' pages leave the RSS once converted
     real_madvise = MappedFile.madvise
     monkeypatch.setattr(MappedFile, "madvise",
                         lambda self, *a: released.append(a) or real_madvise(self, *a))  # fmt: skip
-    _convert(src, tmp_path / "c.safetensors", spec, "tensorflow")
+    _convert(src, tmp_path / "b.safetensors", spec, "tensorflow")
     assert len(released) == 3  # a.weight, b.weight, t.weight
+
+
+@pytest.mark.parametrize("refused", ["fcntl", "pwrite"])
+def test_refused_direct_io_falls_back_to_buffered_writes(tmp_path, checkpoint, monkeypatch,
+                                                         refused):  # fmt: skip
+    """A file system without direct I/O refuses O_DIRECT (fcntl) or its writes (EINVAL,
+    e.g. when it needs larger alignment): the rest of the file is written buffered."""
+    src, spec = checkpoint
+    _convert(src, tmp_path / "a.pkl", spec, "tensorflow")
+    monkeypatch.setattr(sink, "CHUNK", 4 * sink.ALIGN)
+    writes = _spy_writes(monkeypatch)
+    if refused == "fcntl":
+        real_fcntl = fcntl.fcntl
+
+        def no_direct(fd, command, arg=0):
+            if command == fcntl.F_SETFL and arg & os.O_DIRECT:
+                raise OSError(22, "Invalid argument")
+            return real_fcntl(fd, command, arg)
+
+        monkeypatch.setattr(fcntl, "fcntl", no_direct)
+    else:
+        spy = os.pwrite
+
+        def misaligned(fd, data, offset):
+            if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT and len(writes) >= 2:
+                raise OSError(22, "Invalid argument")
+            return spy(fd, data, offset)
+
+        monkeypatch.setattr(os, "pwrite", misaligned)
+    _convert(src, tmp_path / "b.pkl", spec, "tensorflow")
+    assert (tmp_path / "a.pkl").read_bytes() == (tmp_path / "b.pkl").read_bytes()
+    assert [d for _, _, d in writes].count(True) == (0 if refused == "fcntl" else 2)
+
+
+def test_sink_after_other_writes_and_pieces_larger_than_a_buffer(tmp_path, monkeypatch):
+    """A sink that starts at an unaligned position writes buffered; a converted piece
+    larger than a buffer gets a bigger one; the file position ends after the sink's bytes."""
+    monkeypatch.setattr(sink, "CHUNK", 2 * sink.ALIGN)
+    rng = np.random.default_rng(0)
+    wide = rng.standard_normal((3, 5000)).astype(np.float32)  # rows of 20000 bytes
+    tall = rng.standard_normal((7000, 3)).astype(np.float32)
+    with open(tmp_path / "o.bin", "wb") as f:
+        f.write(b"head")
+        with sink.Sink(f) as w:
+            w.write(b"x" * 10000)
+            w.write_array(wide.T, np.float64)  # cast and transposed: one row is 40000 bytes
+            w.write_array(tall, np.float32)  # in memory, contiguous
+            w.write(sink.ArrayBytes(wide, np.float16))
+        f.write(b"tail")
+    expected = (b"head" + b"x" * 10000 + np.ascontiguousarray(wide.T, np.float64).tobytes()
+                + tall.tobytes() + wide.astype(np.float16).tobytes() + b"tail")  # fmt: skip
+    assert (tmp_path / "o.bin").read_bytes() == expected
 
 
 def test_replaced_source_falls_back_to_memory(tmp_path, checkpoint):
@@ -126,7 +198,7 @@ def test_source_shrunk_after_reading_is_an_error(tmp_path, checkpoint):
     offset = sink.extent(weight)[0] - sink.mapped_origin(weight).address
     with open(copy, "r+b") as f:
         f.truncate(offset + 8)
-    with pytest.raises(CheckpointError, match="shrank"):  # met by the writer thread
+    with pytest.raises(CheckpointError, match="shrank"):
         with open(tmp_path / "o.bin", "wb") as f, sink.Sink(f) as w:  # not via the map: it faults
             w.write_array(weight, weight.dtype)
 
@@ -135,13 +207,15 @@ def test_source_shrunk_after_reading_is_an_error(tmp_path, checkpoint):
                                              ((4, 3, 2, 5, 6), (0, 2, 3, 4, 1), 1), ((3,), (0,), 1),
                                              ((9, 4, 3), (2, 0, 1), -1), ((10, 6), (1, 0), 2)])  # fmt: skip
 def test_blocked_copy_equals_a_strided_copy(shape, axes, step, monkeypatch):
-    monkeypatch.setattr(sink, "BLOCK", 64)  # many blocks even for small arrays
+    monkeypatch.setattr(sink, "BLOCK", 64)
+    monkeypatch.setattr(sink, "HANDS", 3)  # many blocks even for small arrays
     a = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
     view = a.transpose(axes)[::step]
-    for dtype in (np.float32, np.float16):
-        out = np.empty(view.shape, dtype)
-        sink.copy_blocked(out, view)
-        np.testing.assert_array_equal(out, view.astype(dtype))
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        for dtype, helpers in [(np.float32, None), (np.float16, None), (np.float32, pool)]:
+            out = np.empty(view.shape, dtype)
+            sink.copy_blocked(out, view, helpers)  # with helpers: the blocks in three runs
+            np.testing.assert_array_equal(out, view.astype(dtype))
 
 
 @pytest.mark.parametrize("to,suffix", OUTPUTS)
@@ -149,7 +223,9 @@ def test_every_output_prints_each_step_of_its_bar_once(tmp_path, checkpoint, cap
     src, spec = checkpoint
     _convert(src, tmp_path / f"o{suffix}", spec, to, progress=True)
     err = capsys.readouterr().err
-    steps = [line.split("]")[1].split("%")[0].strip() for line in err.strip("\n").split("\r") if line]
+    steps = [
+        line.split("]")[1].split("%")[0].strip() for line in err.strip("\n").split("\r") if line
+    ]
     assert steps == sorted(set(steps), key=int) and steps[-1] == "100", steps
     assert err.endswith("\n") and err.count("\n") == 1
 
@@ -165,17 +241,17 @@ def test_scalar_keeps_its_shape_in_a_pkl(tmp_path, checkpoint):
 def test_a_write_error_in_the_writer_thread_reaches_the_caller(tmp_path, checkpoint, monkeypatch,
                                                               suffix):  # fmt: skip
     src, spec = checkpoint
-    real = os.write
+    real = os.pwrite
     written = []
 
-    def fail_later(fd, data):
-        written.append(len(data))
+    def fail_later(fd, data, offset):
+        written.append(offset)
         if len(written) > 2:
             raise OSError(28, "No space left on device")
-        return real(fd, data)
+        return real(fd, data, offset)
 
-    monkeypatch.setattr(sink, "_KERNEL_COPY", False)
-    monkeypatch.setattr(os, "write", fail_later)
+    monkeypatch.setattr(sink, "CHUNK", 4 * sink.ALIGN)
+    monkeypatch.setattr(os, "pwrite", fail_later)
     with pytest.raises(OSError, match="No space left"):
         _convert(src, tmp_path / f"o{suffix}", spec, "tensorflow")
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no output, no temporary file
@@ -195,18 +271,13 @@ def test_an_interrupted_write_leaves_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_without_kernel_copy_or_writeback_calls_the_file_is_the_same(tmp_path, checkpoint,
-                                                                     monkeypatch):  # fmt: skip
-    """No copy_file_range, no sendfile (e.g. not Linux), no sync_file_range in the C library."""
+def test_without_direct_io_or_writeback_calls_the_file_is_the_same(tmp_path, checkpoint,
+                                                                   monkeypatch):  # fmt: skip
+    """No O_DIRECT, no sync_file_range in the C library (e.g. not Linux)."""
     src, spec = checkpoint
     _convert(src, tmp_path / "a.pkl", spec, "megengine")
-
-    def refuse(*args):
-        raise OSError(38, "Function not implemented")  # ENOSYS
-
-    monkeypatch.setattr(os, "copy_file_range", refuse)
-    monkeypatch.setattr(os, "sendfile", refuse)
+    monkeypatch.delattr(os, "O_DIRECT")
     monkeypatch.setattr(sink._Writeback, "call", False)
-    monkeypatch.setattr(sink, "WRITEBACK", 1)  # would start writeback after every write
+    monkeypatch.setattr(sink, "CHUNK", sink.ALIGN)
     _convert(src, tmp_path / "b.pkl", spec, "megengine")
     assert (tmp_path / "a.pkl").read_bytes() == (tmp_path / "b.pkl").read_bytes()
