@@ -14,9 +14,9 @@ too.
 
 By default each run replaces the output of the job's previous run, as a user re-running a
 conversion does: ``cp`` truncates its target first and refills the pages it just freed,
-while mconv writes a temporary file beside the old one and renames it over it (the old
-data survives a failure), so it needs a second file's worth of pages while the old file
-still holds its own; both pay for freeing the old file's pages. ``--new-files`` removes
+while mconv writes a temporary file beside the old one (direct I/O, past the page cache)
+and renames it over it (the old data survives a failure); both pay for freeing the old
+file. ``--new-files`` removes
 each job's previous output before the clock starts instead: every job, ``cp`` included,
 then writes a new file and frees nothing (see docs/checkpoints.md for both).
 

@@ -40,8 +40,8 @@ def open_regular(path: str, what: str = "the checkpoint") -> tuple[BinaryIO, int
 
 class MappedFile(mmap.mmap):
     """A read-only map that remembers which file it maps (``path``, ``identity``: device
-    and inode) and its ``address`` (its length is ``len``), so that a writer can copy a tensor's
-    bytes file to file (:mod:`layouts.sink`) after reopening the path and checking that
+    and inode) and its ``address`` (its length is ``len``), so that a writer can read a tensor's
+    bytes from the file (:mod:`layouts.sink`) after reopening the path and checking that
     it is still the same file."""
 
     path: str

@@ -147,9 +147,9 @@ def write_numpy_pickle(tensors: Mapping[str, np.ndarray], path: str | os.PathLik
                        progress: Callable[[int], None] | None = None) -> None:  # fmt: skip
     """A MegEngine-style state dict: ``{name: ndarray}`` pickled with protocol 4, as plain
     numpy arrays (``pickle.load`` / ``megengine.load`` read it), the same bytes as
-    ``pickle.dump``. Streamed: each tensor is cast and laid out while it is written
-    (file to file where its bytes are already in a mapped checkpoint), so memory holds
-    at most one tensor's bytes, not the whole file."""
+    ``pickle.dump``. Streamed: each tensor is cast and laid out while it is written (read
+    from the source file where its bytes are already in a mapped checkpoint), so memory
+    holds at most one tensor's bytes, not the whole file."""
 
     def dtype(array: np.ndarray) -> np.dtype:
         cast = float_dtype is not None and is_floating(array.dtype)

@@ -161,9 +161,9 @@ def write_safetensors(tensors: Mapping[str, np.ndarray], path: str | os.PathLike
     ``float_dtype`` casts the floating tensors; ``progress(nbytes)`` is called
     after each tensor is written.
 
-    Tensors stream to disk one at a time through a :class:`~layouts.sink.Sink` (file to
-    file where a tensor's bytes are already in a mapped checkpoint), so the checkpoint is
-    never copied whole in memory."""
+    Tensors stream to disk one at a time through a :class:`~layouts.sink.Sink` (read from
+    the source file where a tensor's bytes are already in a mapped checkpoint), so the
+    checkpoint is never copied whole in memory."""
     header: dict[str, Any] = {}
     if metadata:
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):

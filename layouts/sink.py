@@ -48,8 +48,8 @@ CHUNK = 8 << 20  # bytes per staging buffer (a converted tensor: pieces of about
 BLOCK = 64 << 10  # source bytes per transposed block: stays in the L2 cache
 ALIGN = 4096  # direct I/O: file offsets, lengths and buffer addresses are multiples of this
 DEPTH = 3  # staging buffers: being filled, queued or written
-HANDS = min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1,
-            4)  # threads that convert a tensor (more only compete for memory bandwidth)  # fmt: skip
+_CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+HANDS = min(_CPUS, 4)  # threads converting a tensor (more only compete for memory bandwidth)
 _FROM_FILE = True  # tests turn reading from the source file off to compare with the fallback
 _DIRECT = True  # tests turn direct I/O off to compare with buffered writes
 
@@ -150,6 +150,15 @@ class _Writeback:
             cls.call(fd, offset, nbytes, 2)  # SYNC_FILE_RANGE_WRITE; errors: fsync reports
 
 
+def _pwrite(fd: int, data: np.ndarray, offset: int) -> int:
+    """``os.pwrite``, or a seek and a write where there is none (Windows: only the writer
+    thread writes)."""
+    if hasattr(os, "pwrite"):
+        return os.pwrite(fd, data, offset)
+    os.lseek(fd, offset, os.SEEK_SET)
+    return os.write(fd, data)
+
+
 def _buffer(nbytes: int) -> np.ndarray:
     """A page-aligned uint8 staging buffer of at least ``nbytes`` (a multiple of ALIGN)."""
     return np.frombuffer(mmap.mmap(-1, max(-(-nbytes // ALIGN) * ALIGN, ALIGN)), np.uint8)
@@ -232,13 +241,14 @@ class Sink:
         refuses (EINVAL) is done again buffered, and so is everything after it."""
         if self._direct and data.size % ALIGN:  # the file's end: its last bytes buffered
             head = data.size - data.size % ALIGN
-            self._write_now(data[:head], offset)
+            if head:
+                self._write_now(data[:head], offset)
             self._end_direct()
             data, offset = data[head:], offset + head
         done = 0
         while done < data.size:
             try:
-                done += os.pwrite(self.fd, data[done:], offset + done)
+                done += _pwrite(self.fd, data[done:], offset + done)
             except OSError as error:
                 if not (self._direct and error.errno == errno.EINVAL):
                     raise
@@ -341,7 +351,7 @@ class Sink:
 
     def _located(self, array: np.ndarray) -> tuple[int, int, MappedFile] | None:
         """(source descriptor, file offset, map) of a contiguous array mapped from a file."""
-        mapped = mapped_origin(array) if _FROM_FILE else None
+        mapped = mapped_origin(array) if _FROM_FILE and hasattr(os, "preadv") else None
         if mapped is None:
             return None
         offset = extent(array)[0] - mapped.address

@@ -271,12 +271,14 @@ def test_an_interrupted_write_leaves_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_without_direct_io_or_writeback_calls_the_file_is_the_same(tmp_path, checkpoint,
-                                                                   monkeypatch):  # fmt: skip
-    """No O_DIRECT, no sync_file_range in the C library (e.g. not Linux)."""
+@pytest.mark.parametrize("missing", [("O_DIRECT",), ("pwrite", "preadv")])
+def test_without_direct_io_positioned_io_or_writeback_the_file_is_the_same(tmp_path, checkpoint,
+                                                                           monkeypatch, missing):  # fmt: skip
+    """No O_DIRECT, no pwrite/preadv (Windows), no sync_file_range in the C library."""
     src, spec = checkpoint
     _convert(src, tmp_path / "a.pkl", spec, "megengine")
-    monkeypatch.delattr(os, "O_DIRECT")
+    for name in missing:
+        monkeypatch.delattr(os, name)
     monkeypatch.setattr(sink._Writeback, "call", False)
     monkeypatch.setattr(sink, "CHUNK", sink.ALIGN)
     _convert(src, tmp_path / "b.pkl", spec, "megengine")
