@@ -5,10 +5,10 @@ needs the test extra for torch), then runs, each in its own process: ``cp``, ``c
 followed by an fsync of the copy (``sync FILE``: mconv fsyncs before its rename, ``cp``
 does not), and ``mconv convert`` to every kind of output (:data:`TARGETS`: torch-layout
 safetensors, a streamed copy; Keras and Flax layouts, every tensor transposed;
-MegEngine's layout as safetensors and as ``.pkl``). Each job runs once to warm the page
-cache, then ``--repeat`` times, the jobs taking turns; the median time and the largest
-peak RSS are reported. Every run starts after a ``sync``, so that no job pays for the
-writeback of the one before. The targets (issue 12) are against plain ``cp``: at
+MegEngine's layout as safetensors and as ``.pkl``; and :data:`CAST`, the Keras layout
+cast to float16). Each job runs once to warm the page cache, then ``--repeat`` times,
+the jobs taking turns; the median time and the largest peak RSS are reported. Every run
+starts after a ``sync``, so that no job pays for the writeback of the one before. The targets (issue 12) are against plain ``cp``: at
 most 2x its time and 1.2x the file size in peak RSS; the ratio to ``cp`` + fsync is shown
 too.
 
@@ -55,6 +55,7 @@ def run_measured(cmd: list[str], output: str | None = None) -> tuple[float, floa
 # every output: safetensors in each layout that moves data differently, and MegEngine's .pkl
 TARGETS = [("torch", ".safetensors"), ("tensorflow", ".safetensors"), ("jax", ".safetensors"),
            ("megengine", ".safetensors"), ("megengine", ".pkl"), ("tensorflow", ".pkl")]  # fmt: skip
+CAST = ("tensorflow", ".safetensors", "float16")  # transposed and cast (--dtype)
 TIME_TARGET, RSS_TARGET = 2.0, 1.2  # issue 12: <= 2x the time of cp, <= 1.2x the file in RSS
 
 MAKE = """
@@ -100,6 +101,10 @@ def main(argv=None) -> None:
             out = os.path.join(root, f"out-{layout}{suffix}")
             cmd = mconv + [out, "--to", layout, "--spec", spec]
             jobs[f"convert -> {layout} {suffix}"] = (cmd, out)
+        layout, suffix, dtype = CAST
+        out = os.path.join(root, f"out-{layout}-{dtype}{suffix}")
+        cmd = mconv + [out, "--to", layout, "--spec", spec, "--dtype", dtype]
+        jobs[f"convert -> {layout} {dtype} {suffix}"] = (cmd, out)
         runs: dict[str, list[tuple[float, float]]] = {name: [] for name in jobs}
         for cmd, _ in jobs.values():
             run_measured(cmd)  # warm the page cache; leave an output to replace
@@ -119,12 +124,12 @@ def main(argv=None) -> None:
         f"{'writes a new file' if args.new_files else 'replaces its previous output'}; targets: "
         f"<= {TIME_TARGET}x cp, <= {RSS_TARGET}x the file size in peak RSS"
     )
-    print(f"{'job':40s} {'seconds':>8s} {'x cp':>6s} {'x cp+fsync':>11s} {'peak RSS MiB':>13s} "
+    print(f"{'job':44s} {'seconds':>8s} {'x cp':>6s} {'x cp+fsync':>11s} {'peak RSS MiB':>13s} "
           f"{'RSS / size':>11s}")  # fmt: skip
     for name, r in results.items():
         ok = name.startswith("cp") or (r["seconds"] <= TIME_TARGET * cp
                                        and r["rss_over_file_size"] <= RSS_TARGET)  # fmt: skip
-        print(f"{name:40s} {r['seconds']:8.2f} {r['seconds'] / cp:6.2f} "
+        print(f"{name:44s} {r['seconds']:8.2f} {r['seconds'] / cp:6.2f} "
               f"{r['seconds'] / synced:11.2f} {r['peak_rss_mib']:13.1f} "
               f"{r['rss_over_file_size']:11.2f}{'' if ok else '  MISSES THE TARGET'}")  # fmt: skip
     print(json.dumps({"size_mib": round(size / 2**20), "new_files": args.new_files, **results}))
