@@ -266,3 +266,92 @@ def test_more_layers_in_fp16_against_torch_float64(make_ours, make_theirs):
         assert mine.dtype == np.float16
         spacing = np.spacing(np.abs(exact).astype(np.float16)).astype(np.float64)
         assert np.all(np.abs(mine.astype(np.float64) - exact) <= spacing + 1e-6)
+
+
+@pytest.fixture(params=["jit", "numpy"])
+def jit_or_numpy(request):
+    """Both ways the CPU computes BatchNorm's fma: numba's kernel, and NumPy in float64."""
+    from mconv.backends import numpy_jit
+
+    if request.param == "jit" and not numpy_jit.enabled():
+        pytest.skip("numba is not installed")
+    before = numpy_jit.switched_on()
+    numpy_jit.set_enabled(request.param == "jit")
+    yield request.param
+    numpy_jit.set_enabled(before)
+
+
+@pytest.mark.parametrize("cls,shape", [("BatchNorm1d", (4, 16, 9)), ("BatchNorm2d", (3, 16, 10, 7)),
+                                       ("BatchNorm3d", (2, 16, 3, 4, 5))])  # fmt: skip
+@pytest.mark.parametrize("affine", [True, False])
+def test_batch_norm_float32_equals_torch_bit_for_bit(cls, shape, affine, jit_or_numpy):
+    """Eval outputs as torch's float32 CPU kernel, to the bit. Training: the batch sums
+    are added in another order (torch: one float64 sum per channel), so a channel's mean or
+    inv_std can round an ulp apart: outputs within 4 ulps, running statistics within 1,
+    most channels equal. A mean far from 0 and channels of very different scales make the
+    rounding of every step show."""
+    rng = np.random.default_rng(7)
+    theirs = getattr(torch.nn, cls)(16, affine=affine, dtype=torch.float32)
+    ours = getattr(nn, cls)(16, affine=affine)
+    scale = np.logspace(-3, 3, 16).reshape(1, -1, *(1,) * (len(shape) - 2))
+    if affine:
+        with torch.no_grad():
+            theirs.weight.uniform_(-2, 2), theirs.bias.uniform_(-2, 2)
+    with torch.no_grad():
+        theirs.running_mean.uniform_(-5, 5), theirs.running_var.uniform_(0.1, 9)
+    _copy_state(theirs, ours)
+    for _ in range(2):
+        x = ((rng.standard_normal(shape) + 3) * scale).astype(np.float32)
+        with torch.no_grad():
+            want = theirs(torch.from_numpy(x)).numpy()
+        got = ours(x)
+        np.testing.assert_array_max_ulp(got, want, 4)
+        assert np.mean(got == want) > 0.8
+        for key in ("running_mean", "running_var"):
+            np.testing.assert_array_max_ulp(getattr(ours, key), getattr(theirs, key).numpy(), 1)
+    theirs.eval(), ours.eval()
+    _copy_state(theirs, ours)  # the same running statistics
+    x = ((rng.standard_normal(shape) + 3) * scale).astype(np.float32)
+    with torch.no_grad():
+        np.testing.assert_array_equal(ours(x), theirs(torch.from_numpy(x)).numpy())
+
+
+def _fma32(a: float, b: float, c: float) -> np.float32:
+    """a * b + c rounded once to float32 (ties to even), from exact fractions."""
+    from fractions import Fraction
+
+    exact = Fraction(a) * Fraction(b) + Fraction(c)
+    near = np.float32(float(exact))  # within an ulp: pick the nearest of it and its neighbours
+    candidates = [np.nextafter(near, np.float32(-np.inf)), near, np.nextafter(near, np.float32(np.inf))]  # fmt: skip
+    return min(
+        candidates, key=lambda v: (abs(Fraction(float(v)) - exact), int(v.view(np.int32)) & 1)
+    )
+
+
+def test_channel_affine_rounds_once(jit_or_numpy):
+    """fma(x, alpha[c], beta[c]) in float32 against exact arithmetic; products and sums that
+    cancel, so that two roundings would differ."""
+    from mconv.backends import numpy_elementwise
+
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((3, 4, 50)).astype(np.float32)
+    alpha = rng.standard_normal(4).astype(np.float32)
+    beta = (-x[0, :, 0] * alpha).astype(np.float32)  # the first element of each plane cancels
+    y = numpy_elementwise.channel_affine(x, alpha, beta)
+    want = [_fma32(float(x[n, c, p]), float(alpha[c]), float(beta[c]))
+            for n in range(3) for c in range(4) for p in range(50)]  # fmt: skip
+    np.testing.assert_array_equal(y.reshape(-1), np.array(want, np.float32))
+    half = numpy_elementwise.channel_affine(x.astype(np.float16), alpha, beta)  # float16: in float32
+    assert half.dtype == np.float32
+
+
+def test_relu_passes_nan_and_negative_zero_as_torch_does(jit_or_numpy):
+    x = np.array([-0.0, np.nan, -1.0, 2.0, 0.0, -np.inf], np.float32)
+    relu = nn.ReLU()
+    want = torch.relu(torch.from_numpy(x)).numpy()
+    y = relu(x)
+    np.testing.assert_array_equal(y, want)
+    assert np.array_equal(np.signbit(y), np.signbit(want))
+    tx = torch.from_numpy(x).requires_grad_()
+    torch.relu(tx).backward(torch.ones(6))
+    np.testing.assert_array_equal(relu.backward(np.ones(6, np.float32)), tx.grad.numpy())

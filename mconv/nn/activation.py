@@ -19,6 +19,7 @@ import numpy as np
 
 from .. import _args
 from .._args import array_module
+from ..backends import numpy_elementwise
 from ..precision import accumulator
 from .module import Module, Parameter, cached, check_device, float_dtype, to_device
 
@@ -59,19 +60,22 @@ class Identity(Module):
 
 
 class ReLU(Module):
-    """max(x, 0), in x's own dtype (exact); the gradient is dy where x > 0, else 0."""
+    """0 where x < 0, else x, in x's own dtype (exact; NaN and -0.0 pass, as in PyTorch);
+    the gradient is 0 where the output is <= 0, else dy (NaN outputs pass dy, as in
+    PyTorch)."""
 
     def __init__(self):
         super().__init__()
         self._cache = None
 
     def forward(self, x):
-        self._cache = x > 0
-        return array_module(x).where(self._cache, x, x.dtype.type(0))
+        y = numpy_elementwise.relu(x)
+        self._cache = y
+        return y
 
     def backward(self, grad_output):
         dtype = grad_output.dtype
-        return array_module(grad_output).where(cached(self), grad_output, dtype.type(0))
+        return array_module(grad_output).where(cached(self) <= 0, dtype.type(0), grad_output)
 
 
 class ReLU6(_Elementwise):

@@ -14,8 +14,14 @@ Gradients (xhat the normalised input, g = weight or 1):
     running ones:      dx = g / sqrt(var + eps) * dy
     dweight = sum(dy * xhat), dbias = sum(dy)
 
-Statistics and the normalisation run in the accumulator (fp32 for fp16) and the output is
-rounded once; buffers keep the layer's dtype, as ``BatchNorm.half()`` does in PyTorch.
+Computed as PyTorch's CPU kernels do, so that float32 outputs and ``running_mean`` match
+torch's to the bit (``running_var`` to about an ulp):
+the batch's sums (of x, of squared deviations from the mean) are taken in float64 and
+rounded to the accumulator (fp32 for fp16), ``inv_std`` is worked out in float64 from
+those, the running averages in the accumulator; the output is the per-channel ``fma(x, alpha, beta)``
+with ``alpha = inv_std * weight`` and ``beta = fma(-mean, alpha, bias)``, rounded once
+(``backends/numpy_elementwise``). Buffers keep the layer's dtype, as ``BatchNorm.half()`` does
+in PyTorch.
 ``_sums`` adds over the batch: ``parallel.SyncBatchNorm`` adds over ranks there too.
 
 >>> import numpy as np
@@ -36,6 +42,7 @@ import numpy as np
 
 from .. import _args
 from .._args import array_module
+from ..backends import numpy_elementwise
 from ..precision import accumulator
 from .module import Module, Parameter, cached, check_device, float_dtype, to_device
 
@@ -110,12 +117,12 @@ class _BatchNorm(Module):
         axes = self._check(x)
         xp, acc = array_module(x), accumulator(x.dtype)
         shape = (1, -1) + (1,) * (x.ndim - 2)  # (C,) -> (1, C, 1, ...)
-        wide = x.astype(acc, copy=False)
         batch_stats = self.training or not self.track_running_stats
         if batch_stats:
+            wide = x.astype(acc, copy=False)
             local = wide.size // self.num_features
             count, total = self._sums(
-                xp.full((1,), local, dtype=acc), wide.sum(axis=axes, dtype=acc)
+                xp.full((1,), local, dtype=xp.float64), wide.sum(axis=axes, dtype=xp.float64)
             )
             n = float(count[0])
             if n <= 1 and self.training:
@@ -123,41 +130,41 @@ class _BatchNorm(Module):
                     f"Expected more than 1 value per channel when training, got input size "
                     f"{_args.shape_str(x.shape)}"
                 )
-            mean = total / n
+            mean = (total / n).astype(acc)
             centred = wide - mean.reshape(shape)
-            (square,) = self._sums((centred * centred).sum(axis=axes, dtype=acc))
-            var = square / n
+            (square,) = self._sums((centred * centred).sum(axis=axes, dtype=xp.float64))
+            square = square.astype(acc)  # the sum of squared deviations, in the accumulator
             if self.training and self.track_running_stats:
-                self._update(mean, var, n)
+                self._update(mean, square, n)
+            var = (square / acc.type(n)).astype(xp.float64)
+            inv_std = (1.0 / xp.sqrt(var + self.eps)).astype(acc)
         else:
             mean, var, n = self.running_mean.astype(acc), self.running_var.astype(acc), None
-            centred = wide - mean.reshape(shape)
-        inv_std = 1.0 / xp.sqrt(var + self.eps)
-        xhat = centred * inv_std.reshape(shape)
-        y = xhat
-        if self.affine:
-            y = xhat * self.weight.data.astype(acc).reshape(shape) + self.bias.data.astype(
-                acc
-            ).reshape(shape)
-        self._cache = (xhat, inv_std, n, x.dtype)
+            inv_std = 1.0 / xp.sqrt(var + self.eps)
+        # y = (x - mean) * inv_std * weight + bias as PyTorch's CPU kernel computes it: a
+        # per-channel fma(x, alpha, beta) in the accumulator, rounded once
+        alpha = inv_std * self.weight.data.astype(acc) if self.affine else inv_std
+        bias = self.bias.data.astype(acc) if self.affine else xp.zeros_like(alpha)
+        y = numpy_elementwise.channel_affine(x, alpha, numpy_elementwise.fma(-mean, alpha, bias, acc))
+        self._cache = (x, mean, inv_std, n, x.dtype)  # backward makes xhat from them
         return y.astype(x.dtype, copy=False)
 
-    def _update(self, mean, var, n: float) -> None:
+    def _update(self, mean, square, n: float) -> None:
+        """Running statistics from the batch ``mean`` and sum of squared deviations
+        ``square``, in their dtype (the accumulator) as PyTorch's CPU kernel updates them."""
         self.num_batches_tracked += 1
         f = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
-        unbiased = var * (n / (n - 1))
-        dt = self.running_mean.dtype
-        self.running_mean[...] = ((1 - f) * self.running_mean.astype(mean.dtype) + f * mean).astype(
-            dt
-        )
-        self.running_var[...] = (
-            (1 - f) * self.running_var.astype(var.dtype) + f * unbiased
-        ).astype(dt)
+        acc, dt = mean.dtype, self.running_mean.dtype
+        keep, take = acc.type(1 - f), acc.type(f)  # (1 - f) and f rounded to the accumulator
+        unbiased = square / acc.type(n - 1)
+        self.running_mean[...] = (keep * self.running_mean.astype(acc) + take * mean).astype(dt)
+        self.running_var[...] = (keep * self.running_var.astype(acc) + take * unbiased).astype(dt)
 
     def backward(self, grad_output):
-        xhat, inv_std, n, dtype = cached(self)
-        axes = tuple(a for a in range(xhat.ndim) if a != 1)
-        shape = (1, -1) + (1,) * (xhat.ndim - 2)
+        x, mean, inv_std, n, dtype = cached(self)
+        axes = tuple(a for a in range(x.ndim) if a != 1)
+        shape = (1, -1) + (1,) * (x.ndim - 2)
+        xhat = (x.astype(inv_std.dtype, copy=False) - mean.reshape(shape)) * inv_std.reshape(shape)
         dy = grad_output.astype(xhat.dtype, copy=False)
         local_dy, local_dy_xhat = dy.sum(axis=axes), (dy * xhat).sum(axis=axes)
         if self.affine:  # this rank's contribution (SyncBatchNorm: as torch's)
