@@ -1,5 +1,6 @@
 """The layers' elementwise CPU kernels: BatchNorm's per-channel affine map rounded once and
-ReLU, each one pass over the array (NumPy needs two or more, and temporaries).
+ReLU, each one pass over the array (NumPy needs two or more, and temporaries), split
+between ``numpy_threads``' workers.
 
 :func:`channel_affine`: ``y = fma(x, alpha[c], beta[c])`` along axis 1.
 
@@ -31,7 +32,13 @@ from __future__ import annotations
 import numpy as np
 
 from .. import _args
-from . import numpy_jit
+from . import numpy_jit, numpy_threads
+
+
+def _pieces(count: int) -> list[tuple[int, int]]:
+    """``range(count)`` in (start, stop) pieces, four per worker thread (or one)."""
+    n = max(1, min(count, 4 * numpy_threads.get_num_threads()))
+    return [(k * count // n, (k + 1) * count // n) for k in range(n)]
 
 
 @numpy_jit.kernel(fastmath={"contract"})
@@ -62,8 +69,13 @@ def channel_affine(x, alpha, beta):
     y = np.empty(x.shape, np.float32)
     if x.dtype == np.float32 and x.size and numpy_jit.enabled():
         planes = np.ascontiguousarray(x).reshape(x.shape[0], x.shape[1], -1)  # (N, C, P)
-        _affine_kernel(planes, alpha.astype(np.float32), beta.astype(np.float32),
-                       y.reshape(planes.shape))  # fmt: skip
+        out, a, b = y.reshape(planes.shape), alpha.astype(np.float32), beta.astype(np.float32)
+
+        def work(task, _):
+            c = slice(*task)
+            _affine_kernel(planes[:, c], a[c], b[c], out[:, c])
+
+        numpy_threads.run(_pieces(x.shape[1]), work, lambda: None, x.size)
         return y
     a, b = alpha.astype(np.float64).reshape(shape[1:]), beta.astype(np.float64).reshape(shape[1:])
     for n in range(x.shape[0]):  # (C, *spatial) in float64 at a time
@@ -83,6 +95,11 @@ def relu(x):
     fits = isinstance(x, np.ndarray) and x.dtype in (np.float32, np.float64) and x.size > 0
     if fits and x.flags.c_contiguous and numpy_jit.enabled():
         y = np.empty_like(x)
-        _relu_kernel(x.reshape(-1), y.reshape(-1))
+        flat, out = x.reshape(-1), y.reshape(-1)
+
+        def work(task, _):
+            _relu_kernel(flat[slice(*task)], out[slice(*task)])
+
+        numpy_threads.run(_pieces(x.size), work, lambda: None, x.size)
         return y
     return _args.array_module(x).where(x < 0, x.dtype.type(0), x)

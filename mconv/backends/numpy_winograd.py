@@ -271,11 +271,14 @@ def _blocks(a: np.ndarray, most: int = 1 << 20):
 def _tasks(batch: int, th: int, row_bytes: int) -> list[list[tuple[int, int, int]]]:
     """Segments (image, first tile row, end) per task, about _TASK_BYTES of V each: row blocks
     of one image, or whole images together (a GEMM over few tiles would read all of U for
-    little work), as many per task as share the batch out between the workers."""
+    little work), as many per task as share the batch out between the workers; with fewer
+    images than workers, blocks of rows small enough to give every worker one."""
     rows = max(1, _TASK_BYTES // row_bytes)
+    workers = numpy_threads.get_num_threads()
+    if batch < workers:  # fewer images than workers: each image in blocks of rows for all
+        rows = min(rows, -(-th * batch // workers))
     if rows < th:
         return [[(b, r0, min(th, r0 + rows))] for b in range(batch) for r0 in range(0, th, rows)]
-    workers = numpy_threads.get_num_threads()
     count = -(-batch // (rows // th))  # fewest tasks within the budget,
     count = -(-count // workers) * workers  # a multiple of the workers: even shares
     per_task = -(-batch // count)

@@ -87,20 +87,20 @@ class Linear(Module):
             )
         self._cache = x
         cdt = accumulator(x.dtype)
-        y = x.astype(cdt) @ self.weight.data.astype(cdt).T
+        y = x.astype(cdt, copy=False) @ self.weight.data.astype(cdt, copy=False).T
         if self.bias is not None:
-            y += self.bias.data.astype(cdt)
+            y += self.bias.data.astype(cdt, copy=False)
         return y.astype(x.dtype, copy=False)
 
     def backward(self, grad_output):
         x = cached(self)
         cdt = accumulator(x.dtype)
-        dy = grad_output.astype(cdt).reshape(-1, self.out_features)  # (rows, out)
-        xs = x.astype(cdt).reshape(-1, self.in_features)  # (rows, in)
+        dy = grad_output.astype(cdt, copy=False).reshape(-1, self.out_features)  # (rows, out)
+        xs = x.astype(cdt, copy=False).reshape(-1, self.in_features)  # (rows, in)
         self.weight.accumulate_grad((dy.T @ xs).astype(x.dtype))
         if self.bias is not None:
             self.bias.accumulate_grad(dy.sum(axis=0).astype(x.dtype))
-        dx = dy @ self.weight.data.astype(cdt)  # (rows, in)
+        dx = dy @ self.weight.data.astype(cdt, copy=False)  # (rows, in)
         return dx.reshape(x.shape).astype(x.dtype, copy=False)
 
     def extra_repr(self) -> str:
