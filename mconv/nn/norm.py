@@ -14,14 +14,14 @@ Gradients (xhat the normalised input, g = weight or 1):
     running ones:      dx = g / sqrt(var + eps) * dy
     dweight = sum(dy * xhat), dbias = sum(dy)
 
-Computed as PyTorch's CPU kernels do, so that float32 outputs and ``running_mean`` match
-torch's to the bit (``running_var`` to about an ulp):
-the batch's sums (of x, of squared deviations from the mean) are taken in float64 and
-rounded to the accumulator (fp32 for fp16), ``inv_std`` is worked out in float64 from
-those, the running averages in the accumulator; the output is the per-channel ``fma(x, alpha, beta)``
-with ``alpha = inv_std * weight`` and ``beta = fma(-mean, alpha, bias)``, rounded once
-(``backends/numpy_elementwise``). Buffers keep the layer's dtype, as ``BatchNorm.half()`` does
-in PyTorch.
+Computed as PyTorch's CPU kernels do: the batch's sums (of x, of squared deviations from
+the mean) in float64, rounded to the accumulator (fp32 for fp16); ``inv_std`` from them in
+float64 (from the running variance: in the accumulator); the running averages in the
+accumulator; the output the per-channel ``fma(x, alpha, beta)`` with ``alpha = inv_std *
+weight`` and ``beta = fma(-mean, alpha, bias)``, rounded once (``backends/numpy_elementwise``).
+So float32 eval outputs equal torch's bit for bit; in training, where the batch sums add in
+another order, outputs and running statistics are within a few ulps. Buffers keep the
+layer's dtype, as ``BatchNorm.half()`` does in PyTorch.
 ``_sums`` adds over the batch: ``parallel.SyncBatchNorm`` adds over ranks there too.
 
 >>> import numpy as np
@@ -145,7 +145,8 @@ class _BatchNorm(Module):
         # per-channel fma(x, alpha, beta) in the accumulator, rounded once
         alpha = inv_std * self.weight.data.astype(acc) if self.affine else inv_std
         bias = self.bias.data.astype(acc) if self.affine else xp.zeros_like(alpha)
-        y = numpy_elementwise.channel_affine(x, alpha, numpy_elementwise.fma(-mean, alpha, bias, acc))
+        beta = numpy_elementwise.fma(-mean, alpha, bias, acc)
+        y = numpy_elementwise.channel_affine(x, alpha, beta)
         self._cache = (x, mean, inv_std, n, x.dtype)  # backward makes xhat from them
         return y.astype(x.dtype, copy=False)
 
