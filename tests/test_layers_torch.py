@@ -341,17 +341,20 @@ def test_channel_affine_rounds_once(jit_or_numpy):
     want = [_fma32(float(x[n, c, p]), float(alpha[c]), float(beta[c]))
             for n in range(3) for c in range(4) for p in range(50)]  # fmt: skip
     np.testing.assert_array_equal(y.reshape(-1), np.array(want, np.float32))
-    half = numpy_elementwise.channel_affine(x.astype(np.float16), alpha, beta)  # float16: in float32
+    half = numpy_elementwise.channel_affine(
+        x.astype(np.float16), alpha, beta
+    )  # float16: in float32
     assert half.dtype == np.float32
 
 
-def test_relu_passes_nan_and_negative_zero_as_torch_does(jit_or_numpy):
-    x = np.array([-0.0, np.nan, -1.0, 2.0, 0.0, -np.inf], np.float32)
-    relu = nn.ReLU()
-    want = torch.relu(torch.from_numpy(x)).numpy()
-    y = relu(x)
+@pytest.mark.parametrize("name", ["ReLU", "ReLU6"])
+def test_relus_pass_nan_and_negative_zero_as_torch_does(name, jit_or_numpy):
+    x = np.array([-0.0, np.nan, -1.0, 2.0, 0.0, -np.inf, 6.0, 7.5, np.inf], np.float32)
+    ours, theirs = getattr(nn, name)(), getattr(torch.nn, name)()
+    want = theirs(torch.from_numpy(x)).numpy()
+    y = ours(x)
     np.testing.assert_array_equal(y, want)
     assert np.array_equal(np.signbit(y), np.signbit(want))
     tx = torch.from_numpy(x).requires_grad_()
-    torch.relu(tx).backward(torch.ones(6))
-    np.testing.assert_array_equal(relu.backward(np.ones(6, np.float32)), tx.grad.numpy())
+    theirs(tx).backward(torch.ones(x.size))
+    np.testing.assert_array_equal(ours.backward(np.ones(x.size, np.float32)), tx.grad.numpy())

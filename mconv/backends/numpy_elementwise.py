@@ -17,8 +17,9 @@ output ``fma(x, alpha, beta)``, rounded once to float32 (then to float16 for flo
 - float64 input (and CuPy arrays): ``x * alpha + beta`` as it comes (two roundings for
   float64 on the CPU; CuPy's elementwise kernel fuses them).
 
-:func:`relu`: ``0 where x < 0, else x`` (NaN and -0.0 pass, as in PyTorch): numba's kernel
-for contiguous float32/float64 arrays where the JIT is on, else ``where``.
+:func:`relu` (``0 where x < 0, else x``): NaN and -0.0 pass, as in PyTorch; numba's kernel
+for contiguous float32/float64 arrays where the JIT is on, else ``where``. (ReLU6 keeps
+``np.clip``: one pass already, as fast.)
 
 >>> import numpy as np
 >>> x = np.arange(6, dtype=np.float32).reshape(1, 2, 3)
@@ -84,22 +85,29 @@ def channel_affine(x, alpha, beta):
 
 
 @numpy_jit.kernel()
-def _relu_kernel(x, y):  # flat, the same dtype
+def _clamp_kernel(x, lo, hi, y):  # flat, the same dtype; NaN and -0.0 pass
     for i in range(x.size):
         v = x[i]
-        y[i] = 0 if v < 0 else v
+        y[i] = lo if v < lo else (hi if v > hi else v)
+
+
+def _clamped(x, lo: float, hi: float):
+    """The kernel's result for contiguous float32/float64 NumPy arrays with the JIT on; else
+    None."""
+    fits = isinstance(x, np.ndarray) and x.dtype in (np.float32, np.float64) and x.size > 0
+    if not (fits and x.flags.c_contiguous and numpy_jit.enabled()):
+        return None
+    y = np.empty_like(x)
+    flat, out, low, high = x.reshape(-1), y.reshape(-1), x.dtype.type(lo), x.dtype.type(hi)
+
+    def work(task, _):
+        _clamp_kernel(flat[slice(*task)], low, high, out[slice(*task)])
+
+    numpy_threads.run(_pieces(x.size), work, lambda: None, x.size)
+    return y
 
 
 def relu(x):
     """``0 where x < 0, else x``, in ``x``'s dtype (NumPy or CuPy)."""
-    fits = isinstance(x, np.ndarray) and x.dtype in (np.float32, np.float64) and x.size > 0
-    if fits and x.flags.c_contiguous and numpy_jit.enabled():
-        y = np.empty_like(x)
-        flat, out = x.reshape(-1), y.reshape(-1)
-
-        def work(task, _):
-            _relu_kernel(flat[slice(*task)], out[slice(*task)])
-
-        numpy_threads.run(_pieces(x.size), work, lambda: None, x.size)
-        return y
-    return _args.array_module(x).where(x < 0, x.dtype.type(0), x)
+    y = _clamped(x, 0.0, np.inf)
+    return _args.array_module(x).where(x < 0, x.dtype.type(0), x) if y is None else y

@@ -79,13 +79,14 @@ class ReLU(Module):
 
 
 class ReLU6(_Elementwise):
-    """min(max(x, 0), 6); gradient 1 on (0, 6)."""
+    """min(max(x, 0), 6) (NaN and -0.0 pass, as in PyTorch); gradient 1 on (0, 6) and at
+    NaN."""
 
     def _f(self, x, xp):
         return xp.clip(x, 0, 6)
 
     def _df(self, x, y, xp):
-        return (x > 0) & (x < 6)
+        return ~((x <= 0) | (x >= 6))  # as PyTorch's hardtanh_backward: NaN passes dy
 
 
 class LeakyReLU(_Elementwise):
