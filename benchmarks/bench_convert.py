@@ -5,12 +5,12 @@ needs the test extra for torch), then runs, each in its own process: ``cp``, ``c
 followed by an fsync of the copy (``sync FILE``: mconv fsyncs before its rename, ``cp``
 does not), and ``mconv convert`` to every kind of output (:data:`TARGETS`: torch-layout
 safetensors, a streamed copy; Keras and Flax layouts, every tensor transposed;
-MegEngine's layout as safetensors and as ``.pkl``; and :data:`CAST`, the Keras layout
-cast to float16). Each job runs once to warm the page cache, then ``--repeat`` times,
-the jobs taking turns; the median time and the largest peak RSS are reported. Every run
-starts after a ``sync``, so that no job pays for the writeback of the one before. The targets (issue 12) are against plain ``cp``: at
-most 2x its time and 1.2x the file size in peak RSS; the ratio to ``cp`` + fsync is shown
-too.
+MegEngine's layout as safetensors and as ``.pkl``; the Keras layout cast to float16).
+Each job runs once to warm the page cache, then ``--repeat`` times, the jobs taking
+turns; the median time and the largest peak RSS are reported. Every run starts after a
+``sync``, so that no job pays for the writeback of the one before. The targets (issue
+12) are against plain ``cp``: at most 2x its time and 1.2x the file size in peak RSS; the
+ratio to ``cp`` + fsync is shown too.
 
 By default each run replaces the output of the job's previous run, as a user re-running a
 conversion does: ``cp`` truncates its target first and refills the pages it just freed,
@@ -53,9 +53,12 @@ def run_measured(cmd: list[str], output: str | None = None) -> tuple[float, floa
 
 
 # every output: safetensors in each layout that moves data differently, and MegEngine's .pkl
-TARGETS = [("torch", ".safetensors"), ("tensorflow", ".safetensors"), ("jax", ".safetensors"),
-           ("megengine", ".safetensors"), ("megengine", ".pkl"), ("tensorflow", ".pkl")]  # fmt: skip
-CAST = ("tensorflow", ".safetensors", "float16")  # transposed and cast (--dtype)
+# (layout, suffix, --dtype or None): safetensors in each layout that moves data differently,
+# MegEngine's .pkl, and the Keras layout cast to float16 (transposed and cast)
+TARGETS = [("torch", ".safetensors", None), ("tensorflow", ".safetensors", None),
+           ("jax", ".safetensors", None), ("megengine", ".safetensors", None),
+           ("megengine", ".pkl", None), ("tensorflow", ".pkl", None),
+           ("tensorflow", ".safetensors", "float16")]  # fmt: skip
 TIME_TARGET, RSS_TARGET = 2.0, 1.2  # issue 12: <= 2x the time of cp, <= 1.2x the file in RSS
 
 MAKE = """
@@ -97,14 +100,12 @@ def main(argv=None) -> None:
         copy = os.path.join(root, "copy.pt")
         jobs = {"cp": (["cp", src, copy], copy),
                 "cp + fsync": (["sh", "-c", 'cp "$1" "$2" && sync "$2"', "sh", src, copy], copy)}  # fmt: skip
-        for layout, suffix in TARGETS:
-            out = os.path.join(root, f"out-{layout}{suffix}")
-            cmd = mconv + [out, "--to", layout, "--spec", spec]
-            jobs[f"convert -> {layout} {suffix}"] = (cmd, out)
-        layout, suffix, dtype = CAST
-        out = os.path.join(root, f"out-{layout}-{dtype}{suffix}")
-        cmd = mconv + [out, "--to", layout, "--spec", spec, "--dtype", dtype]
-        jobs[f"convert -> {layout} {dtype} {suffix}"] = (cmd, out)
+        for layout, suffix, dtype in TARGETS:
+            name = f"{layout} {dtype} {suffix}" if dtype else f"{layout} {suffix}"
+            out = os.path.join(root, f"out-{name.replace(' ', '')}")
+            cast = ["--dtype", dtype] if dtype else []
+            cmd = mconv + [out, "--to", layout, "--spec", spec, *cast]
+            jobs[f"convert -> {name}"] = (cmd, out)
         runs: dict[str, list[tuple[float, float]]] = {name: [] for name in jobs}
         for cmd, _ in jobs.values():
             run_measured(cmd)  # warm the page cache; leave an output to replace

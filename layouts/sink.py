@@ -360,7 +360,7 @@ class Sink:
         fd = self._open_source(mapped)
         return None if fd is None else (fd, offset, mapped)
 
-    def _read_file(self, src: int, offset: int, nbytes: int, mapped: MappedFile) -> None:
+    def _read_file(self, nbytes: int, src: int, offset: int, mapped: MappedFile) -> None:
         """The next ``nbytes`` of the output read from the source file at ``offset``."""
         for done, span in self._spans(nbytes):
             got = 0
@@ -378,7 +378,7 @@ class Sink:
         if array.dtype == dtype and array.flags.c_contiguous:
             where = self._located(array)
             if where is not None:
-                self._read_file(where[0], where[1], array.nbytes, where[2])
+                self._read_file(array.nbytes, *where)
                 return
             self.write(array)
         else:

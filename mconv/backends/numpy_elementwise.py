@@ -36,10 +36,12 @@ from .. import _args
 from . import numpy_jit, numpy_threads
 
 
-def _pieces(count: int) -> list[tuple[int, int]]:
-    """``range(count)`` in (start, stop) pieces, four per worker thread (or one)."""
+def _split(count: int, size: int, work) -> None:
+    """``work(piece)`` for slices of ``range(count)``, four per worker thread, shared between
+    ``numpy_threads``' workers (on the calling thread when ``size`` elements are few)."""
     n = max(1, min(count, 4 * numpy_threads.get_num_threads()))
-    return [(k * count // n, (k + 1) * count // n) for k in range(n)]
+    pieces = [slice(k * count // n, (k + 1) * count // n) for k in range(n)]
+    numpy_threads.run(pieces, lambda piece, _: work(piece), lambda: None, size)
 
 
 @numpy_jit.kernel(fastmath={"contract"})
@@ -71,12 +73,7 @@ def channel_affine(x, alpha, beta):
     if x.dtype == np.float32 and x.size and numpy_jit.enabled():
         planes = np.ascontiguousarray(x).reshape(x.shape[0], x.shape[1], -1)  # (N, C, P)
         out, a, b = y.reshape(planes.shape), alpha.astype(np.float32), beta.astype(np.float32)
-
-        def work(task, _):
-            c = slice(*task)
-            _affine_kernel(planes[:, c], a[c], b[c], out[:, c])
-
-        numpy_threads.run(_pieces(x.shape[1]), work, lambda: None, x.size)
+        _split(x.shape[1], x.size, lambda c: _affine_kernel(planes[:, c], a[c], b[c], out[:, c]))
         return y
     a, b = alpha.astype(np.float64).reshape(shape[1:]), beta.astype(np.float64).reshape(shape[1:])
     for n in range(x.shape[0]):  # (C, *spatial) in float64 at a time
@@ -85,29 +82,18 @@ def channel_affine(x, alpha, beta):
 
 
 @numpy_jit.kernel()
-def _clamp_kernel(x, lo, hi, y):  # flat, the same dtype; NaN and -0.0 pass
+def _relu_kernel(x, y):  # flat, the same dtype; NaN and -0.0 pass
     for i in range(x.size):
         v = x[i]
-        y[i] = lo if v < lo else (hi if v > hi else v)
-
-
-def _clamped(x, lo: float, hi: float):
-    """The kernel's result for contiguous float32/float64 NumPy arrays with the JIT on; else
-    None."""
-    fits = isinstance(x, np.ndarray) and x.dtype in (np.float32, np.float64) and x.size > 0
-    if not (fits and x.flags.c_contiguous and numpy_jit.enabled()):
-        return None
-    y = np.empty_like(x)
-    flat, out, low, high = x.reshape(-1), y.reshape(-1), x.dtype.type(lo), x.dtype.type(hi)
-
-    def work(task, _):
-        _clamp_kernel(flat[slice(*task)], low, high, out[slice(*task)])
-
-    numpy_threads.run(_pieces(x.size), work, lambda: None, x.size)
-    return y
+        y[i] = 0 if v < 0 else v
 
 
 def relu(x):
     """``0 where x < 0, else x``, in ``x``'s dtype (NumPy or CuPy)."""
-    y = _clamped(x, 0.0, np.inf)
-    return _args.array_module(x).where(x < 0, x.dtype.type(0), x) if y is None else y
+    fits = isinstance(x, np.ndarray) and x.dtype in (np.float32, np.float64) and x.size > 0
+    if not (fits and x.flags.c_contiguous and numpy_jit.enabled()):
+        return _args.array_module(x).where(x < 0, x.dtype.type(0), x)
+    y = np.empty_like(x)
+    flat, out = x.reshape(-1), y.reshape(-1)
+    _split(x.size, x.size, lambda i: _relu_kernel(flat[i], out[i]))
+    return y
